@@ -1,0 +1,238 @@
+//! The `lorafit` command line: argument definitions and one function per subcommand.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::generate::{generate, SamplingConfig};
+use crate::lora::AdapterSet;
+use crate::model::Model;
+use crate::runtime::{fmt_bytes, parse_device, parse_dtype, peak_rss_bytes};
+use crate::tokenizer::Tokenizer;
+use crate::weights::ModelFiles;
+use crate::{eval, peft};
+
+#[derive(Parser)]
+#[command(name = "lorafit", version, about = "LoRA fine-tuning of GPT-2 / LLaMA models with PEFT-compatible adapters")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Mean next-token NLL of each line of a text file, and the file's perplexity.
+    Eval(EvalArgs),
+    /// Continue one or more prompts (batched, KV-cached).
+    Generate(GenerateArgs),
+    /// Show what an adapter folder holds.
+    Inspect(InspectArgs),
+    /// Measure load time, memory and generation speed (see docs/BENCHMARKS.md).
+    Bench(BenchArgs),
+}
+
+/// The model to load, and the adapters to attach.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face model folder, a hub id (e.g. skt/kogpt2-base-v2), or builtin:tiny-gpt2.
+    #[arg(long)]
+    pub model: String,
+    /// A PEFT LoRA adapter folder, optionally weighted: --adapter DIR[:WEIGHT]. Repeat to stack.
+    #[arg(long)]
+    pub adapter: Vec<String>,
+    /// Base weights dtype: f32, f16, bf16, or auto (f32 on CPU, bf16 on GPU).
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// UTF-8 text file: one sequence per line.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Print one JSON object per line: {"line", "tokens", "nll"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// Tokens to generate per prompt.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sample among the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling: smallest set of tokens with probability >= p (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Penalise tokens already present (1 = off; 1.2 is common).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Never stop at the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt text; repeat for a batch.
+    #[arg(long, required = true)]
+    pub prompt: Vec<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// What to measure: `generate` (load time, peak memory, generation tokens/s).
+    pub what: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Prompt length in tokens (random ids, seeded).
+    #[arg(long, default_value_t = 16)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Eval(a) => cmd_eval(a),
+        Command::Generate(a) => cmd_generate(a),
+        Command::Inspect(a) => {
+            print!("{}", peft::describe(&a.adapter)?);
+            Ok(())
+        }
+        Command::Bench(a) => cmd_bench(a),
+    }
+}
+
+/// Resolves and loads the model, its tokenizer and the `--adapter` stack.
+pub fn load_model(args: &ModelArgs) -> Result<(Model, Tokenizer, ModelFiles)> {
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype, &device)?;
+    let files = ModelFiles::resolve(&args.model)?;
+    let mut adapters = vec![];
+    for (i, a) in args.adapter.iter().enumerate() {
+        let (dir, weight) = peft::parse_adapter_arg(a)?;
+        adapters.push(peft::load_adapter(&dir, &format!("adapter{i}"), weight, false)?);
+    }
+    let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters))?;
+    let tok = Tokenizer::load(&files.tokenizer, &files.config)?;
+    Ok((model, tok, files))
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let lines = eval::read_lines(&a.data)?;
+    let (model, tok, _) = load_model(&a.model)?;
+    let res = eval::eval_lines(&model, &tok, &lines, &a.data.display().to_string())?;
+    if a.json {
+        for r in &res {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        for r in &res {
+            match r.nll {
+                Some(nll) => println!("line {:>5}  tokens {:>5}  nll {nll:.6}", r.line, r.tokens),
+                None => println!("line {:>5}  tokens {:>5}  nll -", r.line, r.tokens),
+            }
+        }
+        match eval::perplexity(&res) {
+            Some(ppl) => println!("perplexity {ppl:.4} over {} lines", res.iter().filter(|r| r.nll.is_some()).count()),
+            None => println!("no line has 2 or more tokens: no perplexity"),
+        }
+    }
+    Ok(())
+}
+
+fn sampling_config(s: &SamplingArgs, tok: &Tokenizer) -> SamplingConfig {
+    SamplingConfig {
+        max_new_tokens: s.max_new_tokens,
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        repetition_penalty: s.repetition_penalty,
+        seed: s.seed,
+        stop_tokens: if s.ignore_eos { vec![] } else { tok.eos_id.into_iter().collect() },
+    }
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let (model, tok, _) = load_model(&a.model)?;
+    let cfg = sampling_config(&a.sampling, &tok);
+    let prompts = a.prompt.iter().map(|p| tok.encode(p)).collect::<Result<Vec<_>>>()?;
+    let outs = generate(&model, &prompts, tok.padding_id(), &cfg)?;
+    for (i, (p, o)) in prompts.iter().zip(&outs).enumerate() {
+        if prompts.len() > 1 {
+            println!("--- prompt {} ---", i + 1);
+        }
+        let all: Vec<u32> = p.iter().chain(o.iter()).copied().collect();
+        println!("{}", tok.decode(&all)?);
+    }
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    anyhow::ensure!(a.what == "generate", "bench {:?}: only `generate` exists so far", a.what);
+    let t0 = Instant::now();
+    let (model, _tok, _) = load_model(&a.model)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let rss_load = peak_rss_bytes().unwrap_or(0);
+    let vocab = model.arch.vocab_size() as u64;
+    let mut rng = crate::rng::SeededRng::new(7);
+    let prompts: Vec<Vec<u32>> = (0..a.batch)
+        .map(|_| (0..a.prompt_len).map(|_| (rng.uniform_f32() as f64 * vocab as f64) as u32 % vocab as u32).collect())
+        .collect();
+    let cfg = SamplingConfig { max_new_tokens: a.new_tokens, ..Default::default() };
+    let mut times = vec![];
+    for _ in 0..a.repeats.max(1) {
+        let t = Instant::now();
+        let out = generate(&model, &prompts, 0, &cfg).context("bench generation")?;
+        times.push(t.elapsed().as_secs_f64());
+        anyhow::ensure!(out.iter().all(|o| o.len() == a.new_tokens), "generation stopped early");
+    }
+    times.sort_by(f64::total_cmp);
+    let gen_s = times[times.len() / 2];
+    let tps = (a.batch * a.new_tokens) as f64 / gen_s;
+    let rss = peak_rss_bytes().unwrap_or(0);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"tool": "lorafit", "model": a.model.model, "dtype": format!("{:?}", model.dtype).to_lowercase(),
+                "batch": a.batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "load_s": load_s,
+                "peak_rss_after_load_bytes": rss_load, "gen_s": gen_s, "tokens_per_s": tps, "peak_rss_bytes": rss})
+        );
+    } else {
+        println!("load {load_s:.2} s (peak RSS {}), generate {gen_s:.3} s = {tps:.1} tokens/s (peak RSS {})", fmt_bytes(rss_load), fmt_bytes(rss));
+    }
+    Ok(())
+}

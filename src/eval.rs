@@ -1,0 +1,63 @@
+//! `lorafit eval`: mean next-token negative log-likelihood per line of a text file.
+//!
+//! Each line is tokenized with the tokenizer's own rules (nothing added); its NLL is the mean
+//! of `-log p(x_t | x_<t)` over t = 1..n-1, and the file's perplexity is
+//! `exp(Σ_lines Σ_t nll / Σ_lines (n - 1))`. Lines with fewer than 2 tokens have no NLL.
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LineNll {
+    /// 1-based line number in the file.
+    pub line: usize,
+    pub tokens: usize,
+    /// Mean NLL over the line's `tokens - 1` predictions; None below 2 tokens.
+    pub nll: Option<f64>,
+}
+
+/// Reads a UTF-8 text file into lines, with errors that name the file and the line.
+pub fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read data file {}", path.display()))?;
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Ok(text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l).to_string()).collect()),
+        Err(e) => {
+            let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+            bail!("{}: line {line} is not valid UTF-8 (byte {})", path.display(), e.valid_up_to())
+        }
+    }
+}
+
+/// NLL of every line; no graph is kept.
+pub fn eval_lines(model: &Model, tok: &Tokenizer, lines: &[String], source: &str) -> Result<Vec<LineNll>> {
+    let ctx = model.arch.max_positions();
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, text) in lines.iter().enumerate() {
+        let ids = tok.encode(text)?;
+        if ids.len() > ctx {
+            bail!("{source}: line {} has {} tokens, more than the model's context of {ctx}", i + 1, ids.len())
+        }
+        let nll = if ids.len() >= 2 {
+            let loss = model.sequence_nll(&ids)?.detach();
+            Some(loss.to_scalar::<f32>()? as f64)
+        } else {
+            None
+        };
+        out.push(LineNll { line: i + 1, tokens: ids.len(), nll });
+    }
+    Ok(out)
+}
+
+/// `exp` of the token-weighted mean NLL over the lines that have one.
+pub fn perplexity(lines: &[LineNll]) -> Option<f64> {
+    let (sum, n) = lines
+        .iter()
+        .filter_map(|l| l.nll.map(|nll| (nll * (l.tokens - 1) as f64, l.tokens - 1)))
+        .fold((0.0, 0usize), |(s, n), (a, b)| (s + a, n + b));
+    (n > 0).then(|| (sum / n as f64).exp())
+}

@@ -1,0 +1,179 @@
+//! Batched generation with a KV cache: the rollout engine of PPO and the `generate` command.
+//!
+//! Prompts are LEFT-padded to one length so every row's next token sits in the last column;
+//! pad keys are masked out and positions count only real tokens (`pos = cumsum(mask) - 1`),
+//! so a padded row computes exactly what it computes alone. The prompt is run once (prefill),
+//! then one token per step against the cache.
+//! Logit processing follows transformers: repetition penalty, temperature, top-k, top-p.
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use rand::Rng;
+
+use crate::model::{causal_mask, KvCache, Model};
+use crate::rng::SeededRng;
+
+/// How to pick tokens. `temperature == 0` is greedy.
+#[derive(Clone, Debug)]
+pub struct SamplingConfig {
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    /// Keep the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches p (1.0 = off).
+    pub top_p: f64,
+    /// transformers' CTRL-style penalty on tokens already in the row (1.0 = off).
+    pub repetition_penalty: f64,
+    pub seed: u64,
+    /// Generation of a row stops after it emits one of these (it is kept in the output).
+    pub stop_tokens: Vec<u32>,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { max_new_tokens: 64, temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0, stop_tokens: vec![] }
+    }
+}
+
+impl SamplingConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            bail!("temperature must be >= 0 (0 = greedy), got {}", self.temperature)
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("top_p must be in (0, 1], got {}", self.top_p)
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            bail!("repetition_penalty must be > 0, got {}", self.repetition_penalty)
+        }
+        Ok(())
+    }
+}
+
+/// Picks the next token of one row from its logits (f32, length V), given the row's tokens so far.
+pub fn pick(logits: &mut [f32], seen: &[u32], cfg: &SamplingConfig, rng: &mut SeededRng) -> u32 {
+    if cfg.repetition_penalty != 1.0 {
+        let p = cfg.repetition_penalty as f32;
+        let mut done = std::collections::HashSet::new();
+        for &t in seen {
+            if done.insert(t) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l < 0.0 { *l * p } else { *l / p };
+                }
+            }
+        }
+    }
+    let argmax = |l: &[f32]| l.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+    if cfg.temperature == 0.0 {
+        return argmax(logits);
+    }
+    let t = cfg.temperature as f32;
+    // Candidates sorted by logit, descending, then cut by top-k and top-p.
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if cfg.top_k > 0 {
+        idx.truncate(cfg.top_k);
+    }
+    let max = logits[idx[0]] / t;
+    let mut probs: Vec<f32> = idx.iter().map(|&i| (logits[i] / t - max).exp()).collect();
+    let sum: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
+    if cfg.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (n, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc as f64 >= cfg.top_p {
+                keep = n + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        let s: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= s);
+    }
+    let u: f32 = rng.inner().random::<f32>();
+    let mut acc = 0.0;
+    for (n, p) in probs.iter().enumerate() {
+        acc += p;
+        if u < acc {
+            return idx[n] as u32;
+        }
+    }
+    idx[probs.len() - 1] as u32
+}
+
+/// Generates continuations of `prompts` (token ids, each non-empty) in one batch.
+/// Returns the new tokens of each row (a stop token, when hit, is the last one).
+pub fn generate(model: &Model, prompts: &[Vec<u32>], pad_id: u32, cfg: &SamplingConfig) -> Result<Vec<Vec<u32>>> {
+    cfg.validate()?;
+    if prompts.is_empty() {
+        return Ok(vec![]);
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        bail!("prompt {} is empty: generation needs at least one token", i + 1)
+    }
+    let b = prompts.len();
+    let len = prompts.iter().map(Vec::len).max().unwrap();
+    let ctx = model.arch.max_positions();
+    if len + cfg.max_new_tokens > ctx {
+        bail!(
+            "prompt of {len} tokens + {} new tokens exceeds the model's context of {ctx} tokens",
+            cfg.max_new_tokens
+        )
+    }
+    let dev = &model.device;
+    let mut rng = SeededRng::new(cfg.seed);
+
+    // 1. Left-pad: row b = [pad]*(len - n_b) ++ prompt_b; positions count real tokens only.
+    let mut ids = Vec::with_capacity(b * len);
+    let mut pos = Vec::with_capacity(b * len);
+    let mut valid: Vec<Vec<bool>> = Vec::with_capacity(b);
+    for p in prompts {
+        let pad = len - p.len();
+        ids.extend(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()));
+        pos.extend(std::iter::repeat_n(0u32, pad).chain(0..p.len() as u32));
+        valid.push(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, p.len())).collect());
+    }
+    let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    let mut seen: Vec<Vec<u32>> = prompts.to_vec();
+
+    // 2. Prefill: one pass over the prompts fills the cache; logits at the last column.
+    let mut cache = KvCache::new(model.num_layers());
+    let x = Tensor::from_vec(ids, (b, len), dev)?;
+    let p = Tensor::from_vec(pos, (b, len), dev)?;
+    let mask = causal_mask(&valid, len, 0, dev)?;
+    let h = model.hidden(&x, &p, &mask, Some(&mut cache))?.narrow(1, len - 1, 1)?; // (B, 1, C)
+    let mut logits = model.lm_head(&h)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?; // (B, V)
+
+    // 3. Decode: pick, append, feed back one token per row.
+    let mut out: Vec<Vec<u32>> = vec![vec![]; b];
+    let mut done = vec![false; b];
+    for step in 0..cfg.max_new_tokens {
+        let mut next = vec![pad_id; b];
+        for r in 0..b {
+            if done[r] {
+                continue;
+            }
+            let t = pick(&mut logits[r], &seen[r], cfg, &mut rng);
+            next[r] = t;
+            out[r].push(t);
+            seen[r].push(t);
+            if cfg.stop_tokens.contains(&t) {
+                done[r] = true;
+            }
+        }
+        if step + 1 == cfg.max_new_tokens || done.iter().all(|&d| d) {
+            break;
+        }
+        let past = cache.len();
+        // Rows that are done keep being fed (their outputs are dropped): one batch shape throughout.
+        valid.iter_mut().for_each(|v| v.push(true));
+        let x = Tensor::from_vec(next, (b, 1), dev)?;
+        let p = Tensor::from_vec(next_pos.clone(), (b, 1), dev)?;
+        next_pos.iter_mut().for_each(|p| *p += 1);
+        let mask = causal_mask(&valid, 1, past, dev)?;
+        let h = model.hidden(&x, &p, &mask, Some(&mut cache))?; // (B, 1, C)
+        logits = model.lm_head(&h)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    }
+    Ok(out)
+}

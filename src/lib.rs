@@ -1,0 +1,23 @@
+//! lorafit: LoRA fine-tuning of GPT-2 and LLaMA models on candle, with adapters in PEFT's format.
+//!
+//! Map of the crate (read in this order):
+//! - [`ops`]: training ops whose backward gives input gradients only (no `dW` for frozen weights).
+//! - [`lora`]: PEFT-semantics LoRA attached at construction; the frozen [`lora::Linear`].
+//! - [`model`]: GPT-2 and LLaMA, numerically equal to transformers; [`model::Model`] is the entry point.
+//! - [`weights`], [`builtin`], [`tokenizer`]: finding and reading model folders.
+//! - [`peft`], [`io`]: adapter folders in PEFT's format, crash-safe writes.
+//! - [`generate`], [`eval`]: the KV-cached batched sampler and per-line NLL.
+//! - [`cli`]: the `lorafit` command line.
+pub mod builtin;
+pub mod cli;
+pub mod eval;
+pub mod generate;
+pub mod io;
+pub mod lora;
+pub mod model;
+pub mod ops;
+pub mod peft;
+pub mod rng;
+pub mod runtime;
+pub mod tokenizer;
+pub mod weights;

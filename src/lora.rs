@@ -1,0 +1,512 @@
+//! LoRA with PEFT's semantics, attached at model construction.
+//!
+//! `y = W x + b + Σ_adapters  w_a · s · B A dropout(x)`, `s = lora_alpha / r` (or
+//! `lora_alpha / sqrt(r)` with `use_rslora`), A: (r, in) Kaiming-uniform(a = √5), B: (out, r) zeros.
+//! Reference: PEFT `tuners/lora/layer.py` (`Linear.forward`) and `tuners_utils.py`
+//! (`check_target_module_exists`). The base output is never scaled (candle-lora's bug).
+//!
+//! Every LoRA-capable layer is a [`Linear`] built with [`Linear::load`], which asks each
+//! [`Adapter`] in the [`Attach`] context whether it targets the layer's HF module path. The
+//! frozen weight stays a plain tensor and goes through [`ops::frozen_linear`] (no `dW`); the
+//! adapter tensors are f32 (Vars when trainable), whatever the base dtype.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::ops;
+use crate::rng::SeededRng;
+
+/// `target_modules` as PEFT stores it: a list of names (suffix match) or one regex (full match).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    Regex(String),
+}
+
+/// The fields of PEFT's `LoraConfig` that lorafit reads and writes (`adapter_config.json`).
+///
+/// Unknown keys are ignored on read, as PEFT itself does: PEFT versions add fields often.
+/// Features lorafit does not implement (DoRA, bias training, layer subsets) are rejected
+/// by [`LoraConfig::validate`] instead of being silently dropped.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraConfig {
+    pub peft_type: String,
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: Option<String>,
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub target_modules: TargetModules,
+    pub use_rslora: bool,
+    pub fan_in_fan_out: bool,
+    pub bias: String,
+    pub modules_to_save: Option<Vec<String>>,
+    pub rank_pattern: BTreeMap<String, usize>,
+    pub alpha_pattern: BTreeMap<String, f64>,
+    pub init_lora_weights: serde_json::Value,
+    pub inference_mode: bool,
+    pub use_dora: bool,
+    pub layers_to_transform: Option<serde_json::Value>,
+    pub layers_pattern: Option<serde_json::Value>,
+    pub revision: Option<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        // PEFT's own defaults (r = 8, lora_alpha = 8); lorafit's training configs set their own.
+        Self {
+            peft_type: "LORA".into(),
+            task_type: Some("CAUSAL_LM".into()),
+            base_model_name_or_path: None,
+            r: 8,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            target_modules: TargetModules::List(vec![]),
+            use_rslora: false,
+            fan_in_fan_out: false,
+            bias: "none".into(),
+            modules_to_save: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            init_lora_weights: serde_json::Value::Bool(true),
+            inference_mode: true,
+            use_dora: false,
+            layers_to_transform: None,
+            layers_pattern: None,
+            revision: None,
+        }
+    }
+}
+
+/// PEFT's `get_pattern_key` match: `(.*\.)?(pattern)$` against the module path.
+fn pattern_matches(pattern: &str, path: &str) -> bool {
+    regex::Regex::new(&format!(r"^(.*\.)?(?:{pattern})$")).map(|re| re.is_match(path)).unwrap_or(false)
+}
+
+impl LoraConfig {
+    /// Rejects what lorafit cannot apply faithfully.
+    pub fn validate(&self) -> Result<()> {
+        if self.peft_type != "LORA" {
+            bail!("peft_type is {:?}: only LORA adapters are supported", self.peft_type)
+        }
+        if self.r == 0 {
+            bail!("r must be at least 1")
+        }
+        if self.use_dora {
+            bail!("use_dora = true: DoRA adapters are not supported")
+        }
+        if self.bias != "none" {
+            bail!("bias = {:?}: only bias = \"none\" is supported", self.bias)
+        }
+        if self.layers_to_transform.as_ref().is_some_and(|v| !v.is_null()) {
+            bail!("layers_to_transform is set: adapters on a subset of layers are not supported")
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            bail!("lora_dropout = {} must be in [0, 1)", self.lora_dropout)
+        }
+        if let TargetModules::Regex(re) = &self.target_modules {
+            if re != "all-linear" {
+                regex::Regex::new(re).with_context(|| format!("target_modules regex {re:?} is invalid"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// PEFT's `check_target_module_exists`: does this adapter wrap the module at `path`?
+    pub fn targets(&self, path: &str) -> bool {
+        match &self.target_modules {
+            TargetModules::Regex(re) if re == "all-linear" => !path.ends_with("lm_head"),
+            TargetModules::Regex(re) => {
+                regex::Regex::new(&format!("^(?:{re})$")).map(|r| r.is_match(path)).unwrap_or(false)
+            }
+            TargetModules::List(names) => {
+                names.iter().any(|t| path == t || path.ends_with(&format!(".{t}")))
+            }
+        }
+    }
+
+    /// (rank, scaling) for the module at `path`, honouring `rank_pattern` / `alpha_pattern`.
+    pub fn rank_and_scaling(&self, path: &str) -> (usize, f64) {
+        let r = self.rank_pattern.iter().find(|(p, _)| pattern_matches(p, path)).map(|(_, &r)| r).unwrap_or(self.r);
+        let alpha =
+            self.alpha_pattern.iter().find(|(p, _)| pattern_matches(p, path)).map(|(_, &a)| a).unwrap_or(self.lora_alpha);
+        let scaling = if self.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        (r, scaling)
+    }
+}
+
+/// The PEFT tensor key of a LoRA matrix: the one mapping used by both save and load.
+/// `which` is `"lora_A"` or `"lora_B"`.
+pub fn peft_key(module_path: &str, which: &str) -> String {
+    format!("base_model.model.{module_path}.{which}.weight")
+}
+
+/// Inverse of [`peft_key`]; also accepts keys that kept PEFT's in-memory adapter name
+/// (`...lora_A.default.weight`), as some third-party files do.
+pub fn parse_peft_key(key: &str) -> Option<(String, &'static str)> {
+    let rest = key.strip_prefix("base_model.model.")?;
+    for which in ["lora_A", "lora_B"] {
+        for suffix in [format!(".{which}.weight"), format!(".{which}.default.weight")] {
+            if let Some(path) = rest.strip_suffix(&suffix) {
+                return Some((path.to_string(), which));
+            }
+        }
+    }
+    None
+}
+
+/// The LoRA matrices of one module. A: (r, in), B: (out, r), both f32.
+#[derive(Clone)]
+pub struct LoraTensors {
+    pub path: String,
+    pub a: Tensor,
+    pub b: Tensor,
+    /// Set when the adapter is trainable: the same storage as `a`/`b`, for the optimizer.
+    pub vars: Option<(Var, Var)>,
+    pub scaling: f64,
+}
+
+/// Where an adapter's weights come from.
+enum Init {
+    /// Tensors read from a PEFT file, keyed by PEFT key (f32).
+    Loaded(HashMap<String, Tensor>),
+    /// New adapter: A Kaiming-uniform from a seeded stream per module, B zeros.
+    Fresh { seed: u64 },
+}
+
+/// One LoRA adapter: its PEFT config and the tensors attached to the model's layers.
+pub struct Adapter {
+    pub name: String,
+    pub config: LoraConfig,
+    /// Stacking weight: multiplies this adapter's contribution (1.0 = as trained).
+    pub weight: f64,
+    trainable: bool,
+    active: AtomicBool,
+    training: AtomicBool,
+    dropout_rng: Mutex<SeededRng>,
+    init: Init,
+    modules: Mutex<Vec<LoraTensors>>,
+    used_keys: Mutex<HashSet<String>>,
+}
+
+impl Adapter {
+    fn build(name: &str, config: LoraConfig, weight: f64, trainable: bool, init: Init, seed: u64) -> Result<Arc<Self>> {
+        config.validate().with_context(|| format!("adapter {name:?}: unsupported adapter_config"))?;
+        Ok(Arc::new(Self {
+            name: name.to_string(),
+            config,
+            weight,
+            trainable,
+            active: AtomicBool::new(true),
+            training: AtomicBool::new(false),
+            dropout_rng: Mutex::new(SeededRng::derive(seed, "lora_dropout")),
+            init,
+            modules: Mutex::new(vec![]),
+            used_keys: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    /// A new trainable adapter, initialised from `seed` the way PEFT does.
+    pub fn fresh(name: &str, config: LoraConfig, seed: u64) -> Result<Arc<Self>> {
+        Self::build(name, config, 1.0, true, Init::Fresh { seed }, seed)
+    }
+
+    /// An adapter from tensors keyed by PEFT key. `trainable` makes them Vars (to continue training).
+    pub fn from_tensors(
+        name: &str,
+        config: LoraConfig,
+        tensors: HashMap<String, Tensor>,
+        weight: f64,
+        trainable: bool,
+    ) -> Result<Arc<Self>> {
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Self::build(name, config, weight, trainable, Init::Loaded(tensors), 0)
+    }
+
+    pub fn is_trainable(&self) -> bool {
+        self.trainable
+    }
+
+    /// Switches this adapter on or off (for PPO's role switching).
+    pub fn set_active(&self, on: bool) {
+        self.active.store(on, Ordering::SeqCst)
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Training mode enables LoRA dropout.
+    pub fn set_training(&self, on: bool) {
+        self.training.store(on, Ordering::SeqCst)
+    }
+
+    /// The modules this adapter was attached to, in construction order.
+    pub fn modules(&self) -> Vec<LoraTensors> {
+        self.modules.lock().unwrap().clone()
+    }
+
+    /// Trainable variables with their PEFT keys, in a stable order.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        let mut out = vec![];
+        for m in self.modules.lock().unwrap().iter() {
+            if let Some((a, b)) = &m.vars {
+                out.push((peft_key(&m.path, "lora_A"), a.clone()));
+                out.push((peft_key(&m.path, "lora_B"), b.clone()));
+            }
+        }
+        out
+    }
+
+    /// All tensors keyed by PEFT key (what `adapter_model.safetensors` holds).
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![];
+        for m in self.modules.lock().unwrap().iter() {
+            out.push((peft_key(&m.path, "lora_A"), m.a.clone()));
+            out.push((peft_key(&m.path, "lora_B"), m.b.clone()));
+        }
+        out
+    }
+
+    /// Number of LoRA parameters attached.
+    pub fn num_params(&self) -> usize {
+        self.modules.lock().unwrap().iter().map(|m| m.a.elem_count() + m.b.elem_count()).sum()
+    }
+
+    /// Creates or looks up the LoRA tensors for the module at `path` (in -> out features).
+    fn attach(&self, path: &str, in_dim: usize, out_dim: usize, dev: &Device) -> Result<LoraTensors> {
+        let (r, scaling) = self.config.rank_and_scaling(path);
+        let (a, b) = match &self.init {
+            Init::Fresh { seed } => {
+                // Kaiming-uniform with a = √5 on (r, in): bound = gain·√(3/fan_in) = 1/√in.
+                let bound = 1.0 / (in_dim as f32).sqrt();
+                let mut rng = SeededRng::derive(*seed, path);
+                let a = rng.uniform(&[r, in_dim], -bound, bound, dev)?;
+                let b = Tensor::zeros((out_dim, r), DType::F32, dev)?;
+                (a, b)
+            }
+            Init::Loaded(map) => {
+                let get = |which: &str, want: (usize, usize)| -> Result<Tensor> {
+                    let key = peft_key(path, which);
+                    let t = map.get(&key).with_context(|| {
+                        format!("adapter {:?} targets {path} but has no tensor {key}", self.name)
+                    })?;
+                    if t.dims() != [want.0, want.1] {
+                        bail!(
+                            "adapter {:?}: tensor {key} has shape {:?}, the model needs [{}, {}] \
+                             (was the adapter trained on another base model?)",
+                            self.name,
+                            t.dims(),
+                            want.0,
+                            want.1
+                        )
+                    }
+                    self.used_keys.lock().unwrap().insert(key);
+                    Ok(t.to_device(dev)?)
+                };
+                let a = get("lora_A", (r, in_dim))?;
+                let b = get("lora_B", (out_dim, r))?;
+                (a, b)
+            }
+        };
+        let (a, b, vars) = if self.trainable {
+            let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+            (va.as_tensor().clone(), vb.as_tensor().clone(), Some((va, vb)))
+        } else {
+            (a, b, None)
+        };
+        let t = LoraTensors { path: path.to_string(), a, b, vars, scaling };
+        self.modules.lock().unwrap().push(t.clone());
+        Ok(t)
+    }
+
+    /// After construction: every loaded tensor must have found its module, and the adapter
+    /// must have attached somewhere. Loud errors here replace PEFT's silent no-op adapters.
+    fn check_complete(&self) -> Result<()> {
+        if self.modules.lock().unwrap().is_empty() {
+            bail!(
+                "adapter {:?}: target_modules {:?} match no layer of this model (was it made for another architecture?)",
+                self.name,
+                self.config.target_modules
+            )
+        }
+        if let Init::Loaded(map) = &self.init {
+            let used = self.used_keys.lock().unwrap();
+            let mut unused: Vec<&String> = map.keys().filter(|k| !used.contains(*k)).collect();
+            unused.sort();
+            if let Some(k) = unused.first() {
+                bail!(
+                    "adapter {:?}: tensor {k} matches no LoRA layer of this model ({} unmatched keys in all); \
+                     check that the adapter was trained on this base model and that target_modules lists its module",
+                    self.name,
+                    unused.len()
+                )
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a model needs at construction to attach LoRA: the adapters, and the global switch
+/// shared by every layer (see [`AdapterSet::disabled`]).
+#[derive(Clone)]
+pub struct AdapterSet {
+    pub adapters: Vec<Arc<Adapter>>,
+    enabled: Arc<AtomicBool>,
+}
+
+impl AdapterSet {
+    pub fn new(adapters: Vec<Arc<Adapter>>) -> Self {
+        Self { adapters, enabled: Arc::new(AtomicBool::new(true)) }
+    }
+
+    pub fn none() -> Self {
+        Self::new(vec![])
+    }
+
+    /// Turns every adapter off until the guard drops: the model is then exactly its base
+    /// (PPO's reference pass, torchtune's `disable_adapter`).
+    pub fn disabled(&self) -> DisabledGuard {
+        let was = self.enabled.swap(false, Ordering::SeqCst);
+        DisabledGuard { flag: self.enabled.clone(), was }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::SeqCst)
+    }
+
+    /// Sets LoRA dropout on or off in every adapter.
+    pub fn set_training(&self, on: bool) {
+        self.adapters.iter().for_each(|a| a.set_training(on))
+    }
+
+    /// Called by the model loader once all layers are built.
+    pub fn check_complete(&self) -> Result<()> {
+        self.adapters.iter().try_for_each(|a| a.check_complete())
+    }
+}
+
+/// Restores the adapters' previous on/off state when dropped.
+pub struct DisabledGuard {
+    flag: Arc<AtomicBool>,
+    was: bool,
+}
+
+impl Drop for DisabledGuard {
+    fn drop(&mut self) {
+        self.flag.store(self.was, Ordering::SeqCst)
+    }
+}
+
+/// How a checkpoint stores a linear layer's weight.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum WeightLayout {
+    /// `nn.Linear`: (out, in).
+    Linear,
+    /// GPT-2's `Conv1D`: (in, out).
+    Conv1D,
+}
+
+struct LoraLayer {
+    adapter: Arc<Adapter>,
+    t: LoraTensors,
+}
+
+/// A frozen linear layer with its LoRA adapters (HF `nn.Linear` or GPT-2 `Conv1D`).
+pub struct Linear {
+    /// HF module path, e.g. `transformer.h.0.attn.c_attn`.
+    pub path: String,
+    /// Frozen weight as stored in the checkpoint: (out, in) for Linear, (in, out) for Conv1D.
+    pub weight: Tensor,
+    /// Frozen bias, (out,).
+    pub bias: Option<Tensor>,
+    pub layout: WeightLayout,
+    lora: Vec<LoraLayer>,
+    enabled: Arc<AtomicBool>,
+}
+
+impl Linear {
+    /// Loads `weight` (and `bias`) at `vb`'s path and attaches every adapter that targets it.
+    pub fn load(
+        vb: &VarBuilder,
+        adapters: &AdapterSet,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        layout: WeightLayout,
+    ) -> Result<Self> {
+        let path = vb.prefix();
+        let weight = match layout {
+            WeightLayout::Linear => vb.get((out_dim, in_dim), "weight"),
+            WeightLayout::Conv1D => vb.get((in_dim, out_dim), "weight"),
+        }
+        .with_context(|| format!("loading {path}.weight"))?;
+        let bias = if bias { Some(vb.get(out_dim, "bias").with_context(|| format!("loading {path}.bias"))?) } else { None };
+        Self::from_weight(path, weight, bias, layout, adapters)
+    }
+
+    /// Builds the layer around an existing weight (e.g. the tied `lm_head` = `wte`).
+    pub fn from_weight(
+        path: String,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        layout: WeightLayout,
+        adapters: &AdapterSet,
+    ) -> Result<Self> {
+        let (in_dim, out_dim) = match layout {
+            WeightLayout::Linear => (weight.dim(1)?, weight.dim(0)?),
+            WeightLayout::Conv1D => (weight.dim(0)?, weight.dim(1)?),
+        };
+        let mut lora = vec![];
+        for adapter in &adapters.adapters {
+            if adapter.config.targets(&path) {
+                let t = adapter.attach(&path, in_dim, out_dim, weight.device())?;
+                lora.push(LoraLayer { adapter: adapter.clone(), t });
+            }
+        }
+        Ok(Self { path, weight, bias, layout, lora, enabled: adapters.enabled.clone() })
+    }
+
+    /// The weight as (in, out), a view for `x @ w` (no copy).
+    fn w_in_out(&self) -> Result<Tensor> {
+        Ok(match self.layout {
+            WeightLayout::Linear => self.weight.t()?,
+            WeightLayout::Conv1D => self.weight.clone(),
+        })
+    }
+
+    /// x: (..., in) in the base dtype -> (..., out).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = ops::frozen_linear(x, &self.w_in_out()?, self.bias.as_ref())?;
+        if !self.enabled.load(Ordering::Relaxed) {
+            return Ok(y);
+        }
+        for l in &self.lora {
+            if !l.adapter.is_active() {
+                continue;
+            }
+            // The LoRA path runs in f32 whatever the base dtype.
+            let mut h = x.to_dtype(DType::F32)?;
+            let p = l.adapter.config.lora_dropout;
+            if p > 0.0 && l.adapter.training.load(Ordering::Relaxed) {
+                let mask = l.adapter.dropout_rng.lock().unwrap().dropout_mask(h.dims(), p as f32, h.device())?;
+                h = (h * mask)?;
+            }
+            let delta = h.broadcast_matmul(&l.t.a.t()?)?.broadcast_matmul(&l.t.b.t()?)?; // (..., r) -> (..., out)
+            let delta = (delta * (l.t.scaling * l.adapter.weight))?;
+            let delta = delta.to_dtype(y.dtype())?;
+            y = (y + delta)?;
+        }
+        Ok(y)
+    }
+}

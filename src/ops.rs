@@ -1,0 +1,220 @@
+//! Training ops whose backward computes the gradient of the *input only*.
+//!
+//! Why: candle's `Matmul` backward always computes `dX` and `dW`, and keeps `dW` (and the
+//! activation-sized gradients of frozen bias adds, norm weights and masks) in the `GradStore`,
+//! even for plain frozen tensors. The fused `layer_norm`/`rms_norm`/`softmax_last_dim`/`rope`
+//! kernels are fast but have no backward at all, so gradients vanish silently.
+//!
+//! Every op here runs its forward with candle's fast (fused) ops on a *detached* input, then
+//! re-attaches the result to the graph through [`InputGrad`], a `CustomOp1` on the input whose
+//! backward is written out analytically:
+//!
+//! | op              | forward                        | backward (g = dL/dy)                             |
+//! |-----------------|--------------------------------|--------------------------------------------------|
+//! | `frozen_linear` | `y = x W + b`  (W: (in, out))  | `dx = g W^T`                                     |
+//! | `layer_norm`    | `y = x̂ γ + β`                 | `dx = (ĝ - mean(ĝ) - x̂ mean(ĝ x̂)) / σ`, `ĝ = gγ` |
+//! | `rms_norm`      | `y = x r γ`, `r = 1/rms(x)`    | `dx = r ĝ - x r³ mean(ĝ x)`                      |
+//! | `masked_softmax`| `y = softmax(s + mask)`        | `ds = y (g - Σ g y)`                             |
+//! | `rope`          | rotate pairs by θ              | rotate `g` by -θ                                 |
+//! | `cross_entropy` | `l_i = lse(z_i) - z_i[t_i]`    | `dz_i = g_i (softmax(z_i) - onehot(t_i))`        |
+//!
+//! A test (`tests/gradients.rs`) checks these against candle's composed ops and against torch.
+use std::sync::{Arc, Mutex};
+
+use candle_core::{backend::BackendStorage, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
+
+type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// Attaches a precomputed output `y = f(x)` to the graph as a node with input `x`, whose
+/// backward is `bwd(x, y, g)`. The output is held only until the forward copies it in.
+struct InputGrad {
+    name: &'static str,
+    out: Mutex<Option<Tensor>>,
+    bwd: Backward,
+}
+
+impl InputGrad {
+    fn take(&self) -> candle_core::Result<Tensor> {
+        let out = self.out.lock().unwrap().take();
+        let out = out.ok_or_else(|| candle_core::Error::Msg(format!("{}: forward run twice", self.name)))?;
+        out.contiguous()
+    }
+}
+
+impl CustomOp1 for InputGrad {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
+            _ => candle_core::bail!("{}: output is not on the cpu", self.name),
+        }
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
+            _ => candle_core::bail!("{}: output is not on the gpu", self.name),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some((self.bwd)(&x.detach(), &y.detach(), g)?))
+    }
+}
+
+/// Computes `fwd(x)` without a graph, then attaches it with an input-only backward.
+/// When `x` is not part of a graph (inference), the result is returned as is.
+fn with_input_grad(
+    name: &'static str,
+    x: &Tensor,
+    fwd: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+    bwd: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+) -> candle_core::Result<Tensor> {
+    let y = fwd(&x.detach())?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let op = InputGrad { name, out: Mutex::new(Some(y)), bwd: Box::new(bwd) };
+    x.apply_op1_arc(Arc::new(Box::new(op)))
+}
+
+/// `y = x @ w + b` for a frozen weight `w` of shape (in, out) (a transposed view is fine).
+/// x: (..., in) -> y: (..., out). No gradient is computed or kept for `w` or `b`.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let (w, b) = (w.clone(), b.cloned());
+    let w_bwd = w.clone();
+    with_input_grad(
+        "frozen_linear",
+        x,
+        move |x| {
+            let y = x.broadcast_matmul(&w)?;
+            match &b {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            }
+        },
+        move |_x, _y, g| g.broadcast_matmul(&w_bwd.t()?),
+    )
+}
+
+/// LayerNorm over the last dim with frozen `gamma`, `beta` (computed in f32, returned in x's dtype).
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let gamma_bwd = gamma.to_dtype(DType::F32)?;
+    let (gamma, beta) = (gamma.clone(), beta.clone());
+    with_input_grad(
+        "layer_norm",
+        x,
+        move |x| {
+            let dt = x.dtype();
+            let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+            let y = candle_nn::ops::layer_norm(&x32, &gamma.to_dtype(DType::F32)?, &beta.to_dtype(DType::F32)?, eps as f32)?;
+            y.to_dtype(dt)
+        },
+        move |x, _y, g| {
+            let dt = x.dtype();
+            let x = x.to_dtype(DType::F32)?;
+            let g = g.to_dtype(DType::F32)?;
+            let mu = x.mean_keepdim(D::Minus1)?;
+            let xc = x.broadcast_sub(&mu)?;
+            let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+            let xhat = xc.broadcast_mul(&rstd)?;
+            let gh = g.broadcast_mul(&gamma_bwd)?;
+            let m1 = gh.mean_keepdim(D::Minus1)?;
+            let m2 = (&gh * &xhat)?.mean_keepdim(D::Minus1)?;
+            let dx = gh.broadcast_sub(&m1)?.sub(&xhat.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?;
+            dx.to_dtype(dt)
+        },
+    )
+}
+
+/// RMSNorm over the last dim with a frozen `gamma`, LLaMA-style: normalise in f32, cast back
+/// to x's dtype, then scale by gamma.
+pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let gamma_bwd = gamma.to_dtype(DType::F32)?;
+    let gamma = gamma.clone();
+    with_input_grad(
+        "rms_norm",
+        x,
+        move |x| {
+            let dt = x.dtype();
+            let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+            let y = candle_nn::ops::rms_norm(&x32, &gamma.to_dtype(DType::F32)?, eps as f32)?;
+            y.to_dtype(dt)
+        },
+        move |x, _y, g| {
+            let dt = x.dtype();
+            let x = x.to_dtype(DType::F32)?;
+            let gh = g.to_dtype(DType::F32)?.broadcast_mul(&gamma_bwd)?;
+            let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+            let m = (&gh * &x)?.mean_keepdim(D::Minus1)?;
+            let dx = gh.broadcast_mul(&r)?.sub(&x.broadcast_mul(&(r.powf(3.0)? * m)?)?)?;
+            dx.to_dtype(dt)
+        },
+    )
+}
+
+/// `softmax(scores + mask)` over the last dim, computed in f32 and returned in the scores'
+/// dtype. `mask` is additive (0 or a large negative) and broadcast to `scores`.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let mask = mask.clone();
+    with_input_grad(
+        "masked_softmax",
+        scores,
+        move |s| {
+            let dt = s.dtype();
+            let s = s.to_dtype(DType::F32)?.broadcast_add(&mask)?;
+            candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dt)
+        },
+        |_s, y, g| {
+            let dt = y.dtype();
+            let (y, g) = (y.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+            let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
+            (y * g.broadcast_sub(&dot)?)?.to_dtype(dt)
+        },
+    )
+}
+
+/// Rotary embedding, HF's non-interleaved ("rotate_half") form.
+/// x: (B, H, T, D); cos, sin: (B, T, D/2), gathered at each row's positions.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    let (cos_b, neg_sin) = (cos.clone(), sin.neg()?);
+    with_input_grad(
+        "rope",
+        x,
+        move |x| candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
+        // The transpose of a rotation by θ is the rotation by -θ.
+        move |_x, _y, g| candle_nn::rotary_emb::rope(&g.contiguous()?, &cos_b, &neg_sin),
+    )
+}
+
+/// Per-row cross-entropy `lse(z_i) - z_i[t_i]` (f32), logits z: (N, V), targets: (N,) u32.
+/// Never materialises more than one extra (N, V) f32 buffer.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let targets = targets.to_dtype(DType::U32)?.unsqueeze(1)?; // (N, 1)
+    let t_bwd = targets.clone();
+    with_input_grad(
+        "cross_entropy",
+        logits,
+        move |z| {
+            let z = z.to_dtype(DType::F32)?;
+            let max = z.max_keepdim(D::Minus1)?;
+            let lse = (z.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+            let picked = z.gather(&targets, D::Minus1)?;
+            (lse - picked)?.squeeze(1)
+        },
+        move |z, _y, g| {
+            let dt = z.dtype();
+            let p = candle_nn::ops::softmax_last_dim(&z.to_dtype(DType::F32)?)?;
+            let onehot = p.zeros_like()?.scatter_add(&t_bwd, &t_bwd.ones_like()?.to_dtype(DType::F32)?, D::Minus1)?;
+            (p - onehot)?.broadcast_mul(&g.to_dtype(DType::F32)?.unsqueeze(1)?)?.to_dtype(dt)
+        },
+    )
+}

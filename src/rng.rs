@@ -1,0 +1,64 @@
+//! Seeded randomness. candle's CPU `rand`/`randn` cannot be seeded (`Device::set_seed` errors
+//! on CPU), so every random tensor in lorafit (LoRA init, dropout masks, sampling, the builtin
+//! model) comes from a ChaCha8 stream here and is uploaded with `Tensor::from_vec`.
+use candle_core::{Device, Result, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// A seeded, reproducible random stream.
+pub struct SeededRng(ChaCha8Rng);
+
+impl SeededRng {
+    pub fn new(seed: u64) -> Self {
+        Self(ChaCha8Rng::seed_from_u64(seed))
+    }
+
+    /// A new stream derived from this seed and a label, so that adding a tensor somewhere does
+    /// not shift every later random number.
+    pub fn derive(seed: u64, label: &str) -> Self {
+        // FNV-1a of the label, mixed into the seed.
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in label.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+        Self::new(seed ^ h.rotate_left(17))
+    }
+
+    pub fn uniform_f32(&mut self) -> f32 {
+        self.0.random::<f32>()
+    }
+
+    /// Standard normal sample (Box-Muller).
+    pub fn normal_f32(&mut self) -> f32 {
+        let u1 = self.0.random::<f64>().max(1e-300);
+        let u2 = self.0.random::<f64>();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+
+    /// (shape) tensor of U(lo, hi), f32.
+    pub fn uniform(&mut self, shape: &[usize], lo: f32, hi: f32, dev: &Device) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| lo + (hi - lo) * self.uniform_f32()).collect();
+        Tensor::from_vec(v, shape, dev)
+    }
+
+    /// (shape) tensor of N(0, std²), f32.
+    pub fn normal(&mut self, shape: &[usize], std: f32, dev: &Device) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| std * self.normal_f32()).collect();
+        Tensor::from_vec(v, shape, dev)
+    }
+
+    /// Inverted-dropout mask: 0 with probability p, else 1/(1-p). f32.
+    pub fn dropout_mask(&mut self, shape: &[usize], p: f32, dev: &Device) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let keep = 1.0 / (1.0 - p);
+        let v: Vec<f32> = (0..n).map(|_| if self.uniform_f32() < p { 0.0 } else { keep }).collect();
+        Tensor::from_vec(v, shape, dev)
+    }
+
+    /// The underlying generator, for sampling code.
+    pub fn inner(&mut self) -> &mut ChaCha8Rng {
+        &mut self.0
+    }
+}

@@ -1,0 +1,171 @@
+//! Finding a model's files: a local Hugging Face folder, a hub id (downloaded into the standard
+//! Hugging Face cache with hf-hub, or read from it offline), or `builtin:<name>` (a model that
+//! lorafit writes itself, for offline smoke runs; see `builtin.rs`).
+//!
+//! Weights may be `model.safetensors`, sharded `model.safetensors.index.json` + shards, or
+//! `pytorch_model.bin` (read by candle's pickle reader, which executes no code).
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+/// How the weights are stored.
+#[derive(Clone, Debug)]
+pub enum WeightFiles {
+    Safetensors(Vec<PathBuf>),
+    Pth(PathBuf),
+}
+
+/// The files of one model.
+#[derive(Clone, Debug)]
+pub struct ModelFiles {
+    /// What the user asked for (folder, hub id or builtin name), for messages and metadata.
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub tokenizer: PathBuf,
+    pub weights: WeightFiles,
+}
+
+impl ModelFiles {
+    /// Resolves `--model`: an existing folder, `builtin:<name>`, or a hub id.
+    pub fn resolve(model: &str) -> Result<Self> {
+        if let Some(name) = model.strip_prefix("builtin:") {
+            let dir = crate::builtin::materialize(name)?;
+            return Self::from_dir(&dir, model);
+        }
+        let path = Path::new(model);
+        if path.is_dir() {
+            return Self::from_dir(path, model);
+        }
+        if path.exists() {
+            bail!("--model {model}: is a file; pass the model's folder (with config.json and the weights)")
+        }
+        if model.starts_with('.') || model.starts_with('/') || model.matches('/').count() > 1 {
+            bail!("--model {model}: no such folder")
+        }
+        Self::from_hub(model)
+    }
+
+    /// A local folder in Hugging Face layout.
+    pub fn from_dir(dir: &Path, name: &str) -> Result<Self> {
+        let config = dir.join("config.json");
+        if !config.is_file() {
+            bail!("{}: no config.json (a Hugging Face model folder has config.json, tokenizer.json and the weights)", dir.display())
+        }
+        let tokenizer = dir.join("tokenizer.json");
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let pth = dir.join("pytorch_model.bin");
+        let weights = if single.is_file() {
+            WeightFiles::Safetensors(vec![single])
+        } else if index.is_file() {
+            WeightFiles::Safetensors(shards_from_index(&index)?)
+        } else if pth.is_file() {
+            WeightFiles::Pth(pth)
+        } else {
+            bail!(
+                "{}: no weights found (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin)",
+                dir.display()
+            )
+        };
+        Ok(Self { name: name.to_string(), dir: dir.to_path_buf(), config, tokenizer, weights })
+    }
+
+    /// A hub id: use the Hugging Face cache if it holds the files, else download them.
+    pub fn from_hub(id: &str) -> Result<Self> {
+        let hint = format!(
+            "cannot get {id:?} from the Hugging Face hub or its local cache. If this machine is offline, \
+             download the model elsewhere (`huggingface-cli download {id}`), copy the folder here and pass \
+             `--model /path/to/folder`; or set HF_HOME to a cache that holds it."
+        );
+        let cache = hf_hub::Cache::from_env().model(id.to_string());
+        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
+        let fetch = |file: &str| -> Result<PathBuf> {
+            if let Some(p) = cache.get(file) {
+                return Ok(p);
+            }
+            if offline {
+                bail!("{file} is not in the local cache and HF_HUB_OFFLINE is set")
+            }
+            let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build()?;
+            Ok(api.model(id.to_string()).get(file)?)
+        };
+        let config = fetch("config.json").context(hint.clone())?;
+        let tokenizer = fetch("tokenizer.json").context(hint.clone())?;
+        let weights = if let Ok(p) = fetch("model.safetensors") {
+            WeightFiles::Safetensors(vec![p])
+        } else if let Ok(index) = fetch("model.safetensors.index.json") {
+            let names = shard_names(&index)?;
+            WeightFiles::Safetensors(names.iter().map(|n| fetch(n)).collect::<Result<_>>().context(hint.clone())?)
+        } else {
+            WeightFiles::Pth(fetch("pytorch_model.bin").context(hint)?)
+        };
+        let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(Self { name: id.to_string(), dir, config, tokenizer, weights })
+    }
+
+    /// One VarBuilder over all weight files (memory-mapped safetensors, or the pickle file).
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        Ok(match &self.weights {
+            WeightFiles::Safetensors(files) => {
+                for f in files {
+                    check_safetensors_header(f)?;
+                }
+                // SAFETY: the files are memory-mapped read-only; lorafit never writes to them while loaded.
+                unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+                    .with_context(|| format!("cannot read the weights in {}", self.dir.display()))?
+            }
+            WeightFiles::Pth(p) => VarBuilder::from_pth(p, dtype, device)
+                .with_context(|| format!("cannot read {} (a PyTorch checkpoint)", p.display()))?,
+        })
+    }
+
+    /// "model folder X (weights: a, b)" for error messages.
+    pub fn describe(&self) -> String {
+        let w: Vec<String> = match &self.weights {
+            WeightFiles::Safetensors(f) => f.iter().map(|p| p.display().to_string()).collect(),
+            WeightFiles::Pth(p) => vec![p.display().to_string()],
+        };
+        format!("loading model {} (weights: {})", self.name, w.join(", "))
+    }
+}
+
+/// Shard file names listed in `model.safetensors.index.json`'s `weight_map`, in order, unique.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).with_context(|| format!("cannot read {}", index.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).with_context(|| format!("{}: no \"weight_map\" object", index.display()))?;
+    let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let dir = index.parent().unwrap_or(Path::new("."));
+    shard_names(index)?
+        .into_iter()
+        .map(|n| {
+            let p = dir.join(&n);
+            if p.is_file() { Ok(p) } else { bail!("{}: lists shard {n}, which is missing", index.display()) }
+        })
+        .collect()
+}
+
+/// A readable message for a truncated or corrupt safetensors file, before mmap-ing it.
+fn check_safetensors_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = f.metadata()?.len();
+    let mut n = [0u8; 8];
+    if len < 8 || f.read_exact(&mut n).is_err() {
+        bail!("{} is not a safetensors file (too short)", path.display())
+    }
+    let header = u64::from_le_bytes(n);
+    if header > len - 8 {
+        bail!("{} is truncated or not a safetensors file (header of {header} bytes, file of {len})", path.display())
+    }
+    Ok(())
+}
