@@ -142,9 +142,10 @@ pub fn load_model(args: &ModelArgs) -> Result<(Model, Tokenizer, ModelFiles)> {
     let dtype = parse_dtype(&args.dtype, &device)?;
     let files = ModelFiles::resolve(&args.model)?;
     let mut adapters = vec![];
-    for (i, a) in args.adapter.iter().enumerate() {
+    for a in &args.adapter {
         let (dir, weight) = peft::parse_adapter_arg(a)?;
-        adapters.push(peft::load_adapter(&dir, &format!("adapter{i}"), weight, false)?);
+        // Named by folder, so that load errors say which adapter is wrong.
+        adapters.push(peft::load_adapter(&dir, &dir.display().to_string(), weight, false)?);
     }
     let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters))?;
     let tok = Tokenizer::load(&files.tokenizer, &files.config)?;

@@ -56,6 +56,15 @@ pub struct LoraConfig {
     pub layers_to_transform: Option<serde_json::Value>,
     pub layers_pattern: Option<serde_json::Value>,
     pub revision: Option<String>,
+    /// Modules never wrapped, even when `target_modules` matches them (PEFT's rule: a list
+    /// matches by name suffix, a string is a full-match regex).
+    pub exclude_modules: Option<TargetModules>,
+    // PEFT features that change the math; rejected by `validate` unless at their defaults.
+    pub lora_bias: bool,
+    pub target_parameters: Option<serde_json::Value>,
+    pub layer_replication: Option<serde_json::Value>,
+    pub trainable_token_indices: Option<serde_json::Value>,
+    pub alora_invocation_tokens: Option<serde_json::Value>,
 }
 
 impl Default for LoraConfig {
@@ -81,7 +90,24 @@ impl Default for LoraConfig {
             layers_to_transform: None,
             layers_pattern: None,
             revision: None,
+            exclude_modules: None,
+            lora_bias: false,
+            target_parameters: None,
+            layer_replication: None,
+            trainable_token_indices: None,
+            alora_invocation_tokens: None,
         }
+    }
+}
+
+/// A JSON value that PEFT treats as unset: null, or an empty list / map / string.
+fn is_unset(v: &Option<serde_json::Value>) -> bool {
+    match v {
+        None | Some(serde_json::Value::Null) => true,
+        Some(serde_json::Value::Array(a)) => a.is_empty(),
+        Some(serde_json::Value::Object(o)) => o.is_empty(),
+        Some(serde_json::Value::String(s)) => s.is_empty(),
+        Some(_) => false,
     }
 }
 
@@ -102,6 +128,19 @@ impl LoraConfig {
         if self.use_dora {
             bail!("use_dora = true: DoRA adapters are not supported")
         }
+        if self.lora_bias {
+            bail!("lora_bias = true: LoRA bias terms (lora_B.bias) are not supported")
+        }
+        for (field, v) in [
+            ("target_parameters", &self.target_parameters),
+            ("layer_replication", &self.layer_replication),
+            ("trainable_token_indices", &self.trainable_token_indices),
+            ("alora_invocation_tokens", &self.alora_invocation_tokens),
+        ] {
+            if !is_unset(v) {
+                bail!("{field} = {}: this PEFT feature is not supported (only null)", v.as_ref().unwrap())
+            }
+        }
         if self.bias != "none" {
             bail!("bias = {:?}: only bias = \"none\" is supported", self.bias)
         }
@@ -116,11 +155,24 @@ impl LoraConfig {
                 regex::Regex::new(re).with_context(|| format!("target_modules regex {re:?} is invalid"))?;
             }
         }
+        if let Some(TargetModules::Regex(re)) = &self.exclude_modules {
+            regex::Regex::new(re).with_context(|| format!("exclude_modules regex {re:?} is invalid"))?;
+        }
         Ok(())
     }
 
     /// PEFT's `check_target_module_exists`: does this adapter wrap the module at `path`?
     pub fn targets(&self, path: &str) -> bool {
+        let excluded = match &self.exclude_modules {
+            Some(TargetModules::Regex(re)) if !re.is_empty() => {
+                regex::Regex::new(&format!("^(?:{re})$")).map(|r| r.is_match(path)).unwrap_or(false)
+            }
+            Some(TargetModules::List(names)) => names.iter().any(|t| path == t || path.ends_with(&format!(".{t}"))),
+            _ => false,
+        };
+        if excluded {
+            return false;
+        }
         match &self.target_modules {
             TargetModules::Regex(re) if re == "all-linear" => !path.ends_with("lm_head"),
             TargetModules::Regex(re) => {
@@ -194,6 +246,8 @@ pub struct Adapter {
     init: Init,
     modules: Mutex<Vec<LoraTensors>>,
     used_keys: Mutex<HashSet<String>>,
+    /// Set when attached to a GPT-2 `Conv1D` layer: PEFT then records `fan_in_fan_out: true`.
+    on_conv1d: AtomicBool,
 }
 
 impl Adapter {
@@ -210,6 +264,7 @@ impl Adapter {
             init,
             modules: Mutex::new(vec![]),
             used_keys: Mutex::new(HashSet::new()),
+            on_conv1d: AtomicBool::new(false),
         }))
     }
 
@@ -276,6 +331,11 @@ impl Adapter {
             out.push((peft_key(&m.path, "lora_B"), m.b.clone()));
         }
         out
+    }
+
+    /// True when attached to Conv1D layers (GPT-2), where PEFT sets `fan_in_fan_out`.
+    pub fn on_conv1d(&self) -> bool {
+        self.on_conv1d.load(Ordering::SeqCst)
     }
 
     /// Number of LoRA parameters attached.
@@ -471,6 +531,9 @@ impl Linear {
         for adapter in &adapters.adapters {
             if adapter.config.targets(&path) {
                 let t = adapter.attach(&path, in_dim, out_dim, weight.device())?;
+                if layout == WeightLayout::Conv1D {
+                    adapter.on_conv1d.store(true, Ordering::SeqCst);
+                }
                 lora.push(LoraLayer { adapter: adapter.clone(), t });
             }
         }

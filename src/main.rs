@@ -6,15 +6,36 @@ fn hint(chain: &str) -> Option<&'static str> {
     let c = chain.to_lowercase();
     if c.contains("built without cuda") {
         None // the message already says what to do
-    } else if c.contains("was it trained on another base") || c.contains("match no layer") || c.contains("matches no lora layer") {
+    } else if c.contains("trained on another base")
+        || c.contains("match no layer")
+        || c.contains("matches no lora layer")
+        || c.contains("but has no tensor")
+    {
         Some("pass the same --model the adapter was trained on (`lorafit inspect --adapter DIR` shows it)")
     } else if c.contains("not valid utf-8") {
         Some("convert the file to UTF-8, e.g. `iconv -f cp949 -t utf-8 in.txt > out.txt` for Korean text")
+    } else if c.contains("more than the model's context") {
+        Some("eval scores each line as one sequence: split the long lines (the context is n_positions or max_position_embeddings in config.json)")
     } else if c.contains("hugging face hub") {
         Some("on an offline machine, `--model builtin:tiny-gpt2` runs without any download")
     } else {
         None
     }
+}
+
+/// One error of the chain as text. candle appends a backtrace to its errors when RUST_BACKTRACE
+/// is set; these are input errors, not panics, so the message is printed without it.
+fn message(e: &(dyn std::error::Error + 'static)) -> String {
+    fn candle(e: &candle_core::Error) -> String {
+        use candle_core::Error::*;
+        match e {
+            WithBacktrace { inner, .. } => candle(inner),
+            WithPath { inner, path } => format!("{}: {}", path.display(), candle(inner)),
+            Context { inner, context } => format!("{context}: {}", candle(inner)),
+            e => e.to_string(),
+        }
+    }
+    e.downcast_ref::<candle_core::Error>().map_or_else(|| e.to_string(), candle)
 }
 
 fn main() {
@@ -26,7 +47,7 @@ fn main() {
         .init();
     let cli = lorafit::cli::Cli::parse();
     if let Err(e) = lorafit::cli::run(cli) {
-        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        let chain: Vec<String> = e.chain().map(message).collect();
         eprintln!("error: {}", chain[0]);
         for c in &chain[1..] {
             eprintln!("  caused by: {c}");

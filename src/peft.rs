@@ -27,7 +27,7 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {} (a PEFT adapter folder holds adapter_config.json)", path.display()))?;
     let cfg: LoraConfig = serde_json::from_str(&text).with_context(|| format!("{}: not a valid PEFT LoRA config", path.display()))?;
-    cfg.validate().with_context(|| format!("{}", path.display()))?;
+    cfg.validate().with_context(|| format!("{}: unsupported adapter configuration", path.display()))?;
     Ok(cfg)
 }
 
@@ -38,6 +38,7 @@ pub fn read_tensors(dir: &Path) -> Result<(HashMap<String, Tensor>, HashMap<Stri
     let st = dir.join(WEIGHTS_FILE);
     let bin = dir.join("adapter_model.bin");
     let raw: Vec<(String, Tensor)> = if st.is_file() {
+        crate::weights::check_safetensors_header(&st)?;
         candle_core::safetensors::load(&st, &Device::Cpu)
             .with_context(|| format!("cannot read {}", st.display()))?
             .into_iter()
@@ -83,6 +84,7 @@ pub fn save_adapter(adapter: &Adapter, dir: &Path, base_model: &str, extra: &[(S
     let mut config = adapter.config.clone();
     config.base_model_name_or_path = Some(base_model.to_string());
     config.inference_mode = true;
+    config.fan_in_fan_out = adapter.on_conv1d();
     let mut tensors = adapter.tensors();
     if tensors.is_empty() {
         bail!("adapter {:?} has no tensors to save (was it attached to a model?)", adapter.name)

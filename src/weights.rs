@@ -75,10 +75,12 @@ impl ModelFiles {
 
     /// A hub id: use the Hugging Face cache if it holds the files, else download them.
     pub fn from_hub(id: &str) -> Result<Self> {
+        let cache_dir = hf_hub::Cache::from_env().path().join(hf_hub::Repo::model(id.to_string()).folder_name());
         let hint = format!(
-            "cannot get {id:?} from the Hugging Face hub or its local cache. If this machine is offline, \
+            "cannot get {id:?} from the Hugging Face hub or its local cache ({}). If this machine is offline, \
              download the model elsewhere (`huggingface-cli download {id}`), copy the folder here and pass \
-             `--model /path/to/folder`; or set HF_HOME to a cache that holds it."
+             `--model /path/to/folder`; or set HF_HOME to a cache that holds it.",
+            cache_dir.display()
         );
         let cache = hf_hub::Cache::from_env().model(id.to_string());
         let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
@@ -154,18 +156,40 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-/// A readable message for a truncated or corrupt safetensors file, before mmap-ing it.
-fn check_safetensors_header(path: &Path) -> Result<()> {
+/// A readable message for a truncated or corrupt safetensors file, before mmap-ing it: the
+/// header must be JSON and the file must hold every byte its tensors' `data_offsets` name.
+pub fn check_safetensors_header(path: &Path) -> Result<()> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let len = f.metadata()?.len();
+    let len = f.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
     let mut n = [0u8; 8];
     if len < 8 || f.read_exact(&mut n).is_err() {
-        bail!("{} is not a safetensors file (too short)", path.display())
+        bail!("{} is not a safetensors file (too short: {len} bytes)", path.display())
     }
     let header = u64::from_le_bytes(n);
     if header > len - 8 {
-        bail!("{} is truncated or not a safetensors file (header of {header} bytes, file of {len})", path.display())
+        bail!(
+            "{} is truncated or not a safetensors file (header of {header} bytes, file of {len}); \
+             if it was downloaded, download it again",
+            path.display()
+        )
+    }
+    let mut text = vec![0u8; header as usize];
+    f.read_exact(&mut text).with_context(|| format!("cannot read {}", path.display()))?;
+    let meta: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a safetensors file (its header is not a JSON object)", path.display()))?;
+    let end = meta
+        .values()
+        .filter_map(|t| t.get("data_offsets")?.as_array()?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    let data = len - 8 - header;
+    if end > data {
+        bail!(
+            "{} is truncated: its tensors need {end} bytes of data, the file holds {data}; \
+             if it was downloaded, download it again",
+            path.display()
+        )
     }
     Ok(())
 }

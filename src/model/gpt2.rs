@@ -211,35 +211,31 @@ impl Gpt2 {
         Ok(Self { wte, wpe, h, ln_f, lm_head, cfg: cfg.clone() })
     }
 
-    pub fn num_layers(&self) -> usize {
-        self.h.len()
-    }
-
-    /// ids, pos: (B, T) u32; mask: (B, 1, T, Tk) additive f32 -> hidden (B, T, C) after ln_f.
-    pub fn forward(&self, ids: &Tensor, pos: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// ids, pos: (B, T) u32 -> token + position embeddings (B, T, C).
+    pub fn embed(&self, ids: &Tensor, pos: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        if let Some(max) = pos.flatten_all()?.max(0)?.to_scalar::<u32>().ok() {
+        if let Ok(max) = pos.flatten_all()?.max(0)?.to_scalar::<u32>() {
             if max as usize >= self.cfg.n_positions {
                 bail!("position {max} is beyond the model's context (n_positions = {})", self.cfg.n_positions)
             }
         }
-        let c = self.cfg.n_embd;
         let tok = self.wte.index_select(&ids.flatten_all()?, 0)?; // (B*T, C)
         let p = self.wpe.index_select(&pos.flatten_all()?, 0)?;
-        let mut x = (tok + p)?.reshape((b, t, c))?; // (B, T, C)
-        for (i, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, mask, cache.as_deref_mut().map(|c| &mut c.layers[i]))?;
-        }
-        self.ln_f.forward(&x)
+        Ok((tok + p)?.reshape((b, t, self.cfg.n_embd))?) // (B, T, C)
     }
 
-    /// Runs one block (for activation checkpointing): x (B, T, C) -> (B, T, C).
-    pub fn block_forward(&self, i: usize, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        self.h[i].forward(x, mask, None)
+    /// Block `i`: x (B, T, C) -> (B, T, C); mask (B, 1, T, Tk).
+    pub fn block(&self, i: usize, x: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.h[i].forward(x, mask, cache.map(|c| &mut c.layers[i]))
     }
 
-    /// hidden (..., C) -> logits (..., V).
-    pub fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(h)
+    /// The final LayerNorm.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.ln_f.forward(x)
+    }
+
+    /// The LM head layer (tied to `wte`).
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
     }
 }

@@ -276,28 +276,31 @@ impl Llama {
         Ok(Self { embed_tokens, layers, norm, lm_head, rotary, cfg: cfg.clone() })
     }
 
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    /// ids, pos: (B, T) u32; mask: (B, 1, T, Tk) additive f32 -> hidden (B, T, C) after the final norm.
-    pub fn forward(&self, ids: &Tensor, pos: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// ids, pos: (B, T) u32 -> token embeddings (B, T, C), and the rotary cos/sin (B, T, D/2) at `pos`.
+    pub fn embed(&self, ids: &Tensor, pos: &Tensor) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, t) = ids.dims2()?;
         if let Ok(max) = pos.flatten_all()?.max(0)?.to_scalar::<u32>() {
             if max as usize >= self.cfg.max_position_embeddings {
                 bail!("position {max} is beyond the model's context (max_position_embeddings = {})", self.cfg.max_position_embeddings)
             }
         }
-        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
-        let (cos, sin) = self.rotary.at(pos, x.dtype())?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &cos, &sin, mask, cache.as_deref_mut().map(|c| &mut c.layers[i]))?;
-        }
-        self.norm.forward(&x)
+        let x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let rope = self.rotary.at(pos, x.dtype())?;
+        Ok((x, rope))
     }
 
-    /// hidden (..., C) -> logits (..., V).
-    pub fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(h)
+    /// Layer `i`: x (B, T, C) -> (B, T, C).
+    pub fn block(&self, i: usize, x: &Tensor, rope: &(Tensor, Tensor), mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.layers[i].forward(x, &rope.0, &rope.1, mask, cache.map(|c| &mut c.layers[i]))
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
+    }
+
+    /// The LM head layer (`lm_head`, or tied to `embed_tokens`).
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
     }
 }

@@ -13,9 +13,32 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use crate::lora::AdapterSet;
+use crate::lora::{AdapterSet, Linear};
 use crate::ops;
 use crate::weights::ModelFiles;
+
+/// Deserializes a config, naming the offending field: serde_json's type errors do not say
+/// which field they are in, so on failure each field is dropped in turn to find the one at fault.
+fn parse_config<T: serde::de::DeserializeOwned>(v: &serde_json::Value, path: &Path, model_type: &str) -> Result<T> {
+    let err = match serde_json::from_value::<T>(v.clone()) {
+        Ok(c) => return Ok(c),
+        Err(e) => e,
+    };
+    let culprit = v.as_object().filter(|_| !err.to_string().starts_with("missing field")).and_then(|o| {
+        o.keys().find(|k| {
+            let mut rest = o.clone();
+            rest.remove(*k);
+            match serde_json::from_value::<T>(serde_json::Value::Object(rest)) {
+                Ok(_) => true,
+                Err(e) => e.to_string() == format!("missing field `{k}`"),
+            }
+        })
+    });
+    match culprit {
+        Some(k) => Err(err).with_context(|| format!("{}: invalid {model_type} config: field \"{k}\" = {}", path.display(), v[k])),
+        None => Err(err).with_context(|| format!("{}: invalid {model_type} config", path.display())),
+    }
+}
 
 /// Architecture and its parsed config.
 #[derive(Clone, Debug)]
@@ -33,15 +56,20 @@ impl Arch {
         let model_type = v.get("model_type").and_then(|m| m.as_str()).with_context(|| {
             format!("{} has no \"model_type\" field (a Hugging Face config.json has one)", path.display())
         })?;
-        let parse_err = || format!("{}: invalid {model_type} config", path.display());
-        Ok(match model_type {
-            "gpt2" => Arch::Gpt2(serde_json::from_value(v.clone()).with_context(parse_err)?),
-            "llama" => Arch::Llama(serde_json::from_value(v.clone()).with_context(parse_err)?),
+        let arch = match model_type {
+            "gpt2" => Arch::Gpt2(parse_config(&v, path, model_type)?),
+            "llama" => Arch::Llama(parse_config(&v, path, model_type)?),
             other => bail!(
                 "{}: model_type {other:?} is not supported; lorafit supports \"gpt2\" (GPT-2, KoGPT2) and \"llama\"",
                 path.display()
             ),
-        })
+        };
+        match &arch {
+            Arch::Gpt2(c) => c.validate(),
+            Arch::Llama(c) => c.validate(),
+        }
+        .with_context(|| format!("{}: cannot use this {model_type} config", path.display()))?;
+        Ok(arch)
     }
 
     pub fn model_type(&self) -> &'static str {
@@ -93,6 +121,14 @@ pub struct Model {
     pub adapters: AdapterSet,
     pub dtype: DType,
     pub device: Device,
+}
+
+/// What every block of one pass needs besides its input.
+pub struct BlockCtx {
+    /// Additive attention mask (B, 1, T, T_past + T), f32.
+    pub mask: Tensor,
+    /// LLaMA's rotary cos/sin at the pass's positions, (B, T, D/2) each.
+    pub rope: Option<(Tensor, Tensor)>,
 }
 
 /// Per-layer key/value cache for generation: each entry (B, H_kv, T_past, D).
@@ -192,26 +228,58 @@ impl Model {
     }
 
     pub fn num_layers(&self) -> usize {
+        self.arch.num_layers()
+    }
+
+    /// Embeds ids at positions pos, both (B, T) u32, for a pass with additive attention mask
+    /// (B, 1, T, T_past + T). Returns the block input (B, T, C) and what every block needs.
+    pub fn embed(&self, ids: &Tensor, pos: &Tensor, mask: Tensor) -> Result<(Tensor, BlockCtx)> {
+        Ok(match &self.net {
+            Net::Gpt2(m) => (m.embed(ids, pos)?, BlockCtx { mask, rope: None }),
+            Net::Llama(m) => {
+                let (x, rope) = m.embed(ids, pos)?;
+                (x, BlockCtx { mask, rope: Some(rope) })
+            }
+        })
+    }
+
+    /// Transformer block `i`: x (B, T, C) -> (B, T, C).
+    pub fn block(&self, i: usize, x: &Tensor, ctx: &BlockCtx, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        match (&self.net, &ctx.rope) {
+            (Net::Gpt2(m), _) => m.block(i, x, &ctx.mask, cache),
+            (Net::Llama(m), Some(rope)) => m.block(i, x, rope, &ctx.mask, cache),
+            (Net::Llama(_), None) => bail!("internal: LLaMA block called without rotary tables"),
+        }
+    }
+
+    /// The final norm before the LM head.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         match &self.net {
-            Net::Gpt2(m) => m.num_layers(),
-            Net::Llama(m) => m.num_layers(),
+            Net::Gpt2(m) => m.final_norm(x),
+            Net::Llama(m) => m.final_norm(x),
         }
     }
 
     /// ids, pos: (B, T) u32; mask: (B, 1, T, T_past + T) -> final hidden states (B, T, C).
-    pub fn hidden(&self, ids: &Tensor, pos: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn hidden(&self, ids: &Tensor, pos: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (mut x, ctx) = self.embed(ids, pos, mask.clone())?;
+        for i in 0..self.num_layers() {
+            x = self.block(i, &x, &ctx, cache.as_deref_mut())?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// The LM head layer (a frozen [`Linear`], possibly with LoRA).
+    pub fn lm_head_layer(&self) -> &Linear {
         match &self.net {
-            Net::Gpt2(m) => m.forward(ids, pos, mask, cache),
-            Net::Llama(m) => m.forward(ids, pos, mask, cache),
+            Net::Gpt2(m) => m.lm_head(),
+            Net::Llama(m) => m.lm_head(),
         }
     }
 
     /// hidden (..., C) -> logits (..., V), in the base dtype.
     pub fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
-        match &self.net {
-            Net::Gpt2(m) => m.lm_head(h),
-            Net::Llama(m) => m.lm_head(h),
-        }
+        self.lm_head_layer().forward(h)
     }
 
     /// Plain causal forward over unpadded rows of equal length: ids (B, T) -> logits (B, T, V).

@@ -1,0 +1,98 @@
+//! Each input-only-gradient op (src/ops.rs) against the same function written with candle's
+//! composed ops (which have a full backward): equal outputs and equal input gradients.
+use candle_core::{Device, Tensor, Var, D};
+use lorafit::ops;
+use lorafit::rng::SeededRng;
+
+fn rand(rng: &mut SeededRng, shape: &[usize]) -> Tensor {
+    rng.normal(shape, 1.0, &Device::Cpu).unwrap()
+}
+
+/// Checks f(x) == g(x) and d/dx sum(f(x) * r) == d/dx sum(g(x) * r) for a random r.
+fn check(name: &str, x: Tensor, fast: impl Fn(&Tensor) -> Tensor, slow: impl Fn(&Tensor) -> Tensor) {
+    let mut rng = SeededRng::new(99);
+    let xv = Var::from_tensor(&x).unwrap();
+    let (yf, ys) = (fast(xv.as_tensor()), slow(xv.as_tensor()));
+    let diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    };
+    assert!(diff(&yf, &ys) < 1e-5, "{name}: forward differs by {}", diff(&yf, &ys));
+    let r = rand(&mut rng, yf.dims());
+    let gf = (&yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gs = (&ys * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let (gf, gs) = (gf.get(xv.as_tensor()).expect("fast op gave no gradient"), gs.get(xv.as_tensor()).unwrap());
+    assert!(diff(gf, gs) < 1e-4, "{name}: input gradient differs by {}", diff(gf, gs));
+    assert!(gf.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{name}: zero gradient");
+}
+
+#[test]
+fn frozen_linear_matches_matmul() {
+    let mut rng = SeededRng::new(1);
+    let (w, b) = (rand(&mut rng, &[6, 5]), rand(&mut rng, &[5]));
+    check(
+        "frozen_linear",
+        rand(&mut rng, &[2, 3, 6]),
+        |x| ops::frozen_linear(x, &w, Some(&b)).unwrap(),
+        |x| x.broadcast_matmul(&w).unwrap().broadcast_add(&b).unwrap(),
+    );
+    // A transposed (nn.Linear-layout) weight view works too.
+    let wt = rand(&mut rng, &[5, 6]);
+    check("frozen_linear (transposed)", rand(&mut rng, &[4, 6]), |x| ops::frozen_linear(x, &wt.t().unwrap(), None).unwrap(), |x| {
+        x.matmul(&wt.t().unwrap()).unwrap()
+    });
+}
+
+#[test]
+fn layer_norm_matches_composed() {
+    let mut rng = SeededRng::new(2);
+    let (g, b) = (rand(&mut rng, &[8]), rand(&mut rng, &[8]));
+    check("layer_norm", rand(&mut rng, &[2, 3, 8]), |x| ops::layer_norm(x, &g, &b, 1e-5).unwrap(), |x| {
+        let mu = x.mean_keepdim(D::Minus1).unwrap();
+        let xc = x.broadcast_sub(&mu).unwrap();
+        let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&g).unwrap().broadcast_add(&b).unwrap()
+    });
+}
+
+#[test]
+fn rms_norm_matches_composed() {
+    let mut rng = SeededRng::new(3);
+    let g = rand(&mut rng, &[8]);
+    check("rms_norm", rand(&mut rng, &[2, 3, 8]), |x| ops::rms_norm(x, &g, 1e-6).unwrap(), |x| {
+        let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        x.broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&g).unwrap()
+    });
+}
+
+#[test]
+fn masked_softmax_matches_composed() {
+    let mut rng = SeededRng::new(4);
+    let mask = lorafit::model::causal_mask(&[vec![false, true, true, true], vec![true; 4]], 4, 0, &Device::Cpu).unwrap();
+    check("masked_softmax", rand(&mut rng, &[2, 3, 4, 4]), |s| ops::masked_softmax(s, &mask).unwrap(), |s| {
+        candle_nn::ops::softmax(&s.broadcast_add(&mask).unwrap(), D::Minus1).unwrap()
+    });
+}
+
+#[test]
+fn rope_matches_composed() {
+    let mut rng = SeededRng::new(5);
+    let (cos, sin) = (rand(&mut rng, &[2, 5, 4]), rand(&mut rng, &[2, 5, 4]));
+    check("rope", rand(&mut rng, &[2, 3, 5, 8]), |x| ops::rope(x, &cos, &sin).unwrap(), |x| {
+        // HF: x * cos + rotate_half(x) * sin, with cos/sin repeated over both halves.
+        let c = Tensor::cat(&[&cos, &cos], D::Minus1).unwrap().unsqueeze(1).unwrap();
+        let s = Tensor::cat(&[&sin, &sin], D::Minus1).unwrap().unsqueeze(1).unwrap();
+        let (x1, x2) = (x.narrow(D::Minus1, 0, 4).unwrap(), x.narrow(D::Minus1, 4, 4).unwrap());
+        let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+        (x.broadcast_mul(&c).unwrap() + rot.broadcast_mul(&s).unwrap()).unwrap()
+    });
+}
+
+#[test]
+fn cross_entropy_matches_log_softmax() {
+    let mut rng = SeededRng::new(6);
+    let t = Tensor::new(&[3u32, 0, 9, 5], &Device::Cpu).unwrap();
+    let t2 = t.unsqueeze(1).unwrap();
+    check("cross_entropy", rand(&mut rng, &[4, 10]), |z| ops::cross_entropy(z, &t).unwrap(), |z| {
+        candle_nn::ops::log_softmax(z, D::Minus1).unwrap().gather(&t2, D::Minus1).unwrap().squeeze(1).unwrap().neg().unwrap()
+    });
+}
