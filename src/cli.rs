@@ -22,6 +22,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Supervised fine-tuning of a LoRA adapter on prompt/completion pairs.
+    Sft(TrainArgs),
     /// Mean next-token NLL of each line of a text file, and the file's perplexity.
     Eval(EvalArgs),
     /// Continue one or more prompts (batched, KV-cached).
@@ -47,6 +49,53 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+/// Arguments shared by the training commands.
+#[derive(Args)]
+pub struct TrainArgs {
+    /// TOML config (see configs/); every key has a default.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Overrides model.name.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Overrides data.path.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Overrides out.dir.
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Override any config key: --set train.lr=1e-4 --set lora.target_modules='["c_attn"]'.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue the run in --out from its newest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Skip (and count) malformed data rows instead of stopping.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+}
+
+impl TrainArgs {
+    /// The config file, then --set, then the dedicated flags.
+    pub fn resolve(&self) -> Result<crate::train::config::TrainConfig> {
+        let mut sets = self.set.clone();
+        let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+        if let Some(m) = &self.model {
+            sets.push(format!("model.name={}", quote(m)));
+        }
+        if let Some(d) = &self.data {
+            sets.push(format!("data.path={}", quote(d)));
+        }
+        if let Some(o) = &self.out {
+            sets.push(format!("out.dir={}", quote(o)));
+        }
+        if self.skip_bad_rows {
+            sets.push("data.skip_bad_rows=true".into());
+        }
+        crate::train::config::TrainConfig::load(self.config.as_deref(), &sets)
+    }
 }
 
 #[derive(Args)]
@@ -126,6 +175,11 @@ pub struct BenchArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Sft(a) => {
+            let s = crate::train::sft::run(&a.resolve()?, a.resume)?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }
         Command::Eval(a) => cmd_eval(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Inspect(a) => {
@@ -204,6 +258,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.what == "generate", "bench {:?}: only `generate` exists so far", a.what);
+    let rss_start = peak_rss_bytes().unwrap_or(0); // the process before any weight is read
     let t0 = Instant::now();
     let (model, _tok, _) = load_model(&a.model)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -230,7 +285,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             "{}",
             serde_json::json!({"tool": "lorafit", "model": a.model.model, "dtype": format!("{:?}", model.dtype).to_lowercase(),
                 "batch": a.batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "load_s": load_s,
-                "peak_rss_after_load_bytes": rss_load, "gen_s": gen_s, "tokens_per_s": tps, "peak_rss_bytes": rss})
+                "peak_rss_before_load_bytes": rss_start, "peak_rss_after_load_bytes": rss_load, "gen_s": gen_s, "tokens_per_s": tps, "peak_rss_bytes": rss})
         );
     } else {
         println!("load {load_s:.2} s (peak RSS {}), generate {gen_s:.3} s = {tps:.1} tokens/s (peak RSS {})", fmt_bytes(rss_load), fmt_bytes(rss));

@@ -7,9 +7,12 @@
 //! - [`weights`], [`builtin`], [`tokenizer`]: finding and reading model folders.
 //! - [`peft`], [`io`]: adapter folders in PEFT's format, crash-safe writes.
 //! - [`generate`], [`eval`]: the KV-cached batched sampler and per-line NLL.
+//! - [`data`], [`template`], [`train`]: training data, the shared prompt template, and the
+//!   training methods (`train/sft.rs`) over shared pieces (optimizer, checkpoints, metrics).
 //! - [`cli`]: the `lorafit` command line.
 pub mod builtin;
 pub mod cli;
+pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod io;
@@ -19,5 +22,7 @@ pub mod ops;
 pub mod peft;
 pub mod rng;
 pub mod runtime;
+pub mod template;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;

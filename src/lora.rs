@@ -301,6 +301,15 @@ impl Adapter {
         self.active.load(Ordering::SeqCst)
     }
 
+    /// The dropout stream's position (checkpoints; recomputation in activation checkpointing).
+    pub fn dropout_rng(&self) -> SeededRng {
+        self.dropout_rng.lock().unwrap().clone()
+    }
+
+    pub fn set_dropout_rng(&self, rng: SeededRng) {
+        *self.dropout_rng.lock().unwrap() = rng;
+    }
+
     /// Training mode enables LoRA dropout.
     pub fn set_training(&self, on: bool) {
         self.training.store(on, Ordering::SeqCst)
@@ -395,9 +404,10 @@ impl Adapter {
     fn check_complete(&self) -> Result<()> {
         if self.modules.lock().unwrap().is_empty() {
             bail!(
-                "adapter {:?}: target_modules {:?} match no layer of this model (was it made for another architecture?)",
+                "adapter {:?}: target_modules {} match no layer of this model (it was made for {}; was that another architecture?)",
                 self.name,
-                self.config.target_modules
+                serde_json::to_string(&self.config.target_modules).unwrap_or_default(),
+                self.config.base_model_name_or_path.as_deref().unwrap_or("an unrecorded base model")
             )
         }
         if let Init::Loaded(map) = &self.init {
@@ -540,8 +550,13 @@ impl Linear {
         Ok(Self { path, weight, bias, layout, lora, enabled: adapters.enabled.clone() })
     }
 
+    /// True when some adapter is attached to this layer.
+    pub fn has_lora(&self) -> bool {
+        !self.lora.is_empty()
+    }
+
     /// The weight as (in, out), a view for `x @ w` (no copy).
-    fn w_in_out(&self) -> Result<Tensor> {
+    pub fn w_in_out(&self) -> Result<Tensor> {
         Ok(match self.layout {
             WeightLayout::Linear => self.weight.t()?,
             WeightLayout::Conv1D => self.weight.clone(),

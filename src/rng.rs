@@ -6,7 +6,16 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// A seeded, reproducible random stream.
+#[derive(Clone)]
 pub struct SeededRng(ChaCha8Rng);
+
+/// A stream's exact position, for checkpoints (hex seed, stream, word position).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RngState {
+    pub seed: String,
+    pub stream: u64,
+    pub word_pos: String,
+}
 
 impl SeededRng {
     pub fn new(seed: u64) -> Self {
@@ -55,6 +64,24 @@ impl SeededRng {
         let keep = 1.0 / (1.0 - p);
         let v: Vec<f32> = (0..n).map(|_| if self.uniform_f32() < p { 0.0 } else { keep }).collect();
         Tensor::from_vec(v, shape, dev)
+    }
+
+    /// Where the stream is, to be restored with [`SeededRng::from_state`].
+    pub fn state(&self) -> RngState {
+        let seed = self.0.get_seed().iter().map(|b| format!("{b:02x}")).collect();
+        RngState { seed, stream: self.0.get_stream(), word_pos: self.0.get_word_pos().to_string() }
+    }
+
+    pub fn from_state(s: &RngState) -> anyhow::Result<Self> {
+        anyhow::ensure!(s.seed.len() == 64, "rng state: seed must be 64 hex digits");
+        let mut seed = [0u8; 32];
+        for (i, b) in seed.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s.seed[2 * i..2 * i + 2], 16)?;
+        }
+        let mut r = ChaCha8Rng::from_seed(seed);
+        r.set_stream(s.stream);
+        r.set_word_pos(s.word_pos.parse()?);
+        Ok(Self(r))
     }
 
     /// The underlying generator, for sampling code.

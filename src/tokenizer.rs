@@ -51,6 +51,12 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` with no special tokens at all (a completion appended to a prompt).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Text of `ids`, special tokens kept (KoGPT2's emoji are special tokens).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| anyhow!("decoding {ids:?}: {e}"))

@@ -28,10 +28,10 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
 /// Asserts the error contract and that stderr contains each of `needles` (case-insensitive).
 fn expect_error(args: &[&str], env: &[(&str, &str)], needles: &[&str]) -> String {
     let (code, err) = run(args, env);
-    if std::env::var_os("SHOW_ERRORS").is_some() {
-        eprintln!("$ lorafit {}\n{err}", args.join(" ")); // to review the messages: SHOW_ERRORS=1 ... --nocapture
-    }
     let shown = format!("lorafit {}\n--- stderr ---\n{err}", args.join(" "));
+    if std::env::var_os("SHOW_ERRORS").is_some() {
+        eprintln!("{shown}"); // to review every message: SHOW_ERRORS=1 cargo test ... -- --nocapture
+    }
     assert_eq!(code, Some(1), "exit code {code:?} (101 = panic), want 1: {shown}");
     assert!(err.starts_with("error:"), "stderr does not start with `error:`: {shown}");
     assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic: {shown}");
@@ -42,6 +42,10 @@ fn expect_error(args: &[&str], env: &[(&str, &str)], needles: &[&str]) -> String
         assert!(lower.contains(&n.to_lowercase()), "stderr lacks {n:?}: {shown}");
     }
     err
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -68,7 +72,7 @@ impl Fixture {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         let model = root.join(name);
-        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name), &model);
+        copy_dir(&fixtures().join(name), &model);
         std::fs::write(root.join("data.txt"), "hello world\nthe cat sat\n").unwrap();
         Self { _tmp: tmp, root, model }
     }
@@ -123,14 +127,10 @@ fn config_json_missing_malformed_or_unsupported() {
     f.eval(None, &[&cfg, "utf-8"]);
 
     std::fs::copy(f.p("config.moved"), &cfg).unwrap();
-    edit_json(&cfg, |c| {
-        c.remove("model_type");
-    });
+    edit_json(&cfg, |c| _ = c.remove("model_type"));
     f.eval(None, &[&cfg, "model_type"]);
 
-    edit_json(&cfg, |c| {
-        c.insert("model_type".into(), "bert".into());
-    });
+    edit_json(&cfg, |c| _ = c.insert("model_type".into(), "bert".into()));
     f.eval(None, &[&cfg, "\"bert\"", "not supported", "gpt2", "llama"]);
 
     edit_json(&cfg, |c| {
@@ -145,9 +145,7 @@ fn config_json_missing_malformed_or_unsupported() {
     });
     f.eval(None, &[&cfg, "field \"n_head\" = \"four\"", "invalid type"]);
 
-    edit_json(&cfg, |c| {
-        c.insert("n_head".into(), 5.into());
-    });
+    edit_json(&cfg, |c| _ = c.insert("n_head".into(), 5.into()));
     f.eval(None, &[&cfg, "n_embd", "n_head", "divisible"]);
 }
 
@@ -157,15 +155,11 @@ fn weights_missing_tensor_wrong_shape_truncated() {
     let w = f.p("model.safetensors");
     let orig = std::fs::read(&w).unwrap();
     let key = "transformer.h.1.mlp.c_fc.weight";
-    edit_tensors(&w, |m| {
-        m.remove(key);
-    });
+    edit_tensors(&w, |m| _ = m.remove(key));
     f.eval(None, &[&w, key, "cannot find"]);
 
     std::fs::write(&w, &orig).unwrap();
-    edit_tensors(&w, |m| {
-        m.insert(key.into(), zeros(&[32, 100]));
-    });
+    edit_tensors(&w, |m| _ = m.insert(key.into(), zeros(&[32, 100])));
     f.eval(None, &[&w, key, "[32, 128]", "[32, 100]"]);
 
     std::fs::write(&w, &orig[..orig.len() / 2]).unwrap();
@@ -202,7 +196,7 @@ fn adapter_folder_broken() {
     let cfg = f.p("adapter/adapter_config.json");
     let orig = std::fs::read(&cfg).unwrap();
     std::fs::remove_file(&cfg).unwrap();
-    f.eval(Some("adapter"), &[&cfg, "adapter_config.json"]);
+    f.eval(Some("adapter"), &[&cfg, "cannot read", "no such file"]);
 
     std::fs::write(&cfg, "{\"r\": 4,").unwrap();
     f.eval(Some("adapter"), &[&cfg, "not a valid peft lora config"]);
@@ -223,36 +217,28 @@ fn adapter_tensors_do_not_fit_the_model() {
     let st = f.p("adapter/adapter_model.safetensors");
     let orig = std::fs::read(&st).unwrap();
     let extra = "base_model.model.transformer.h.7.attn.c_attn.lora_A.weight";
-    edit_tensors(&st, |m| {
-        m.insert(extra.into(), zeros(&[4, 32]));
-    });
+    edit_tensors(&st, |m| _ = m.insert(extra.into(), zeros(&[4, 32])));
     f.eval(Some("adapter"), &[&f.p("adapter"), extra, "matches no lora layer", "hint:"]);
 
     std::fs::write(&st, &orig).unwrap();
-    edit_tensors(&st, |m| {
-        m.insert("score.weight".into(), zeros(&[2, 32]));
-    });
+    edit_tensors(&st, |m| _ = m.insert("score.weight".into(), zeros(&[2, 32])));
     f.eval(Some("adapter"), &[&st, "score.weight", "not a lora matrix"]);
 
     std::fs::write(&st, &orig).unwrap();
-    edit_tensors(&st, |m| {
-        m.insert(C_ATTN_A.into(), zeros(&[4, 30]));
-    });
+    edit_tensors(&st, |m| _ = m.insert(C_ATTN_A.into(), zeros(&[4, 30])));
     f.eval(Some("adapter"), &[&f.p("adapter"), C_ATTN_A, "[4, 30]", "[4, 32]"]);
 
     std::fs::write(&st, &orig).unwrap();
-    edit_tensors(&st, |m| {
-        m.remove(C_ATTN_A);
-    });
+    edit_tensors(&st, |m| _ = m.remove(C_ATTN_A));
     f.eval(Some("adapter"), &[&f.p("adapter"), C_ATTN_A, "no tensor", "hint:"]);
 }
 
 #[test]
 fn adapter_of_another_model() {
     let f = Fixture::new("gpt2-a");
-    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-a/adapter"), &f.model.join("llama"));
+    copy_dir(&fixtures().join("llama-a/adapter"), &f.model.join("llama"));
     f.eval(Some("llama"), &[&f.p("llama"), "match no layer", "hint:", "--model"]);
-    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2-b/adapter"), &f.model.join("gpt2-b"));
+    copy_dir(&fixtures().join("gpt2-b/adapter"), &f.model.join("gpt2-b"));
     f.eval(Some("gpt2-b"), &[&f.p("gpt2-b"), "shape", "another base model", "hint:"]);
 
     // The same GPT-2 adapter on the builtin model (another width): LORAFIT_CACHE is a temp dir.
@@ -284,9 +270,7 @@ fn adapter_config_features_that_change_the_math_are_rejected() {
     ];
     for (field, value, what) in cases {
         std::fs::write(&cfg, &orig).unwrap();
-        edit_json(&cfg, |c| {
-            c.insert(field.to_string(), value.clone());
-        });
+        edit_json(&cfg, |c| _ = c.insert(field.to_string(), value.clone()));
         f.eval(Some("adapter"), &[&cfg, field, what, "unsupported adapter configuration"]);
     }
 }
@@ -295,16 +279,20 @@ fn adapter_config_features_that_change_the_math_are_rejected() {
 fn exclude_modules_is_honoured() {
     let f = Fixture::new("gpt2-a");
     let cfg = f.p("adapter/adapter_config.json");
-    // Excluding c_fc leaves its tensors unmatched: the adapter is refused, not half-applied.
-    edit_json(&cfg, |c| {
-        c.insert("exclude_modules".into(), serde_json::json!(["c_fc"]));
-    });
-    f.eval(Some("adapter"), &[&f.p("adapter"), "mlp.c_fc.lora_a.weight", "matches no lora layer"]);
-    // Without those tensors it loads and runs.
-    edit_tensors(&f.p("adapter/adapter_model.safetensors"), |m| m.retain(|k, _| !k.contains(".c_fc.")));
+    let st = f.p("adapter/adapter_model.safetensors");
+    let orig = std::fs::read(&st).unwrap();
     let (m, a, d) = (f.model.display().to_string(), f.p("adapter"), f.data());
-    let (code, err) = run(&["eval", "--model", &m, "--adapter", &a, "--data", &d], &[]);
-    assert_eq!(code, Some(0), "{err}");
+    // PEFT's rule: a list matches by name suffix, a string is a full-match regex.
+    for exclude in [serde_json::json!(["c_fc"]), serde_json::json!(r"transformer\.h\.\d+\.mlp\.c_fc")] {
+        edit_json(&cfg, |c| _ = c.insert("exclude_modules".into(), exclude));
+        // The excluded layers' tensors are then unmatched: the adapter is refused, not half-applied.
+        std::fs::write(&st, &orig).unwrap();
+        f.eval(Some("adapter"), &[&a, "mlp.c_fc.lora_a.weight", "matches no lora layer"]);
+        // Without those tensors it loads and runs.
+        edit_tensors(&st, |m| m.retain(|k, _| !k.contains(".c_fc.")));
+        let (code, err) = run(&["eval", "--model", &m, "--adapter", &a, "--data", &d], &[]);
+        assert_eq!(code, Some(0), "{err}");
+    }
 }
 
 #[test]

@@ -96,3 +96,15 @@ fn cross_entropy_matches_log_softmax() {
         candle_nn::ops::log_softmax(z, D::Minus1).unwrap().gather(&t2, D::Minus1).unwrap().squeeze(1).unwrap().neg().unwrap()
     });
 }
+
+#[test]
+fn fused_lm_head_cross_entropy_matches_unfused() {
+    let mut rng = SeededRng::new(7);
+    let w = rand(&mut rng, &[6, 11]); // (C, V)
+    let t = Tensor::new(&[3u32, 0, 10, 5, 7], &Device::Cpu).unwrap();
+    // chunk 2 over 5 rows: uneven chunks.
+    check("lm_head_cross_entropy", rand(&mut rng, &[5, 6]), |h| ops::lm_head_cross_entropy(h, &w, &t, 2).unwrap(), |h| {
+        let z = h.matmul(&w).unwrap();
+        candle_nn::ops::log_softmax(&z, D::Minus1).unwrap().gather(&t.unsqueeze(1).unwrap(), D::Minus1).unwrap().squeeze(1).unwrap().neg().unwrap()
+    });
+}

@@ -9,7 +9,7 @@ Measures, for one configuration per process (so the peak RSS is that configurati
   tokens_per_s               batch * new_tokens / gen_s
   peak_rss_bytes             ru_maxrss at the end
 and prints one JSON line with the same keys as `lorafit bench generate --json`, plus
-`peak_rss_after_import_bytes` (the process before any weight is read), `attn` and `threads`.
+`peak_rss_before_load_bytes` (the process before any weight is read), `attn` and `threads`.
 
 Generation: greedy (do_sample=False), use_cache=True, min_new_tokens = max_new_tokens (no early
 stop), prompts of --prompt-len random token ids (seeded, uniform over the vocabulary), all rows the
@@ -86,7 +86,7 @@ def main() -> None:
         "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "load_s": load_s,
         "peak_rss_after_load_bytes": rss_load, "gen_s": gen_s,
         "tokens_per_s": a.batch * a.new_tokens / gen_s, "peak_rss_bytes": maxrss_bytes(),
-        "peak_rss_after_import_bytes": rss_import, "attn": a.attn, "threads": a.threads,
+        "peak_rss_before_load_bytes": rss_import, "attn": a.attn, "threads": a.threads,
         "gen_s_all": times, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
     }))

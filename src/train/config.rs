@@ -1,0 +1,231 @@
+//! Training configuration: TOML files in `configs/`, overridden by `--set section.key=value`.
+//!
+//! Every key has its default here (one place); unknown keys are errors that list the valid ones
+//! (serde's `deny_unknown_fields`). The resolved config is written next to the adapter.
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Model folder, hub id, or builtin:<name>.
+    pub name: String,
+    /// f32 | f16 | bf16 | auto (f32 on CPU, bf16 on GPU).
+    pub dtype: String,
+    /// cpu | cuda | cuda:N.
+    pub device: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self { name: "builtin:tiny-gpt2".into(), dtype: "auto".into(), device: "cpu".into() }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Training file (JSON array or JSON Lines).
+    pub path: String,
+    /// Held-out file; when empty, `eval_fraction` of the training rows are held out.
+    pub eval_path: String,
+    pub eval_fraction: f64,
+    /// Prompt template with one `{prompt}`; empty = KoChatGPT's bilingual Alpaca template.
+    pub template: String,
+    /// Longest sequence in tokens (prompt + completion + eos).
+    pub max_len: usize,
+    /// Skip (and count) malformed rows instead of failing.
+    pub skip_bad_rows: bool,
+    /// Drop one leading `'` from completions (KoChatGPT's SFT file has a stray one on every row).
+    pub strip_leading_quote: bool,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            path: "data/sft_sample.json".into(),
+            eval_path: String::new(),
+            eval_fraction: 0.1,
+            template: String::new(),
+            max_len: 512,
+            skip_bad_rows: false,
+            strip_leading_quote: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    /// Module names (suffix match, as PEFT); empty = PEFT's default for the architecture.
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self { r: 8, lora_alpha: 16.0, lora_dropout: 0.05, target_modules: vec![], use_rslora: false }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub epochs: usize,
+    /// Optimizer steps to run; 0 = as many as `epochs` takes.
+    pub max_steps: usize,
+    pub lr: f64,
+    /// constant | linear | cosine (after warmup).
+    pub schedule: String,
+    pub warmup_steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Clip the global gradient norm to this (0 = off).
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    pub seed: u64,
+    /// Log a metrics line every N steps.
+    pub log_every: usize,
+    /// Evaluate every N steps (0 = at the end only).
+    pub eval_every: usize,
+    /// Write a resumable checkpoint every N steps (0 = at the end only).
+    pub save_every: usize,
+    /// Checkpoints to keep.
+    pub keep_last: usize,
+    /// Recompute each block in backward instead of keeping its activations.
+    pub grad_checkpointing: bool,
+    /// Batch sequences of similar length together (less padding).
+    pub group_by_length: bool,
+    /// Rows of the LM head computed at once in the loss (memory vs speed).
+    pub loss_chunk: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            max_steps: 0,
+            lr: 2e-4,
+            schedule: "cosine".into(),
+            warmup_steps: 0,
+            batch_size: 4,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            seed: 42,
+            log_every: 1,
+            eval_every: 0,
+            save_every: 0,
+            keep_last: 2,
+            grad_checkpointing: false,
+            group_by_length: true,
+            loss_chunk: 256,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutSection {
+    /// Output folder: the adapter, config.toml, metrics.jsonl, loss.png, checkpoints/.
+    pub dir: String,
+}
+
+impl Default for OutSection {
+    fn default() -> Self {
+        Self { dir: "adapters/sft".into() }
+    }
+}
+
+/// A whole training config.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub lora: LoraSection,
+    pub train: TrainSection,
+    pub out: OutSection,
+}
+
+/// Parses `value` as a TOML value (number, bool, array, quoted string), else as a bare string.
+fn parse_value(value: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => t.remove("v").unwrap(),
+        Err(_) => toml::Value::String(value.to_string()),
+    }
+}
+
+impl TrainConfig {
+    /// Loads `file` (if any) over the defaults, then applies `--set section.key=value` overrides.
+    pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Self> {
+        let mut table: toml::Table = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("{}: invalid TOML", p.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for s in sets {
+            let Some((key, value)) = s.split_once('=') else { bail!("--set {s}: expected section.key=value") };
+            let Some((section, field)) = key.trim().split_once('.') else {
+                bail!("--set {s}: the key must be section.key (sections: model, data, lora, train, out)")
+            };
+            let sec = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(sec) = sec.as_table_mut() else { bail!("--set {s}: {section} is not a section") };
+            sec.insert(field.to_string(), parse_value(value.trim()));
+        }
+        let where_ = file.map(|p| p.display().to_string()).unwrap_or_else(|| "--set".into());
+        let cfg: TrainConfig = toml::Value::Table(table)
+            .try_into()
+            .with_context(|| format!("{where_}: invalid config (sections: model, data, lora, train, out)"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        if t.batch_size == 0 || t.grad_accum == 0 {
+            bail!("train.batch_size and train.grad_accum must be at least 1")
+        }
+        if !matches!(t.schedule.as_str(), "constant" | "linear" | "cosine") {
+            bail!("train.schedule = {:?}: expected constant, linear or cosine", t.schedule)
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            bail!("train.lr must be positive, got {}", t.lr)
+        }
+        if t.epochs == 0 && t.max_steps == 0 {
+            bail!("train.epochs and train.max_steps are both 0: nothing to train")
+        }
+        if !(0.0..1.0).contains(&self.data.eval_fraction) {
+            bail!("data.eval_fraction must be in [0, 1), got {}", self.data.eval_fraction)
+        }
+        if self.data.max_len < 2 {
+            bail!("data.max_len must be at least 2")
+        }
+        if t.loss_chunk == 0 {
+            bail!("train.loss_chunk must be at least 1")
+        }
+        if self.lora.r == 0 {
+            bail!("lora.r must be at least 1")
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+}

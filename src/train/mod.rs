@@ -1,0 +1,167 @@
+//! What every training method shares: gradient accumulation, the forward/backward of one
+//! micro-batch (with optional activation checkpointing), the metrics log and the progress bar.
+//! Each method (`sft.rs`, ...) is one readable file on top of these; the optimizer,
+//! schedule and clipping are in `optim.rs`, checkpoints in `checkpoint.rs`.
+pub mod checkpoint;
+pub mod config;
+pub mod optim;
+pub mod plot;
+pub mod sft;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::model::Model;
+
+/// Gradients of the trainable tensors, summed over the micro-batches of one optimizer step.
+pub struct GradAccum {
+    grads: Vec<Option<Tensor>>,
+}
+
+impl GradAccum {
+    pub fn new(n: usize) -> Self {
+        Self { grads: vec![None; n] }
+    }
+
+    /// Adds the gradients of `vars` found in `store` (only those: nothing else is kept).
+    pub fn add(&mut self, store: &GradStore, vars: &[(String, Var)]) -> Result<()> {
+        for (i, (_, v)) in vars.iter().enumerate() {
+            if let Some(g) = store.get(v.as_tensor()) {
+                self.grads[i] = Some(match self.grads[i].take() {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The summed gradients, zeros for tensors that got none.
+    pub fn finish(self, vars: &[(String, Var)]) -> Result<Vec<Tensor>> {
+        self.grads
+            .into_iter()
+            .zip(vars)
+            .map(|(g, (_, v))| Ok(match g {
+                Some(g) => g,
+                None => v.zeros_like()?,
+            }))
+            .collect()
+    }
+}
+
+/// Forward and backward of one micro-batch. `loss_fn` maps the final hidden states (B, T, C)
+/// to the scalar loss of this micro-batch (already divided by the step's normaliser).
+/// Returns the loss value; gradients of `vars` are added to `acc`.
+///
+/// With `checkpointing` (REFERENCE §3): run every block without keeping its graph, saving only
+/// its input; backprop the head from the last block's output; then, block by block in reverse,
+/// recompute the block from a fresh Var of its input and backprop `sum(out · g_out)`. Each
+/// block's LoRA dropout stream is rewound so the recomputation draws the same masks.
+pub fn forward_backward(
+    model: &Model,
+    ids: &Tensor,
+    pos: &Tensor,
+    mask: Tensor,
+    checkpointing: bool,
+    loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
+    vars: &[(String, Var)],
+    acc: &mut GradAccum,
+) -> Result<f64> {
+    let (x0, ctx) = model.embed(ids, pos, mask)?;
+    if !checkpointing {
+        let mut x = x0;
+        for i in 0..model.num_layers() {
+            x = model.block(i, &x, &ctx, None)?;
+        }
+        let loss = loss_fn(&model.final_norm(&x)?)?;
+        acc.add(&loss.backward()?, vars)?;
+        return Ok(loss.to_scalar::<f32>()? as f64);
+    }
+    let adapters = &model.adapters.adapters;
+    let mut inputs = vec![x0.detach()];
+    let mut rng_at = vec![];
+    for i in 0..model.num_layers() {
+        rng_at.push(adapters.iter().map(|a| a.dropout_rng()).collect::<Vec<_>>());
+        let y = model.block(i, inputs.last().unwrap(), &ctx, None)?.detach();
+        inputs.push(y);
+    }
+    let rng_end: Vec<_> = adapters.iter().map(|a| a.dropout_rng()).collect();
+    let last = Var::from_tensor(inputs.last().unwrap())?;
+    let loss = loss_fn(&model.final_norm(last.as_tensor())?)?;
+    let store = loss.backward()?;
+    acc.add(&store, vars)?;
+    let mut g = store.get(last.as_tensor()).context("no gradient reached the last block's output")?.clone();
+    drop(store);
+    for i in (0..model.num_layers()).rev() {
+        for (a, r) in adapters.iter().zip(&rng_at[i]) {
+            a.set_dropout_rng(r.clone());
+        }
+        let x = Var::from_tensor(&inputs[i])?;
+        let y = model.block(i, x.as_tensor(), &ctx, None)?;
+        let store = (y * &g)?.sum_all()?.backward()?;
+        acc.add(&store, vars)?;
+        if i > 0 {
+            g = store.get(x.as_tensor()).context("no gradient reached a block's input")?.clone();
+        }
+    }
+    for (a, r) in adapters.iter().zip(rng_end) {
+        a.set_dropout_rng(r);
+    }
+    Ok(loss.to_scalar::<f32>()? as f64)
+}
+
+/// `metrics.jsonl`: one JSON object per logged step, appended and flushed as it goes.
+pub struct MetricsLog {
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    /// Opens the log in `dir`. When resuming from `step`, lines logged after it (by the run
+    /// that was interrupted) are dropped so the log reads as one uninterrupted run.
+    pub fn open(dir: &Path, resume_from: Option<usize>) -> Result<Self> {
+        let path = dir.join("metrics.jsonl");
+        match resume_from {
+            Some(step) if path.is_file() => {
+                let kept: Vec<String> = std::fs::read_to_string(&path)?
+                    .lines()
+                    .filter(|l| {
+                        serde_json::from_str::<serde_json::Value>(l)
+                            .ok()
+                            .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                            .is_some_and(|s| s as usize <= step)
+                    })
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                crate::io::atomic_write(&path, kept.concat().as_bytes())?;
+            }
+            _ => crate::io::atomic_write(&path, b"")?,
+        }
+        Ok(Self { path })
+    }
+
+    pub fn log(&self, v: &serde_json::Value) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&self.path)?;
+        writeln!(f, "{v}")?;
+        Ok(())
+    }
+
+    /// Every logged line, parsed.
+    pub fn read(&self) -> Result<Vec<serde_json::Value>> {
+        Ok(std::fs::read_to_string(&self.path)?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    }
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress_bar(total: usize, done: usize) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb.set_position(done as u64);
+    pb
+}

@@ -1,0 +1,383 @@
+//! `lorafit sft`: supervised fine-tuning of a LoRA adapter on prompt/completion pairs.
+//!
+//! Each row becomes `template(prompt) ++ completion ++ eos`; the loss is the mean over the
+//! learned tokens (completion and eos; the prompt is masked) of `-log p(token | prefix)`,
+//! normalised by the learned-token count of the whole optimizer step (all accumulated
+//! micro-batches), so accumulation gives the same gradient as one big batch.
+//! Only positions that carry a label reach the LM head, through the fused chunked
+//! head + cross-entropy (`ops::lm_head_cross_entropy`).
+//! References: KoChatGPT `train_sft.py` (what it does), TRL `SFTTrainer` (completion-only loss),
+//! nanoGPT `train.py` (the loop).
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use super::checkpoint::{self, TrainState};
+use super::config::TrainConfig;
+use super::optim::{clip_grad_norm, lr_at, AdamW};
+use super::{forward_backward, plot, progress_bar, GradAccum, MetricsLog};
+use crate::data::{read_sft, SftRow};
+use crate::lora::{Adapter, AdapterSet, LoraConfig, TargetModules};
+use crate::model::{causal_mask, Arch, Model};
+use crate::rng::SeededRng;
+use crate::runtime::{fmt_bytes, parse_device, parse_dtype, peak_rss_bytes};
+use crate::template::Template;
+use crate::tokenizer::Tokenizer;
+use crate::weights::ModelFiles;
+
+/// One tokenized row: `ids[..prompt_len]` is the prompt, the rest is learned.
+#[derive(Clone, Debug)]
+pub struct SftExample {
+    pub ids: Vec<u32>,
+    pub prompt_len: usize,
+}
+
+/// What happened to the rows on the way to examples.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PrepStats {
+    pub rows: usize,
+    pub truncated: usize,
+    pub dropped: usize,
+    pub skipped_bad: usize,
+}
+
+/// Tokenizes rows into examples. Too-long rows lose prompt tokens from the left first (the
+/// prompt keeps at least half the window if it has that many), then completion tokens from
+/// the right (the eos goes with them: a cut answer must not teach stopping). A row with no
+/// completion token left is dropped and counted.
+pub fn prepare(rows: &[SftRow], tok: &Tokenizer, template: &Template, max_len: usize, strip_quote: bool) -> Result<(Vec<SftExample>, PrepStats)> {
+    let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token: set eos_token_id in config.json")?;
+    let mut stats = PrepStats { rows: rows.len(), ..Default::default() };
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let completion = if strip_quote { row.completion.strip_prefix('\'').unwrap_or(&row.completion) } else { &row.completion };
+        let mut p = tok.encode(&template.render(&row.prompt))?;
+        let mut c = tok.encode_plain(completion)?;
+        if c.is_empty() {
+            stats.dropped += 1;
+            continue;
+        }
+        c.push(eos);
+        if p.len() + c.len() > max_len {
+            stats.truncated += 1;
+            let keep_p = p.len().min(max_len.saturating_sub(c.len()).max(max_len / 2)).max(1);
+            p.drain(..p.len() - keep_p);
+            c.truncate(max_len - keep_p);
+        }
+        if c.is_empty() {
+            stats.dropped += 1;
+            continue;
+        }
+        let prompt_len = p.len();
+        p.extend(c);
+        out.push(SftExample { ids: p, prompt_len });
+    }
+    Ok((out, stats))
+}
+
+/// Micro-batches (indices into the examples) of one epoch, a function of (seed, epoch) only.
+/// With `group_by_length`, shuffled examples are sorted by length within windows of 16
+/// batches, cut into batches, and the batches shuffled: little padding, random order.
+pub fn epoch_batches(lens: &[usize], batch_size: usize, seed: u64, epoch: usize, group_by_length: bool) -> Vec<Vec<usize>> {
+    let mut rng = SeededRng::derive(seed, &format!("data-epoch-{epoch}"));
+    let mut shuffle = |v: &mut Vec<usize>| {
+        for i in (1..v.len()).rev() {
+            let j = (rng.uniform_f32() as f64 * (i + 1) as f64) as usize % (i + 1);
+            v.swap(i, j);
+        }
+    };
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    shuffle(&mut order);
+    if !group_by_length {
+        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    }
+    let mut batches: Vec<Vec<usize>> = vec![];
+    for window in order.chunks(batch_size * 16) {
+        let mut w = window.to_vec();
+        w.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+        batches.extend(w.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    let mut idx: Vec<usize> = (0..batches.len()).collect();
+    shuffle(&mut idx);
+    idx.into_iter().map(|i| batches[i].clone()).collect()
+}
+
+/// A right-padded micro-batch and where its labels are.
+pub struct Batch {
+    /// (B, T) u32 ids and positions; (B, 1, T, T) additive mask.
+    pub ids: Tensor,
+    pub pos: Tensor,
+    pub mask: Tensor,
+    /// (N,) flat indices b*T + t of the positions that predict a learned token, and those tokens.
+    pub select: Tensor,
+    pub targets: Tensor,
+    /// Non-pad tokens in the batch.
+    pub tokens: usize,
+}
+
+pub fn make_batch(exs: &[&SftExample], pad: u32, dev: &Device) -> Result<Batch> {
+    let (b, t) = (exs.len(), exs.iter().map(|e| e.ids.len()).max().unwrap_or(1));
+    let (mut ids, mut valid, mut select, mut targets) = (Vec::with_capacity(b * t), vec![], vec![], vec![]);
+    for (r, e) in exs.iter().enumerate() {
+        ids.extend(e.ids.iter().copied().chain(std::iter::repeat_n(pad, t - e.ids.len())));
+        valid.push((0..t).map(|j| j < e.ids.len()).collect::<Vec<_>>());
+        for j in e.prompt_len.max(1)..e.ids.len() {
+            select.push((r * t + j - 1) as u32);
+            targets.push(e.ids[j]);
+        }
+    }
+    let pos = Tensor::arange(0u32, t as u32, dev)?.unsqueeze(0)?.repeat((b, 1))?;
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (b, t), dev)?,
+        pos,
+        mask: causal_mask(&valid, t, 0, dev)?,
+        select: Tensor::new(select.as_slice(), dev)?,
+        targets: Tensor::new(targets.as_slice(), dev)?,
+        tokens: exs.iter().map(|e| e.ids.len()).sum(),
+    })
+}
+
+/// Sum of the NLL of the batch's learned tokens, from final hidden states h (B, T, C).
+pub fn label_nll_sum(model: &Model, h: &Tensor, batch: &Batch, chunk: usize) -> Result<Tensor> {
+    let (b, t, c) = h.dims3()?;
+    let h = h.reshape((b * t, c))?.index_select(&batch.select, 0)?; // (N, C)
+    let head = model.lm_head_layer();
+    let nll = if head.has_lora() {
+        crate::ops::cross_entropy(&head.forward(&h)?, &batch.targets)?
+    } else {
+        crate::ops::lm_head_cross_entropy(&h, &head.w_in_out()?, &batch.targets, chunk)?
+    };
+    Ok(nll.sum_all()?)
+}
+
+/// Mean NLL over the learned tokens of `exs` (no update), and the token count.
+pub fn eval_loss(model: &Model, exs: &[SftExample], batch_size: usize, pad: u32, chunk: usize) -> Result<(f64, usize)> {
+    let (mut sum, mut n) = (0.0, 0);
+    for group in exs.chunks(batch_size) {
+        let refs: Vec<&SftExample> = group.iter().collect();
+        let batch = make_batch(&refs, pad, &model.device)?;
+        let h = model.hidden(&batch.ids, &batch.pos, &batch.mask, None)?;
+        sum += label_nll_sum(model, &h, &batch, chunk)?.detach().to_scalar::<f32>()? as f64;
+        n += batch.targets.dim(0)?;
+    }
+    Ok((sum / n.max(1) as f64, n))
+}
+
+/// The LoRA config of a new adapter from the `[lora]` section (PEFT's default targets if none).
+pub fn lora_config(cfg: &TrainConfig, arch: &Arch) -> LoraConfig {
+    let l = &cfg.lora;
+    let targets = if l.target_modules.is_empty() {
+        match arch {
+            Arch::Gpt2(_) => vec!["c_attn".to_string()],
+            Arch::Llama(_) => vec!["q_proj".to_string(), "v_proj".to_string()],
+        }
+    } else {
+        l.target_modules.clone()
+    };
+    LoraConfig {
+        r: l.r,
+        lora_alpha: l.lora_alpha,
+        lora_dropout: l.lora_dropout,
+        target_modules: TargetModules::List(targets),
+        use_rslora: l.use_rslora,
+        base_model_name_or_path: Some(cfg.model.name.clone()),
+        ..Default::default()
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug, Serialize)]
+pub struct SftSummary {
+    pub out_dir: PathBuf,
+    pub steps: usize,
+    pub first_loss: Option<f64>,
+    pub final_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub eval_perplexity: Option<f64>,
+    pub prep: PrepStats,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Runs (or resumes) SFT as configured.
+pub fn run(cfg: &TrainConfig, resume: bool) -> Result<SftSummary> {
+    // 1. Check everything that can be wrong before anything is written.
+    let out = PathBuf::from(&cfg.out.dir);
+    let ckpt = if resume {
+        let last = checkpoint::list(&out)?.pop().with_context(|| format!("--resume: no checkpoint in {}", checkpoint::checkpoints_dir(&out).display()))?;
+        let state = checkpoint::read_state(&last)?;
+        if state.config != cfg.to_toml()? {
+            bail!("--resume: the config differs from the one {} was started with (see {}/config.toml)", out.display(), out.display())
+        }
+        Some((last, state))
+    } else {
+        if out.join("adapter_model.safetensors").exists() || out.join("checkpoints").exists() {
+            bail!("output folder {} already holds a run: pass --resume to continue it, or choose another --out", out.display())
+        }
+        None
+    };
+    let template = if cfg.data.template.is_empty() { Template::kochatgpt() } else { Template::new(&cfg.data.template)? };
+    let device = parse_device(&cfg.model.device)?;
+    let dtype = parse_dtype(&cfg.model.dtype, &device)?;
+    let files = ModelFiles::resolve(&cfg.model.name)?;
+    let arch = Arch::from_file(&files.config)?;
+    let tok = Tokenizer::load(&files.tokenizer, &files.config)?;
+    let max_len = cfg.data.max_len.min(arch.max_positions());
+
+    // 2. Data: rows -> tokenized examples; a held-out split for eval.
+    let (rows, format, skipped) = read_sft(Path::new(&cfg.data.path), cfg.data.skip_bad_rows)?;
+    let (mut train, mut prep) = prepare(&rows, &tok, &template, max_len, cfg.data.strip_leading_quote)?;
+    prep.skipped_bad = skipped;
+    let mut eval = if !cfg.data.eval_path.is_empty() {
+        let (erows, _, _) = read_sft(Path::new(&cfg.data.eval_path), cfg.data.skip_bad_rows)?;
+        prepare(&erows, &tok, &template, max_len, cfg.data.strip_leading_quote)?.0
+    } else {
+        let n_eval = ((train.len() as f64) * cfg.data.eval_fraction).round() as usize;
+        let order = epoch_batches(&vec![0; train.len()], 1, cfg.train.seed, usize::MAX, false);
+        let held: std::collections::HashSet<usize> = order.iter().take(n_eval).map(|b| b[0]).collect();
+        let (mut tr, mut ev) = (vec![], vec![]);
+        for (i, e) in train.drain(..).enumerate() {
+            if held.contains(&i) { ev.push(e) } else { tr.push(e) }
+        }
+        train = tr;
+        ev
+    };
+    if train.is_empty() {
+        bail!("{}: no training examples left ({} rows, {} dropped)", cfg.data.path, prep.rows, prep.dropped)
+    }
+    eval.sort_by_key(|e| e.ids.len());
+    tracing::info!(
+        "data: {} rows ({format:?} format) -> {} train / {} eval examples; {} truncated, {} dropped, {} bad rows skipped",
+        prep.rows, train.len(), eval.len(), prep.truncated, prep.dropped, prep.skipped_bad
+    );
+
+    // 3. The model with the adapter attached at construction: new, or the checkpoint's.
+    let adapter = match &ckpt {
+        Some((dir, _)) => crate::peft::load_adapter(dir, "sft", 1.0, true)?,
+        None => Adapter::fresh("sft", lora_config(cfg, &arch), cfg.train.seed)?,
+    };
+    let model = Model::load(&files, dtype, &device, AdapterSet::new(vec![adapter.clone()]))?;
+    model.adapters.set_training(true);
+    let mut opt = AdamW::new(adapter.vars(), &cfg.train)?;
+    let t = &cfg.train;
+    let lens: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
+    let batches_per_epoch = lens.len().div_ceil(t.batch_size);
+    let total = if t.max_steps > 0 { t.max_steps } else { t.epochs * batches_per_epoch.div_ceil(t.grad_accum) };
+    let (mut step, mut epoch, mut cursor, mut tokens_seen) = (0, 0, 0, 0u64);
+    if let Some((dir, state)) = &ckpt {
+        checkpoint::load_optimizer(dir, &mut opt)?;
+        for (a, r) in model.adapters.adapters.iter().zip(&state.dropout_rng) {
+            a.set_dropout_rng(SeededRng::from_state(r)?);
+        }
+        (step, epoch, cursor, tokens_seen) = (state.step, state.epoch, state.batch_in_epoch, state.tokens_seen);
+        tracing::info!("resuming from {} (step {step})", dir.display());
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    crate::io::atomic_write(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    let metrics = MetricsLog::open(&out, ckpt.as_ref().map(|(_, s)| s.step))?;
+    let pad = tok.padding_id();
+    let mut order = epoch_batches(&lens, t.batch_size, t.seed, epoch, t.group_by_length);
+    let save = |step: usize, epoch: usize, cursor: usize, tokens_seen: u64, opt: &AdamW| -> Result<()> {
+        let state = TrainState {
+            step,
+            epoch,
+            batch_in_epoch: cursor,
+            dropout_rng: model.adapters.adapters.iter().map(|a| a.dropout_rng().state()).collect(),
+            tokens_seen,
+            config: cfg.to_toml()?,
+        };
+        checkpoint::save(&out, &adapter, &cfg.model.name, opt, &state, t.keep_last)?;
+        Ok(())
+    };
+
+    // 4. The loop: one optimizer step = grad_accum micro-batches.
+    let pb = progress_bar(total, step);
+    let started = Instant::now();
+    let (mut first_loss, mut last_loss, mut last_eval) = (None, None, None);
+    while step < total {
+        let t0 = Instant::now();
+        // 4a. Take the step's micro-batches from the data stream (crossing epochs if needed).
+        let mut micro = vec![];
+        for _ in 0..t.grad_accum {
+            if cursor == order.len() {
+                (epoch, cursor) = (epoch + 1, 0);
+                order = epoch_batches(&lens, t.batch_size, t.seed, epoch, t.group_by_length);
+            }
+            let exs: Vec<&SftExample> = order[cursor].iter().map(|&i| &train[i]).collect();
+            micro.push(make_batch(&exs, pad, &device)?);
+            cursor += 1;
+        }
+        // 4b. Forward/backward each, the loss normalised by the step's learned tokens.
+        let denom = micro.iter().map(|b| b.targets.dim(0).unwrap_or(0)).sum::<usize>().max(1) as f64;
+        let mut acc = GradAccum::new(opt.vars.len());
+        let mut loss = 0.0;
+        for b in &micro {
+            let loss_fn = |h: &Tensor| -> Result<Tensor> { Ok((label_nll_sum(&model, h, b, t.loss_chunk)? / denom)?) };
+            loss += forward_backward(&model, &b.ids, &b.pos, b.mask.clone(), t.grad_checkpointing, &loss_fn, &opt.vars, &mut acc)?;
+        }
+        // 4c. Clip, update, schedule.
+        let mut grads = acc.finish(&opt.vars)?;
+        let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+        let lr = lr_at(t, step, total);
+        opt.step(&grads, lr)?;
+        step += 1;
+        let tokens: usize = micro.iter().map(|b| b.tokens).sum();
+        tokens_seen += tokens as u64;
+        let tps = tokens as f64 / t0.elapsed().as_secs_f64();
+        first_loss.get_or_insert(loss);
+        last_loss = Some(loss);
+        // 4d. Evaluate, log, checkpoint.
+        let mut line = serde_json::json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tps, "elapsed_s": started.elapsed().as_secs_f64()});
+        let do_eval = !eval.is_empty() && ((t.eval_every > 0 && step % t.eval_every == 0) || step == total);
+        if do_eval {
+            model.adapters.set_training(false);
+            let (el, _) = eval_loss(&model, &eval, t.batch_size, pad, t.loss_chunk)?;
+            model.adapters.set_training(true);
+            line["eval_loss"] = el.into();
+            line["eval_ppl"] = el.exp().into();
+            last_eval = Some(el);
+        }
+        if do_eval || step % t.log_every.max(1) == 0 || step == total {
+            metrics.log(&line)?;
+        }
+        pb.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s"));
+        pb.set_position(step as u64);
+        if (t.save_every > 0 && step % t.save_every == 0) || step == total {
+            save(step, epoch, cursor, tokens_seen, &opt)?;
+        }
+    }
+    pb.finish_and_clear();
+
+    // 5. The adapter (PEFT format) and the run's record.
+    crate::peft::save_adapter(&adapter, &out, &cfg.model.name, &[])?;
+    let logged = metrics.read()?;
+    let pts = |k: &str| -> Vec<(f64, f64)> {
+        logged.iter().filter_map(|v| Some((v["step"].as_f64()?, v.get(k)?.as_f64()?))).collect()
+    };
+    plot::write_loss_png(&out.join("loss.png"), &pts("loss"), &pts("eval_loss"))?;
+    let peak = peak_rss_bytes();
+    let summary = SftSummary {
+        out_dir: out.clone(),
+        steps: step,
+        first_loss,
+        final_loss: last_loss,
+        eval_loss: last_eval,
+        eval_perplexity: last_eval.map(f64::exp),
+        prep,
+        peak_rss_bytes: peak,
+    };
+    crate::io::atomic_write(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    tracing::info!(
+        "done: {} steps, loss {:.4} -> {:.4}, eval loss {}, peak memory {} (process RSS); adapter in {}",
+        step,
+        first_loss.unwrap_or(f64::NAN),
+        last_loss.unwrap_or(f64::NAN),
+        last_eval.map(|e| format!("{e:.4} (ppl {:.2})", e.exp())).unwrap_or("-".into()),
+        peak.map(fmt_bytes).unwrap_or("n/a".into()),
+        out.display()
+    );
+    Ok(summary)
+}
