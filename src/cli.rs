@@ -70,14 +70,28 @@ pub struct TrainArgs {
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
     /// Continue the run in --out from its newest checkpoint.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "force")]
     pub resume: bool,
+    /// Replace a previous run's files in --out.
+    #[arg(long)]
+    pub force: bool,
     /// Skip (and count) malformed data rows instead of stopping.
     #[arg(long)]
     pub skip_bad_rows: bool,
 }
 
 impl TrainArgs {
+    pub fn start(&self) -> crate::train::sft::Start {
+        use crate::train::sft::Start;
+        if self.resume {
+            Start::Resume
+        } else if self.force {
+            Start::Force
+        } else {
+            Start::Fresh
+        }
+    }
+
     /// The config file, then --set, then the dedicated flags.
     pub fn resolve(&self) -> Result<crate::train::config::TrainConfig> {
         let mut sets = self.set.clone();
@@ -155,7 +169,8 @@ pub struct InspectArgs {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// What to measure: `generate` (load time, peak memory, generation tokens/s).
+    /// What to measure: `generate` (load time, peak memory, generation tokens/s) or `sft`
+    /// (median step time, tokens/s and peak memory of SFT steps on random tokens).
     pub what: String,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -169,6 +184,21 @@ pub struct BenchArgs {
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// sft: sequence length.
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// sft: timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// sft: LoRA target modules, comma-separated.
+    #[arg(long, default_value = "c_attn")]
+    pub targets: String,
+    /// sft: LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub r: usize,
+    /// sft: recompute blocks in backward.
+    #[arg(long)]
+    pub grad_checkpointing: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -176,7 +206,7 @@ pub struct BenchArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Sft(a) => {
-            let s = crate::train::sft::run(&a.resolve()?, a.resume)?;
+            let s = crate::train::sft::run(&a.resolve()?, a.start())?;
             println!("{}", serde_json::to_string_pretty(&s)?);
             Ok(())
         }
@@ -257,7 +287,21 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    anyhow::ensure!(a.what == "generate", "bench {:?}: only `generate` exists so far", a.what);
+    if a.what == "sft" {
+        let targets: Vec<String> = a.targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        let m = &a.model;
+        let r = crate::train::bench::bench_sft(&m.model, &m.dtype, &m.device, a.batch, a.seq, a.steps, &targets, a.r, a.grad_checkpointing)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "sft step {:.3} s (median of {}), {:.0} tokens/s, peak RSS {}",
+                r.step_s_median, a.steps, r.tokens_per_s, r.peak_rss_bytes.map(fmt_bytes).unwrap_or_default()
+            );
+        }
+        return Ok(());
+    }
+    anyhow::ensure!(a.what == "generate", "bench {:?}: expected `generate` or `sft`", a.what);
     let rss_start = peak_rss_bytes().unwrap_or(0); // the process before any weight is read
     let t0 = Instant::now();
     let (model, _tok, _) = load_model(&a.model)?;

@@ -11,7 +11,7 @@ use lorafit::lora::AdapterSet;
 use lorafit::template::Template;
 use lorafit::tokenizer::Tokenizer;
 use lorafit::train::config::TrainConfig;
-use lorafit::train::sft::{self, make_batch, prepare, SftExample};
+use lorafit::train::sft::{self, make_batch, prepare, SftExample, Start};
 use lorafit::train::{forward_backward, GradAccum};
 
 fn config(out: &Path, sets: &[&str]) -> TrainConfig {
@@ -33,7 +33,7 @@ fn config(out: &Path, sets: &[&str]) -> TrainConfig {
 #[test]
 fn completion_loss_falls_well_below_the_start() {
     let dir = tempfile::tempdir().unwrap();
-    let s = sft::run(&config(dir.path(), &["train.epochs=10", "data.eval_fraction=0.2"]), false).unwrap();
+    let s = sft::run(&config(dir.path(), &["train.epochs=10", "data.eval_fraction=0.2"]), Start::Fresh).unwrap();
     let (first, last) = (s.first_loss.unwrap(), s.final_loss.unwrap());
     assert!(last < 0.6 * first, "loss {first} -> {last}");
     for f in ["adapter_model.safetensors", "adapter_config.json", "config.toml", "metrics.jsonl", "loss.png", "summary.json"] {
@@ -182,7 +182,7 @@ fn bad_rows_are_refused_with_file_row_and_field() {
         std::fs::write(&data, text).unwrap();
         let out = dir.path().join(format!("out{i}"));
         let cfg = config(&out, &[&format!("data.path={:?}", data.display().to_string())]);
-        let err = format!("{:#}", sft::run(&cfg, false).unwrap_err());
+        let err = format!("{:#}", sft::run(&cfg, Start::Fresh).unwrap_err());
         assert!(err.contains(&data.display().to_string()) && err.contains(want), "case {i}: {err}");
         assert!(!out.exists(), "case {i}: no output folder is left behind");
     }
@@ -191,12 +191,50 @@ fn bad_rows_are_refused_with_file_row_and_field() {
     std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": \"bb\"}\n{\"prompt\": 1}\n{\"prompt\": \"c\", \"completion\": \"dd\"}\n").unwrap();
     let out = dir.path().join("skip");
     let cfg = config(&out, &[&format!("data.path={:?}", data.display().to_string()), "data.skip_bad_rows=true", "train.max_steps=1", "data.eval_fraction=0"]);
-    assert_eq!(sft::run(&cfg, false).unwrap().prep.skipped_bad, 1);
+    assert_eq!(sft::run(&cfg, Start::Fresh).unwrap().prep.skipped_bad, 1);
     // A template without {prompt}, and unknown config keys.
     let err = format!("{:#}", TrainConfig::load(None, &["data.template=\"no placeholder\"".into()]).and_then(|c| {
-        sft::run(&c, false).map(|_| ())
+        sft::run(&c, Start::Fresh).map(|_| ())
     }).unwrap_err());
     assert!(err.contains("{prompt}"), "{err}");
     let err = format!("{:#}", TrainConfig::load(None, &["train.lr_typo=1".into()]).unwrap_err());
     assert!(err.contains("lr_typo") && err.contains("batch_size"), "unknown keys list the valid ones: {err}");
+}
+
+/// The SFT fixtures: adapters trained by `lorafit sft` (the recipe below, seeded), then
+/// evaluated by PEFT (`scripts/fixtures/peft_nll.py`). Re-training here must give the same
+/// tensors, and lorafit's NLL with the committed adapter must equal PEFT's.
+#[test]
+fn trained_adapter_loads_in_peft_with_the_same_nll() {
+    for (m, targets) in [
+        ("gpt2-a", "[\"c_attn\",\"c_proj\",\"c_fc\"]"),
+        ("llama-a", "[\"q_proj\",\"k_proj\",\"v_proj\",\"o_proj\",\"gate_proj\",\"up_proj\",\"down_proj\"]"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let sets = [
+            format!("model.name={:?}", fixture(m).display().to_string()),
+            format!("lora.target_modules={targets}"),
+            "train.epochs=3".into(),
+            "train.seed=5".into(),
+            "data.eval_fraction=0".into(),
+        ];
+        let cfg = config(dir.path(), &sets.iter().map(String::as_str).collect::<Vec<_>>());
+        sft::run(&cfg, Start::Fresh).unwrap();
+        let committed = fixture(&format!("sft-{m}"));
+        let ours = candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        let fx = candle_core::safetensors::load(committed.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(ours.len(), fx.len());
+        for (k, t) in &fx {
+            let d = max_abs_diff(&ours[k].flatten_all().unwrap().to_vec1().unwrap(), &t.flatten_all().unwrap().to_vec1().unwrap());
+            assert!(d < 1e-5, "{m}: re-trained {k} differs from the fixture by {d}");
+        }
+        let peft: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(committed.join("peft_nll.json")).unwrap()).unwrap();
+        let a = lorafit::peft::load_adapter(&committed, "sft", 1.0, false).unwrap();
+        let model = load(m, AdapterSet::new(vec![a]));
+        for (i, ids) in expected(m).ids.iter().enumerate() {
+            let ours = model.sequence_nll(ids).unwrap().to_scalar::<f32>().unwrap() as f64;
+            let theirs = peft["nll"][i].as_f64().unwrap();
+            assert!((ours - theirs).abs() < 2e-4, "{m}: line {i}: lorafit {ours} vs PEFT {theirs}");
+        }
+    }
 }

@@ -13,7 +13,7 @@
 # Environment: ROUNDS (3), REPEATS (3), THREADS (2), PYTHON (/root/venv-ref/bin/python, needs
 # torch + transformers, see scripts/fixtures/requirements.txt), ATTN (sdpa|eager, transformers'
 # attention; default sdpa), LORAFIT_CACHE (where the builtin model is written), OUT_DIR
-# (target/bench). Raw JSON lines and the Markdown go to $OUT_DIR/foundation-<utc time>.{jsonl,md}.
+# (target/bench), LORAFIT_BIN (use this lorafit binary instead of building this checkout). Raw JSON lines and the Markdown go to $OUT_DIR/foundation-<utc time>.{jsonl,md}.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -38,9 +38,13 @@ export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THRE
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 T_START=$(date +%s)
 
-log "building lorafit (release)"
-cargo build --release --quiet
-LORAFIT=target/release/lorafit
+if [[ -n "${LORAFIT_BIN:-}" ]]; then
+  LORAFIT=$LORAFIT_BIN # e.g. a build of another checkout, to compare against the same reference
+else
+  log "building lorafit (release)"
+  cargo build --release --quiet
+  LORAFIT=target/release/lorafit
+fi
 
 # Write the builtin model once (outside any timed process), then find its folder as lorafit does.
 log "materialising $MODEL"
@@ -88,6 +92,7 @@ done
 T_END=$(date +%s)
 CMD="scripts/bench/foundation.sh"
 [[ $ROUNDS != 3 || $REPEATS != 3 || $THREADS != 2 || $ATTN != sdpa ]] && CMD="ROUNDS=$ROUNDS REPEATS=$REPEATS THREADS=$THREADS ATTN=$ATTN $CMD"
+[[ -n "${LORAFIT_BIN:-}" ]] && CMD="LORAFIT_BIN=$LORAFIT_BIN $CMD"
 "$PYTHON" scripts/bench/summarize.py "$RAW" --command "$CMD" --attn "$ATTN" --threads "$THREADS" \
   --elapsed-s $((T_END - T_START)) --lorafit-version "$("$LORAFIT" --version)" \
   --git "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo +dirty)" \

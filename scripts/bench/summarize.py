@@ -34,7 +34,7 @@ def machine() -> str:
 
 
 def mib(b: float) -> str:
-    return f"{b / 2**20:,.0f} MiB"
+    return f"{b / 2**20:,.0f}"
 
 
 def cell(vals, fmt) -> str:
@@ -81,7 +81,7 @@ def main() -> None:
                 out.append(f(r["result"]) if f else r["result"][key])
         return out
 
-    secs = lambda x: f"{x:.2f} s"
+    secs = lambda x: f"{x:.2f}"
     tps = lambda x: f"{x:.1f}"
     lines = []
     p = lines.append
@@ -99,32 +99,39 @@ def main() -> None:
     p("| measurement | configuration | lorafit | transformers | lorafit / transformers |")
     p("|---|---|---|---|---|")
     for dt in ("f32", "bf16"):
-        p(f"| load time (lower is better) | {dt} weights | {cell(vals('lorafit', 'load_s', dt), secs)} | "
+        p(f"| load time, s | {dt} weights | {cell(vals('lorafit', 'load_s', dt), secs)} | "
           f"{cell(vals('transformers', 'load_s', dt), secs)} | {ratio(vals('lorafit', 'load_s', dt), vals('transformers', 'load_s', dt))} |")
     for dt in ("f32", "bf16"):
         k = "peak_rss_after_load_bytes"
-        p(f"| peak RSS after load, whole process | {dt} weights | {cell(vals('lorafit', k, dt), mib)} | "
+        p(f"| peak RSS after load, whole process, MiB | {dt} weights | {cell(vals('lorafit', k, dt), mib)} | "
           f"{cell(vals('transformers', k, dt), mib)} | {ratio(vals('lorafit', k, dt), vals('transformers', k, dt))} |")
     k = "peak_rss_before_load_bytes"
-    p(f"| RSS before loading (runtime + libraries) | - | {cell(vals('lorafit', k), mib)} | "
+    p(f"| peak RSS before loading (runtime + libraries), MiB | - | {cell(vals('lorafit', k), mib)} | "
       f"{cell(vals('transformers', k), mib)} | {ratio(vals('lorafit', k), vals('transformers', k))} |")
     for dt in ("f32", "bf16"):
         f = lambda r: r["peak_rss_after_load_bytes"] - r["peak_rss_before_load_bytes"]
         lv, tv = vals("lorafit", None, dt, f=f), vals("transformers", None, dt, f=f)
-        p(f"| peak RSS added by loading | {dt} weights | {cell(lv, mib)} | {cell(tv, mib)} | {ratio(lv, tv)} |")
+        p(f"| peak RSS added by loading, MiB | {dt} weights | {cell(lv, mib)} | {cell(tv, mib)} | {ratio(lv, tv)} |")
     for dt in ("f32", "bf16"):
         for b in (1, 8):
             lv, tv = vals("lorafit", "tokens_per_s", dt, b), vals("transformers", "tokens_per_s", dt, b)
-            p(f"| generation tokens/s (higher is better) | {dt}, batch {b} | {cell(lv, tps)} | {cell(tv, tps)} | "
+            p(f"| generation tokens/s | {dt}, batch {b} | {cell(lv, tps)} | {cell(tv, tps)} | "
               f"**{ratio(lv, tv)}** |")
     for dt in ("f32", "bf16"):
         for b in (1, 8):
             k = "peak_rss_bytes"
             lv, tv = vals("lorafit", k, dt, b), vals("transformers", k, dt, b)
-            p(f"| peak RSS, load + generation | {dt}, batch {b} | {cell(lv, mib)} | {cell(tv, mib)} | {ratio(lv, tv)} |")
+            p(f"| peak RSS, load + generation, whole process, MiB | {dt}, batch {b} | {cell(lv, mib)} | {cell(tv, mib)} | {ratio(lv, tv)} |")
+    for dt in ("f32", "bf16"):
+        for b in (1, 8):
+            f = lambda r: r["peak_rss_bytes"] - r["peak_rss_before_load_bytes"]
+            lv, tv = vals("lorafit", None, dt, b, f=f), vals("transformers", None, dt, b, f=f)
+            p(f"| peak RSS added by load + generation, MiB | {dt}, batch {b} | {cell(lv, mib)} | {cell(tv, mib)} | {ratio(lv, tv)} |")
     p("")
     p("Prompt: 16 random token ids per row; 64 new tokens, greedy, no early stop; tokens/s = batch x 64 / "
-      "(median time of one generate call, prefill included). Cells: median over rounds [min-max].")
+      "(median time of one generate call, prefill included). Cells: median over runs [min-max]; load rows pool "
+      "both batch sizes. Ratio = lorafit / transformers of the medians: below 1 is better for times and memory, "
+      "above 1 is better for tokens/s.")
     if failed:
         p("")
         p("Failed runs: " + "; ".join(f"round {r['round']} {r['tool']} {r['dtype']} batch {r['batch']} (exit {r['rc']})"

@@ -2,6 +2,7 @@
 //! micro-batch (with optional activation checkpointing), the metrics log and the progress bar.
 //! Each method (`sft.rs`, ...) is one readable file on top of these; the optimizer,
 //! schedule and clipping are in `optim.rs`, checkpoints in `checkpoint.rs`.
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod optim;
@@ -112,6 +113,23 @@ pub fn forward_backward(
         a.set_dropout_rng(r);
     }
     Ok(loss.to_scalar::<f32>()? as f64)
+}
+
+/// The files a training run writes into its output folder (and nothing else there).
+pub const RUN_FILES: &[&str] =
+    &["adapter_model.safetensors", "adapter_config.json", "config.toml", "metrics.jsonl", "loss.png", "summary.json", "checkpoints"];
+
+/// Removes a previous run's files from `out` (`--force`), leaving anything else in place.
+pub fn remove_run_files(out: &Path) -> Result<()> {
+    for f in RUN_FILES {
+        let p = out.join(f);
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p)?;
+        } else if p.exists() {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
 }
 
 /// `metrics.jsonl`: one JSON object per logged step, appended and flushed as it goes.

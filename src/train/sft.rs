@@ -201,8 +201,20 @@ pub struct SftSummary {
     pub peak_rss_bytes: Option<u64>,
 }
 
+/// How a run treats its output folder.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Start {
+    /// A new run; refuse an output folder that already holds one.
+    Fresh,
+    /// A new run that replaces the run files already in the output folder.
+    Force,
+    /// Continue from the newest checkpoint in the output folder.
+    Resume,
+}
+
 /// Runs (or resumes) SFT as configured.
-pub fn run(cfg: &TrainConfig, resume: bool) -> Result<SftSummary> {
+pub fn run(cfg: &TrainConfig, start: Start) -> Result<SftSummary> {
+    let resume = start == Start::Resume;
     // 1. Check everything that can be wrong before anything is written.
     let out = PathBuf::from(&cfg.out.dir);
     let ckpt = if resume {
@@ -213,8 +225,8 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<SftSummary> {
         }
         Some((last, state))
     } else {
-        if out.join("adapter_model.safetensors").exists() || out.join("checkpoints").exists() {
-            bail!("output folder {} already holds a run: pass --resume to continue it, or choose another --out", out.display())
+        if start == Start::Fresh && (out.join("adapter_model.safetensors").exists() || out.join("checkpoints").exists()) {
+            bail!("output folder {} already holds a run: pass --resume to continue it, --force to replace it, or choose another --out", out.display())
         }
         None
     };
@@ -273,6 +285,9 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> Result<SftSummary> {
         }
         (step, epoch, cursor, tokens_seen) = (state.step, state.epoch, state.batch_in_epoch, state.tokens_seen);
         tracing::info!("resuming from {} (step {step})", dir.display());
+    }
+    if start == Start::Force {
+        super::remove_run_files(&out)?;
     }
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     crate::io::atomic_write(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
