@@ -35,14 +35,23 @@ pub fn checkpoints_dir(out: &Path) -> PathBuf {
 }
 
 /// Writes checkpoint `state.step` and prunes all but the newest `keep_last`.
-pub fn save(out: &Path, adapter: &Adapter, base_model: &str, opt: &AdamW, state: &TrainState, keep_last: usize) -> Result<PathBuf> {
+/// `extra` are tensors saved in the adapter file besides the LoRA ones (a reward head).
+pub fn save(
+    out: &Path,
+    adapter: &Adapter,
+    base_model: &str,
+    opt: &AdamW,
+    state: &TrainState,
+    keep_last: usize,
+    extra: &[(String, Tensor)],
+) -> Result<PathBuf> {
     let root = checkpoints_dir(out);
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     let name = format!("step-{:08}", state.step);
     let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
-    crate::peft::save_adapter(adapter, &tmp, base_model, &[])?;
+    crate::peft::save_adapter(adapter, &tmp, base_model, extra)?;
     let mut moments = vec![];
     for (i, (key, _)) in opt.vars.iter().enumerate() {
         moments.push((format!("m.{key}"), opt.m[i].clone()));

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod looper;
 pub mod optim;
 pub mod plot;
 pub mod sft;
@@ -113,6 +114,13 @@ pub fn forward_backward(
         a.set_dropout_rng(r);
     }
     Ok(loss.to_scalar::<f32>()? as f64)
+}
+
+/// Indices of the `fraction` of `n` items held out for evaluation (seeded).
+pub fn held_out(n: usize, fraction: f64, seed: u64) -> std::collections::HashSet<usize> {
+    let k = ((n as f64) * fraction).round() as usize;
+    let order = sft::epoch_batches(&vec![0; n], 1, seed, usize::MAX, false);
+    order.iter().take(k).map(|b| b[0]).collect()
 }
 
 /// The files a training run writes into its output folder (and nothing else there).

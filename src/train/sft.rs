@@ -9,21 +9,20 @@
 //! References: KoChatGPT `train_sft.py` (what it does), TRL `SFTTrainer` (completion-only loss),
 //! nanoGPT `train.py` (the loop).
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use serde::Serialize;
+use serde_json::{Map, Value};
 
-use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
-use super::optim::{clip_grad_norm, lr_at, AdamW};
-use super::{forward_backward, plot, progress_bar, GradAccum, MetricsLog};
+use super::looper::{train_loop, Method, MicroOut, RunDir};
+use super::{forward_backward, GradAccum};
 use crate::data::{read_sft, SftRow};
 use crate::lora::{Adapter, AdapterSet, LoraConfig, TargetModules};
 use crate::model::{causal_mask, Arch, Model};
 use crate::rng::SeededRng;
-use crate::runtime::{fmt_bytes, parse_device, parse_dtype, peak_rss_bytes};
+use crate::runtime::{fmt_bytes, parse_device, parse_dtype};
 use crate::template::Template;
 use crate::tokenizer::Tokenizer;
 use crate::weights::ModelFiles;
@@ -212,43 +211,63 @@ pub enum Start {
     Resume,
 }
 
-/// Runs (or resumes) SFT as configured.
-pub fn run(cfg: &TrainConfig, start: Start) -> Result<SftSummary> {
-    let resume = start == Start::Resume;
-    // 1. Check everything that can be wrong before anything is written.
-    let out = PathBuf::from(&cfg.out.dir);
-    let ckpt = if resume {
-        let last = checkpoint::list(&out)?.pop().with_context(|| format!("--resume: no checkpoint in {}", checkpoint::checkpoints_dir(&out).display()))?;
-        let state = checkpoint::read_state(&last)?;
-        if state.config != cfg.to_toml()? {
-            bail!("--resume: the config differs from the one {} was started with (see {}/config.toml)", out.display(), out.display())
-        }
-        Some((last, state))
-    } else {
-        if start == Start::Fresh && (out.join("adapter_model.safetensors").exists() || out.join("checkpoints").exists()) {
-            bail!("output folder {} already holds a run: pass --resume to continue it, --force to replace it, or choose another --out", out.display())
-        }
-        None
-    };
-    let template = if cfg.data.template.is_empty() { Template::kochatgpt() } else { Template::new(&cfg.data.template)? };
-    let device = parse_device(&cfg.model.device)?;
-    let dtype = parse_dtype(&cfg.model.dtype, &device)?;
-    let files = ModelFiles::resolve(&cfg.model.name)?;
-    let arch = Arch::from_file(&files.config)?;
-    let tok = Tokenizer::load(&files.tokenizer, &files.config)?;
-    let max_len = cfg.data.max_len.min(arch.max_positions());
+/// SFT as a [`Method`] of the shared loop.
+struct Sft<'a> {
+    model: &'a Model,
+    train: &'a [SftExample],
+    eval: &'a [SftExample],
+    pad: u32,
+    cfg: &'a TrainConfig,
+}
 
-    // 2. Data: rows -> tokenized examples; a held-out split for eval.
+impl Method for Sft<'_> {
+    fn lens(&self) -> Vec<usize> {
+        self.train.iter().map(|e| e.ids.len()).collect()
+    }
+
+    fn weight(&self, items: &[usize]) -> f64 {
+        items.iter().map(|&i| self.train[i].ids.len() - self.train[i].prompt_len.max(1)).sum::<usize>() as f64
+    }
+
+    fn micro_step(&self, items: &[usize], denom: f64, vars: &[(String, Var)], acc: &mut GradAccum) -> Result<MicroOut> {
+        let exs: Vec<&SftExample> = items.iter().map(|&i| &self.train[i]).collect();
+        let b = make_batch(&exs, self.pad, &self.model.device)?;
+        let t = &self.cfg.train;
+        let loss_fn = |h: &Tensor| -> Result<Tensor> { Ok((label_nll_sum(self.model, h, &b, t.loss_chunk)? / denom)?) };
+        let loss = forward_backward(self.model, &b.ids, &b.pos, b.mask.clone(), t.grad_checkpointing, &loss_fn, vars, acc)?;
+        Ok(MicroOut { loss, tokens: b.tokens, sums: vec![] })
+    }
+
+    fn step_metrics(&self, _: &[(&'static str, f64)], _: f64) -> Map<String, Value> {
+        Map::new()
+    }
+
+    fn evaluate(&self) -> Result<Map<String, Value>> {
+        let mut m = Map::new();
+        if !self.eval.is_empty() {
+            let (l, _) = eval_loss(self.model, self.eval, self.cfg.train.batch_size, self.pad, self.cfg.train.loss_chunk)?;
+            m.insert("eval_loss".into(), l.into());
+            m.insert("eval_ppl".into(), l.exp().into());
+        }
+        Ok(m)
+    }
+
+    fn extra_tensors(&self) -> Vec<(String, Tensor)> {
+        vec![]
+    }
+}
+
+/// Reads, tokenizes and splits the SFT data (train, eval), with the row statistics.
+fn load_data(cfg: &TrainConfig, tok: &Tokenizer, max_len: usize) -> Result<(Vec<SftExample>, Vec<SftExample>, PrepStats)> {
+    let template = if cfg.data.template.is_empty() { Template::kochatgpt() } else { Template::new(&cfg.data.template)? };
     let (rows, format, skipped) = read_sft(Path::new(&cfg.data.path), cfg.data.skip_bad_rows)?;
-    let (mut train, mut prep) = prepare(&rows, &tok, &template, max_len, cfg.data.strip_leading_quote)?;
+    let (mut train, mut prep) = prepare(&rows, tok, &template, max_len, cfg.data.strip_leading_quote)?;
     prep.skipped_bad = skipped;
     let mut eval = if !cfg.data.eval_path.is_empty() {
         let (erows, _, _) = read_sft(Path::new(&cfg.data.eval_path), cfg.data.skip_bad_rows)?;
-        prepare(&erows, &tok, &template, max_len, cfg.data.strip_leading_quote)?.0
+        prepare(&erows, tok, &template, max_len, cfg.data.strip_leading_quote)?.0
     } else {
-        let n_eval = ((train.len() as f64) * cfg.data.eval_fraction).round() as usize;
-        let order = epoch_batches(&vec![0; train.len()], 1, cfg.train.seed, usize::MAX, false);
-        let held: std::collections::HashSet<usize> = order.iter().take(n_eval).map(|b| b[0]).collect();
+        let held = super::held_out(train.len(), cfg.data.eval_fraction, cfg.train.seed);
         let (mut tr, mut ev) = (vec![], vec![]);
         for (i, e) in train.drain(..).enumerate() {
             if held.contains(&i) { ev.push(e) } else { tr.push(e) }
@@ -264,135 +283,58 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<SftSummary> {
         "data: {} rows ({format:?} format) -> {} train / {} eval examples; {} truncated, {} dropped, {} bad rows skipped",
         prep.rows, train.len(), eval.len(), prep.truncated, prep.dropped, prep.skipped_bad
     );
+    Ok((train, eval, prep))
+}
+
+/// Runs (or resumes) SFT as configured.
+pub fn run(cfg: &TrainConfig, start: Start) -> Result<SftSummary> {
+    // 1. Check everything that can be wrong before anything is written.
+    let run = RunDir::open(cfg, start)?;
+    if !cfg.data.template.is_empty() {
+        Template::new(&cfg.data.template)?;
+    }
+    let device = parse_device(&cfg.model.device)?;
+    let dtype = parse_dtype(&cfg.model.dtype, &device)?;
+    let files = ModelFiles::resolve(&cfg.model.name)?;
+    let arch = Arch::from_file(&files.config)?;
+    let tok = Tokenizer::load(&files.tokenizer, &files.config)?;
+
+    // 2. Data: rows -> tokenized examples (prompt masked, eos learned); a held-out split.
+    let (train, eval, prep) = load_data(cfg, &tok, cfg.data.max_len.min(arch.max_positions()))?;
 
     // 3. The model with the adapter attached at construction: new, or the checkpoint's.
-    let adapter = match &ckpt {
-        Some((dir, _)) => crate::peft::load_adapter(dir, "sft", 1.0, true)?,
+    let adapter = match run.resume_dir() {
+        Some(dir) => crate::peft::load_adapter(dir, "sft", 1.0, true)?,
         None => Adapter::fresh("sft", lora_config(cfg, &arch), cfg.train.seed)?,
     };
     let model = Model::load(&files, dtype, &device, AdapterSet::new(vec![adapter.clone()]))?;
     model.adapters.set_training(true);
-    let mut opt = AdamW::new(adapter.vars(), &cfg.train)?;
-    let t = &cfg.train;
-    let lens: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
-    let batches_per_epoch = lens.len().div_ceil(t.batch_size);
-    let total = if t.max_steps > 0 { t.max_steps } else { t.epochs * batches_per_epoch.div_ceil(t.grad_accum) };
-    let (mut step, mut epoch, mut cursor, mut tokens_seen) = (0, 0, 0, 0u64);
-    if let Some((dir, state)) = &ckpt {
-        checkpoint::load_optimizer(dir, &mut opt)?;
-        for (a, r) in model.adapters.adapters.iter().zip(&state.dropout_rng) {
-            a.set_dropout_rng(SeededRng::from_state(r)?);
-        }
-        (step, epoch, cursor, tokens_seen) = (state.step, state.epoch, state.batch_in_epoch, state.tokens_seen);
-        tracing::info!("resuming from {} (step {step})", dir.display());
-    }
-    if start == Start::Force {
-        super::remove_run_files(&out)?;
-    }
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    crate::io::atomic_write(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-    let metrics = MetricsLog::open(&out, ckpt.as_ref().map(|(_, s)| s.step))?;
-    let pad = tok.padding_id();
-    let mut order = epoch_batches(&lens, t.batch_size, t.seed, epoch, t.group_by_length);
-    let save = |step: usize, epoch: usize, cursor: usize, tokens_seen: u64, opt: &AdamW| -> Result<()> {
-        let state = TrainState {
-            step,
-            epoch,
-            batch_in_epoch: cursor,
-            dropout_rng: model.adapters.adapters.iter().map(|a| a.dropout_rng().state()).collect(),
-            tokens_seen,
-            config: cfg.to_toml()?,
-        };
-        checkpoint::save(&out, &adapter, &cfg.model.name, opt, &state, t.keep_last)?;
-        Ok(())
-    };
 
-    // 4. The loop: one optimizer step = grad_accum micro-batches.
-    let pb = progress_bar(total, step);
-    let started = Instant::now();
-    let (mut first_loss, mut last_loss, mut last_eval) = (None, None, None);
-    while step < total {
-        let t0 = Instant::now();
-        // 4a. Take the step's micro-batches from the data stream (crossing epochs if needed).
-        let mut micro = vec![];
-        for _ in 0..t.grad_accum {
-            if cursor == order.len() {
-                (epoch, cursor) = (epoch + 1, 0);
-                order = epoch_batches(&lens, t.batch_size, t.seed, epoch, t.group_by_length);
-            }
-            let exs: Vec<&SftExample> = order[cursor].iter().map(|&i| &train[i]).collect();
-            micro.push(make_batch(&exs, pad, &device)?);
-            cursor += 1;
-        }
-        // 4b. Forward/backward each, the loss normalised by the step's learned tokens.
-        let denom = micro.iter().map(|b| b.targets.dim(0).unwrap_or(0)).sum::<usize>().max(1) as f64;
-        let mut acc = GradAccum::new(opt.vars.len());
-        let mut loss = 0.0;
-        for b in &micro {
-            let loss_fn = |h: &Tensor| -> Result<Tensor> { Ok((label_nll_sum(&model, h, b, t.loss_chunk)? / denom)?) };
-            loss += forward_backward(&model, &b.ids, &b.pos, b.mask.clone(), t.grad_checkpointing, &loss_fn, &opt.vars, &mut acc)?;
-        }
-        // 4c. Clip, update, schedule.
-        let mut grads = acc.finish(&opt.vars)?;
-        let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
-        let lr = lr_at(t, step, total);
-        opt.step(&grads, lr)?;
-        step += 1;
-        let tokens: usize = micro.iter().map(|b| b.tokens).sum();
-        tokens_seen += tokens as u64;
-        let tps = tokens as f64 / t0.elapsed().as_secs_f64();
-        first_loss.get_or_insert(loss);
-        last_loss = Some(loss);
-        // 4d. Evaluate, log, checkpoint.
-        let mut line = serde_json::json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": tps, "elapsed_s": started.elapsed().as_secs_f64()});
-        let do_eval = !eval.is_empty() && ((t.eval_every > 0 && step % t.eval_every == 0) || step == total);
-        if do_eval {
-            model.adapters.set_training(false);
-            let (el, _) = eval_loss(&model, &eval, t.batch_size, pad, t.loss_chunk)?;
-            model.adapters.set_training(true);
-            line["eval_loss"] = el.into();
-            line["eval_ppl"] = el.exp().into();
-            last_eval = Some(el);
-        }
-        if do_eval || step % t.log_every.max(1) == 0 || step == total {
-            metrics.log(&line)?;
-        }
-        pb.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s"));
-        pb.set_position(step as u64);
-        if (t.save_every > 0 && step % t.save_every == 0) || step == total {
-            save(step, epoch, cursor, tokens_seen, &opt)?;
-        }
-    }
-    pb.finish_and_clear();
+    // 4. The shared loop: accumulation, AdamW, schedule, eval, metrics, checkpoints, export.
+    let method = Sft { model: &model, train: &train, eval: &eval, pad: tok.padding_id(), cfg };
+    let s = train_loop(cfg, &run, &model, &adapter, adapter.vars(), &method)?;
 
-    // 5. The adapter (PEFT format) and the run's record.
-    crate::peft::save_adapter(&adapter, &out, &cfg.model.name, &[])?;
-    let logged = metrics.read()?;
-    let pts = |k: &str| -> Vec<(f64, f64)> {
-        logged.iter().filter_map(|v| Some((v["step"].as_f64()?, v.get(k)?.as_f64()?))).collect()
-    };
-    plot::write_loss_png(&out.join("loss.png"), &pts("loss"), &pts("eval_loss"))?;
-    let peak = peak_rss_bytes();
+    // 5. The run's record.
+    let eval_loss = s.final_eval.get("eval_loss").and_then(Value::as_f64);
     let summary = SftSummary {
-        out_dir: out.clone(),
-        steps: step,
-        first_loss,
-        final_loss: last_loss,
-        eval_loss: last_eval,
-        eval_perplexity: last_eval.map(f64::exp),
+        out_dir: run.out.clone(),
+        steps: s.steps,
+        first_loss: s.first_loss,
+        final_loss: s.final_loss,
+        eval_loss,
+        eval_perplexity: eval_loss.map(f64::exp),
         prep,
-        peak_rss_bytes: peak,
+        peak_rss_bytes: s.peak_rss_bytes,
     };
-    crate::io::atomic_write(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    crate::io::atomic_write(&run.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     tracing::info!(
         "done: {} steps, loss {:.4} -> {:.4}, eval loss {}, peak memory {} (process RSS); adapter in {}",
-        step,
-        first_loss.unwrap_or(f64::NAN),
-        last_loss.unwrap_or(f64::NAN),
-        last_eval.map(|e| format!("{e:.4} (ppl {:.2})", e.exp())).unwrap_or("-".into()),
-        peak.map(fmt_bytes).unwrap_or("n/a".into()),
-        out.display()
+        s.steps,
+        s.first_loss.unwrap_or(f64::NAN),
+        s.final_loss.unwrap_or(f64::NAN),
+        eval_loss.map(|e| format!("{e:.4} (ppl {:.2})", e.exp())).unwrap_or("-".into()),
+        s.peak_rss_bytes.map(fmt_bytes).unwrap_or("n/a".into()),
+        run.out.display()
     );
     Ok(summary)
 }
