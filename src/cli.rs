@@ -24,6 +24,10 @@ pub struct Cli {
 pub enum Command {
     /// Supervised fine-tuning of a LoRA adapter on prompt/completion pairs.
     Sft(TrainArgs),
+    /// Train a reward model (LoRA + scalar head) from ranked answers.
+    Rm(TrainArgs),
+    /// Rewards of texts under a reward model trained by `lorafit rm`.
+    Score(ScoreArgs),
     /// Mean next-token NLL of each line of a text file, and the file's perplexity.
     Eval(EvalArgs),
     /// Continue one or more prompts (batched, KV-cached).
@@ -110,6 +114,30 @@ impl TrainArgs {
         }
         crate::train::config::TrainConfig::load(self.config.as_deref(), &sets)
     }
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// Base model (the one the reward model was trained on).
+    #[arg(long)]
+    pub model: String,
+    /// Reward-model folder written by `lorafit rm` (adapter + score head).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// A text file (each line scored as is, at its last token) or a JSON / JSON Lines file of
+    /// {"prompt", "completion"} rows (scored as template(prompt) + completion + eos).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The template for JSON rows ("" = KoChatGPT's, the default of every stage).
+    #[arg(long, default_value = "")]
+    pub template: String,
+    /// One JSON object per line: {"line", "reward"}.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Args)]
@@ -210,6 +238,12 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&s)?);
             Ok(())
         }
+        Command::Rm(a) => {
+            let s = crate::train::rm::run(&a.resolve()?, a.start())?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }
+        Command::Score(a) => cmd_score(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Inspect(a) => {
@@ -254,6 +288,58 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         match eval::perplexity(&res) {
             Some(ppl) => println!("perplexity {ppl:.4} over {} lines", res.iter().filter(|r| r.nll.is_some()).count()),
             None => println!("no line has 2 or more tokens: no perplexity"),
+        }
+    }
+    Ok(())
+}
+
+fn cmd_score(a: ScoreArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let dtype = parse_dtype(&a.dtype, &device)?;
+    let files = ModelFiles::resolve(&a.model)?;
+    let tok = Tokenizer::load(&files.tokenizer, &files.config)?;
+    // JSON rows go through the template; anything else is a text file, one sequence per line.
+    let head_bytes = std::fs::read(&a.data).with_context(|| format!("cannot read data file {}", a.data.display()))?;
+    let first = String::from_utf8_lossy(&head_bytes[..head_bytes.len().min(4096)]).trim_start_matches('\u{feff}').trim_start().chars().next();
+    let (labels, seqs): (Vec<usize>, Vec<Vec<u32>>) = if matches!(first, Some('[') | Some('{')) {
+        let template = if a.template.is_empty() { crate::template::Template::kochatgpt() } else { crate::template::Template::new(&a.template)? };
+        let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token")?;
+        let mut out = (vec![], vec![]);
+        for (loc, v) in crate::data::read_records(&a.data)? {
+            let p = crate::data::str_field(&v, &loc, "prompt")?;
+            let c = crate::data::str_field(&v, &loc, "completion")?;
+            let mut ids = tok.encode(&template.render(p))?;
+            ids.extend(tok.encode_plain(c)?);
+            ids.push(eos);
+            out.0.push(loc.n);
+            out.1.push(ids);
+        }
+        out
+    } else {
+        let lines = eval::read_lines(&a.data)?;
+        let mut out = (vec![], vec![]);
+        for (i, l) in lines.iter().enumerate() {
+            let ids = tok.encode(l)?;
+            if !ids.is_empty() {
+                out.0.push(i + 1);
+                out.1.push(ids);
+            }
+        }
+        out
+    };
+    let ctx = crate::model::Arch::from_file(&files.config)?.max_positions();
+    if let Some((n, s)) = labels.iter().zip(&seqs).find(|(_, s)| s.len() > ctx) {
+        anyhow::bail!("{}: entry {n} has {} tokens, more than the model's context of {ctx}", a.data.display(), s.len())
+    }
+    let (adapters, head) = crate::reward::load_reward_adapter(&a.adapter, "rm", false)?;
+    let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters))?;
+    let head = crate::reward::RewardHead::from_tensor(head, false, model.arch.hidden_size(), &device)?;
+    let rewards = crate::reward::score(&model, &head, &seqs, tok.padding_id(), 8)?;
+    for (n, r) in labels.iter().zip(&rewards) {
+        if a.json {
+            println!("{}", serde_json::json!({"line": n, "reward": r}));
+        } else {
+            println!("{n:>6}  {r:>10.5}");
         }
     }
     Ok(())

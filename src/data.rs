@@ -145,3 +145,119 @@ pub fn read_sft(path: &Path, skip_bad_rows: bool) -> Result<(Vec<SftRow>, SftFor
     }
     Ok((rows, format, skipped))
 }
+
+/// One prompt with its K >= 2 ranked completions, expanded to preference pairs.
+#[derive(Clone, Debug)]
+pub struct RankedRow {
+    pub prompt: String,
+    pub completions: Vec<String>,
+    /// (chosen, rejected) indices into `completions`: every better-worse pair (ties give none).
+    pub pairs: Vec<(usize, usize)>,
+}
+
+/// KoChatGPT's `{"prompt", "completion_0".., "ranking"}` (ranking[i] = rank of completion_i,
+/// 0 best; ties allowed) or TRL's `{"prompt", "chosen", "rejected"}`.
+fn ranked_row(v: &Value, loc: &Loc) -> Result<RankedRow> {
+    let prompt = str_field(v, loc, "prompt")?.to_string();
+    let o = v.as_object().unwrap();
+    let nonempty = |field: &str| -> Result<String> {
+        let s = str_field(v, loc, field)?;
+        if s.trim().is_empty() {
+            bail!("{loc}: field \"{field}\" is empty")
+        }
+        Ok(s.to_string())
+    };
+    if o.contains_key("chosen") || o.contains_key("rejected") {
+        let (chosen, rejected) = (nonempty("chosen")?, nonempty("rejected")?);
+        if chosen == rejected {
+            bail!("{loc}: fields \"chosen\" and \"rejected\" are identical")
+        }
+        return Ok(RankedRow { prompt, completions: vec![chosen, rejected], pairs: vec![(0, 1)] });
+    }
+    let ranking = match o.get("ranking") {
+        Some(Value::Array(a)) => a,
+        Some(other) => bail!("{loc}: field \"ranking\" must be an array, found {}", kind_of(other)),
+        None => bail!("{loc}: missing field \"ranking\" (or \"chosen\"/\"rejected\")"),
+    };
+    let k = ranking.len();
+    let present = (0..).take_while(|i| o.contains_key(&format!("completion_{i}"))).count();
+    if k < 2 {
+        bail!("{loc}: field \"ranking\" has {k} entries; a ranking needs at least 2 completions")
+    }
+    if present > k {
+        bail!("{loc}: field \"ranking\" has {k} entries but the row has {present} completions (completion_0..completion_{})", present - 1)
+    }
+    let completions = (0..k).map(|i| nonempty(&format!("completion_{i}"))).collect::<Result<Vec<_>>>()?;
+    let ranks = ranking
+        .iter()
+        .map(|r| r.as_u64().filter(|&r| (r as usize) < k).map(|r| r as usize))
+        .collect::<Option<Vec<_>>>()
+        .with_context(|| format!("{loc}: field \"ranking\" = {} must hold integer ranks 0..{} (0 = best)", Value::Array(ranking.clone()), k - 1))?;
+    if !ranks.contains(&0) {
+        bail!("{loc}: field \"ranking\" = {ranks:?} has no rank 0 (the best completion)")
+    }
+    let mut sorted = ranks.clone();
+    sorted.sort();
+    sorted.dedup();
+    let is_permutation = sorted.len() == k;
+    // A tie list: ranks may repeat, but must be dense from 0 (e.g. [0, 1, 1] or [1, 0, 0]).
+    if !is_permutation && sorted.iter().enumerate().any(|(i, &r)| r != i) {
+        bail!("{loc}: field \"ranking\" = {ranks:?} is neither a permutation of 0..{} nor a tie list (dense ranks from 0)", k - 1)
+    }
+    let mut pairs = vec![];
+    for i in 0..k {
+        for j in i + 1..k {
+            match ranks[i].cmp(&ranks[j]) {
+                std::cmp::Ordering::Less => pairs.push((i, j)),
+                std::cmp::Ordering::Greater => pairs.push((j, i)),
+                std::cmp::Ordering::Equal => {}
+            }
+        }
+    }
+    if pairs.is_empty() {
+        bail!("{loc}: field \"ranking\" = {ranks:?} ranks every completion equal: no preference pair")
+    }
+    Ok(RankedRow { prompt, completions, pairs })
+}
+
+/// Reads ranked rows. With `skip_bad_rows`, bad rows are counted and skipped.
+pub fn read_ranked(path: &Path, skip_bad_rows: bool) -> Result<(Vec<RankedRow>, usize)> {
+    let records = read_records(path)?;
+    let (mut rows, mut skipped) = (vec![], 0);
+    for (loc, v) in &records {
+        match ranked_row(v, loc) {
+            Ok(r) => rows.push(r),
+            Err(e) if skip_bad_rows => {
+                tracing::warn!("skipping bad row: {e:#}");
+                skipped += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if rows.is_empty() {
+        bail!("{}: no usable rows ({skipped} skipped)", path.display())
+    }
+    Ok((rows, skipped))
+}
+
+/// Reads `{"prompt"}` rows (PPO prompts; extra fields are ignored).
+pub fn read_prompts(path: &Path, skip_bad_rows: bool) -> Result<(Vec<String>, usize)> {
+    let records = read_records(path)?;
+    let (mut out, mut skipped) = (vec![], 0);
+    for (loc, v) in &records {
+        match str_field(v, loc, "prompt").and_then(|p| {
+            if p.trim().is_empty() { bail!("{loc}: field \"prompt\" is empty") } else { Ok(p.to_string()) }
+        }) {
+            Ok(p) => out.push(p),
+            Err(e) if skip_bad_rows => {
+                tracing::warn!("skipping bad row: {e:#}");
+                skipped += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display())
+    }
+    Ok((out, skipped))
+}

@@ -20,6 +20,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod peft;
+pub mod reward;
 pub mod rng;
 pub mod runtime;
 pub mod template;

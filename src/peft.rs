@@ -99,6 +99,25 @@ pub fn save_adapter(adapter: &Adapter, dir: &Path, base_model: &str, extra: &[(S
     atomic_write(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&value)?.as_bytes())
 }
 
+/// lorafit's own note next to an adapter: the adapters it was trained on top of (stacked,
+/// frozen), which must be applied under it. PEFT ignores this file.
+pub const STACK_FILE: &str = "lorafit.json";
+
+pub fn write_stack(dir: &Path, below: &[std::path::PathBuf]) -> Result<()> {
+    let v = serde_json::json!({ "stacked_on": below.iter().map(|p| p.display().to_string()).collect::<Vec<_>>() });
+    atomic_write(&dir.join(STACK_FILE), serde_json::to_string_pretty(&v)?.as_bytes())
+}
+
+/// The adapters `dir` was stacked on (empty when it stands alone).
+pub fn read_stack(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let p = dir.join(STACK_FILE);
+    if !p.is_file() {
+        return Ok(vec![]);
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p)?).with_context(|| format!("{} is not valid JSON", p.display()))?;
+    Ok(v["stacked_on"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(Into::into)).collect()).unwrap_or_default())
+}
+
 /// Parses `--adapter PATH[:WEIGHT]`.
 pub fn parse_adapter_arg(arg: &str) -> Result<(std::path::PathBuf, f64)> {
     if let Some((path, w)) = arg.rsplit_once(':') {

@@ -27,7 +27,7 @@ impl Default for ModelSection {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
-    /// Training file (JSON array or JSON Lines).
+    /// Training file (JSON array or JSON Lines); empty = the stage's sample file in data/.
     pub path: String,
     /// Held-out file; when empty, `eval_fraction` of the training rows are held out.
     pub eval_path: String,
@@ -45,7 +45,7 @@ pub struct DataSection {
 impl Default for DataSection {
     fn default() -> Self {
         Self {
-            path: "data/sft_sample.json".into(),
+            path: String::new(),
             eval_path: String::new(),
             eval_fraction: 0.1,
             template: String::new(),
@@ -140,13 +140,30 @@ impl Default for TrainSection {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutSection {
-    /// Output folder: the adapter, config.toml, metrics.jsonl, loss.png, checkpoints/.
+    /// Output folder: the adapter, config.toml, metrics.jsonl, loss.png, checkpoints/;
+    /// empty = adapters/<stage>.
     pub dir: String,
 }
 
 impl Default for OutSection {
     fn default() -> Self {
-        Self { dir: "adapters/sft".into() }
+        Self { dir: String::new() }
+    }
+}
+
+/// Reward-model settings (`lorafit rm`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RmSection {
+    /// Loss `-log σ(r_chosen - r_rejected - margin)`.
+    pub margin: f64,
+    /// An SFT adapter to stack (frozen) under the new reward adapter; empty = the bare base.
+    pub sft_adapter: String,
+}
+
+impl Default for RmSection {
+    fn default() -> Self {
+        Self { margin: 0.0, sft_adapter: String::new() }
     }
 }
 
@@ -159,6 +176,7 @@ pub struct TrainConfig {
     pub lora: LoraSection,
     pub train: TrainSection,
     pub out: OutSection,
+    pub rm: RmSection,
 }
 
 /// Parses `value` as a TOML value (number, bool, array, quoted string), else as a bare string.
@@ -182,7 +200,7 @@ impl TrainConfig {
         for s in sets {
             let Some((key, value)) = s.split_once('=') else { bail!("--set {s}: expected section.key=value") };
             let Some((section, field)) = key.trim().split_once('.') else {
-                bail!("--set {s}: the key must be section.key (sections: model, data, lora, train, out)")
+                bail!("--set {s}: the key must be section.key (sections: model, data, lora, train, out, rm)")
             };
             let sec = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             let Some(sec) = sec.as_table_mut() else { bail!("--set {s}: {section} is not a section") };
@@ -191,7 +209,7 @@ impl TrainConfig {
         let where_ = file.map(|p| p.display().to_string()).unwrap_or_else(|| "--set".into());
         let cfg: TrainConfig = toml::Value::Table(table)
             .try_into()
-            .with_context(|| format!("{where_}: invalid config (sections: model, data, lora, train, out)"))?;
+            .with_context(|| format!("{where_}: invalid config (sections: model, data, lora, train, out, rm)"))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -223,6 +241,23 @@ impl TrainConfig {
             bail!("lora.r must be at least 1")
         }
         Ok(())
+    }
+
+    /// This config with the stage's defaults filled in (data file, output folder).
+    pub fn for_stage(&self, stage: &str) -> Self {
+        let mut c = self.clone();
+        if c.data.path.is_empty() {
+            c.data.path = match stage {
+                "rm" => "data/rm_sample.json",
+                "ppo" => "data/ppo_prompts.json",
+                _ => "data/sft_sample.json",
+            }
+            .into();
+        }
+        if c.out.dir.is_empty() {
+            c.out.dir = format!("adapters/{stage}");
+        }
+        c
     }
 
     pub fn to_toml(&self) -> Result<String> {

@@ -289,6 +289,7 @@ fn load_data(cfg: &TrainConfig, tok: &Tokenizer, max_len: usize) -> Result<(Vec<
 /// Runs (or resumes) SFT as configured.
 pub fn run(cfg: &TrainConfig, start: Start) -> Result<SftSummary> {
     // 1. Check everything that can be wrong before anything is written.
+    let cfg = &cfg.for_stage("sft");
     let run = RunDir::open(cfg, start)?;
     if !cfg.data.template.is_empty() {
         Template::new(&cfg.data.template)?;
