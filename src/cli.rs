@@ -28,6 +28,8 @@ pub enum Command {
     Rm(TrainArgs),
     /// Rewards of texts under a reward model trained by `lorafit rm`.
     Score(ScoreArgs),
+    /// PPO of the policy against the reward model; policy, reference, reward and critic share one base.
+    Ppo(TrainArgs),
     /// Mean next-token NLL of each line of a text file, and the file's perplexity.
     Eval(EvalArgs),
     /// Continue one or more prompts (batched, KV-cached).
@@ -82,6 +84,12 @@ pub struct TrainArgs {
     /// Skip (and count) malformed data rows instead of stopping.
     #[arg(long)]
     pub skip_bad_rows: bool,
+    /// rm: an SFT adapter to stack under the reward adapter; ppo: the policy's start and the reference.
+    #[arg(long)]
+    pub sft_adapter: Option<String>,
+    /// ppo: the reward model folder written by `lorafit rm`.
+    #[arg(long)]
+    pub reward_adapter: Option<String>,
 }
 
 impl TrainArgs {
@@ -97,9 +105,17 @@ impl TrainArgs {
     }
 
     /// The config file, then --set, then the dedicated flags.
-    pub fn resolve(&self) -> Result<crate::train::config::TrainConfig> {
+    pub fn resolve(&self, stage: &str) -> Result<crate::train::config::TrainConfig> {
         let mut sets = self.set.clone();
         let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+        if let Some(a) = &self.sft_adapter {
+            anyhow::ensure!(stage != "sft", "--sft-adapter is for `rm` and `ppo`");
+            sets.push(format!("{stage}.sft_adapter={}", quote(a)));
+        }
+        if let Some(a) = &self.reward_adapter {
+            anyhow::ensure!(stage == "ppo", "--reward-adapter is for `ppo`");
+            sets.push(format!("ppo.reward_adapter={}", quote(a)));
+        }
         if let Some(m) = &self.model {
             sets.push(format!("model.name={}", quote(m)));
         }
@@ -234,16 +250,21 @@ pub struct BenchArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Sft(a) => {
-            let s = crate::train::sft::run(&a.resolve()?, a.start())?;
+            let s = crate::train::sft::run(&a.resolve("sft")?, a.start())?;
             println!("{}", serde_json::to_string_pretty(&s)?);
             Ok(())
         }
         Command::Rm(a) => {
-            let s = crate::train::rm::run(&a.resolve()?, a.start())?;
+            let s = crate::train::rm::run(&a.resolve("rm")?, a.start())?;
             println!("{}", serde_json::to_string_pretty(&s)?);
             Ok(())
         }
         Command::Score(a) => cmd_score(a),
+        Command::Ppo(a) => {
+            let s = crate::train::ppo::run(&a.resolve("ppo")?, a.start())?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }
         Command::Eval(a) => cmd_eval(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Inspect(a) => {

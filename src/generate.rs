@@ -122,6 +122,7 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], pad_id: u32, cfg: &Sampling
         )
     }
     let dev = &model.device;
+    let _no_grad = model.adapters.no_grad();
     let mut rng = SeededRng::new(cfg.seed);
 
     // 1. Left-pad: row b = [pad]*(len - n_b) ++ prompt_b; positions count real tokens only.

@@ -433,11 +433,13 @@ impl Adapter {
 pub struct AdapterSet {
     pub adapters: Vec<Arc<Adapter>>,
     enabled: Arc<AtomicBool>,
+    /// False inside [`AdapterSet::no_grad`]: trainable tensors are used detached.
+    grad: Arc<AtomicBool>,
 }
 
 impl AdapterSet {
     pub fn new(adapters: Vec<Arc<Adapter>>) -> Self {
-        Self { adapters, enabled: Arc::new(AtomicBool::new(true)) }
+        Self { adapters, enabled: Arc::new(AtomicBool::new(true)), grad: Arc::new(AtomicBool::new(true)) }
     }
 
     pub fn none() -> Self {
@@ -449,6 +451,25 @@ impl AdapterSet {
     pub fn disabled(&self) -> DisabledGuard {
         let was = self.enabled.swap(false, Ordering::SeqCst);
         DisabledGuard { flag: self.enabled.clone(), was }
+    }
+
+    /// Records no graph until the guard drops: trainable adapters are used as constants
+    /// (generation, eval, PPO's rollout). Without it, a KV cache would keep every step's graph alive.
+    pub fn no_grad(&self) -> DisabledGuard {
+        let was = self.grad.swap(false, Ordering::SeqCst);
+        DisabledGuard { flag: self.grad.clone(), was }
+    }
+
+    /// Activates exactly the adapters named in `names` (PPO's roles over one base).
+    pub fn activate(&self, names: &[&str]) {
+        for a in &self.adapters {
+            a.set_active(names.contains(&a.name.as_str()));
+        }
+    }
+
+    /// The adapter called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Adapter>> {
+        self.adapters.iter().find(|a| a.name == name)
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -503,6 +524,7 @@ pub struct Linear {
     pub layout: WeightLayout,
     lora: Vec<LoraLayer>,
     enabled: Arc<AtomicBool>,
+    grad: Arc<AtomicBool>,
 }
 
 impl Linear {
@@ -547,7 +569,7 @@ impl Linear {
                 lora.push(LoraLayer { adapter: adapter.clone(), t });
             }
         }
-        Ok(Self { path, weight, bias, layout, lora, enabled: adapters.enabled.clone() })
+        Ok(Self { path, weight, bias, layout, lora, enabled: adapters.enabled.clone(), grad: adapters.grad.clone() })
     }
 
     /// True when some adapter is attached to this layer.
@@ -580,7 +602,8 @@ impl Linear {
                 let mask = l.adapter.dropout_rng.lock().unwrap().dropout_mask(h.dims(), p as f32, h.device())?;
                 h = (h * mask)?;
             }
-            let delta = h.broadcast_matmul(&l.t.a.t()?)?.broadcast_matmul(&l.t.b.t()?)?; // (..., r) -> (..., out)
+            let (a, b) = if self.grad.load(Ordering::Relaxed) { (l.t.a.clone(), l.t.b.clone()) } else { (l.t.a.detach(), l.t.b.detach()) };
+            let delta = h.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?; // (..., r) -> (..., out)
             let delta = (delta * (l.t.scaling * l.adapter.weight))?;
             let delta = delta.to_dtype(y.dtype())?;
             y = (y + delta)?;

@@ -73,6 +73,7 @@ pub fn pad_batch(seqs: &[Vec<u32>], pad: u32, dev: &Device) -> Result<(Tensor, T
 
 /// Rewards of token sequences, in batches of `batch` (no update).
 pub fn score(model: &Model, head: &RewardHead, seqs: &[Vec<u32>], pad: u32, batch: usize) -> Result<Vec<f32>> {
+    let _no_grad = model.adapters.no_grad();
     let mut out = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(batch.max(1)) {
         let (ids, pos, mask, last) = pad_batch(chunk, pad, &model.device)?;

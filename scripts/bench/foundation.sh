@@ -38,8 +38,11 @@ export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THRE
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 T_START=$(date +%s)
 
+# The commit the measured lorafit was built from (+dirty: with uncommitted changes), taken now.
+GIT_DESC="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo +dirty)"
 if [[ -n "${LORAFIT_BIN:-}" ]]; then
   LORAFIT=$LORAFIT_BIN # e.g. a build of another checkout, to compare against the same reference
+  GIT_DESC="not this checkout: $LORAFIT_BIN"
 else
   log "building lorafit (release)"
   cargo build --release --quiet
@@ -95,7 +98,7 @@ CMD="scripts/bench/foundation.sh"
 [[ -n "${LORAFIT_BIN:-}" ]] && CMD="LORAFIT_BIN=$LORAFIT_BIN $CMD"
 "$PYTHON" scripts/bench/summarize.py "$RAW" --command "$CMD" --attn "$ATTN" --threads "$THREADS" \
   --elapsed-s $((T_END - T_START)) --lorafit-version "$("$LORAFIT" --version)" \
-  --git "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo +dirty)" \
+  --git "$GIT_DESC" \
   --rustc "$(rustc --version)" --candle "$(grep -A1 '^name = "candle-core"' Cargo.lock | sed -n 's/version = "\(.*\)"/\1/p')" \
   | tee "$MD"
 log "raw results: $RAW; table: $MD"

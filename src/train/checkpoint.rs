@@ -28,7 +28,13 @@ pub struct TrainState {
     pub tokens_seen: u64,
     /// The resolved config of the run (a resumed run must match it).
     pub config: String,
+    /// Method-specific state (PPO: the adaptive KL coefficient).
+    #[serde(default)]
+    pub extra: serde_json::Value,
 }
+
+/// Further trainable tensors of a method (PPO's critic), next to the adapter.
+pub const AUX_FILE: &str = "aux.safetensors";
 
 pub fn checkpoints_dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
@@ -44,6 +50,7 @@ pub fn save(
     state: &TrainState,
     keep_last: usize,
     extra: &[(String, Tensor)],
+    aux: &[(String, Tensor)],
 ) -> Result<PathBuf> {
     let root = checkpoints_dir(out);
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
@@ -58,6 +65,9 @@ pub fn save(
         moments.push((format!("v.{key}"), opt.v[i].clone()));
     }
     write_safetensors(&tmp.join("optimizer.safetensors"), &moments, HashMap::from([("adam_t".into(), opt.t.to_string())]))?;
+    if !aux.is_empty() {
+        write_safetensors(&tmp.join(AUX_FILE), aux, HashMap::new())?;
+    }
     atomic_write(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
     let dest = root.join(&name);
     if dest.exists() {

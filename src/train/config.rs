@@ -167,6 +167,83 @@ impl Default for RmSection {
     }
 }
 
+/// PPO settings (`lorafit ppo`); `train.max_steps` counts PPO iterations and
+/// `train.batch_size` is the number of prompts rolled out per iteration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PpoSection {
+    /// The SFT adapter: the policy starts from it and the reference is it, frozen.
+    /// Empty = the policy is a new adapter and the reference is the bare base.
+    pub sft_adapter: String,
+    /// The reward model folder from `lorafit rm` (adapter + head). Required.
+    pub reward_adapter: String,
+    /// Give the critic its own trainable adapter (a copy of the reward adapter) besides its
+    /// value head; false = the value head trains on the frozen reward model's features.
+    pub critic_adapter: bool,
+    /// Prompts are cut (from the left) to this many tokens.
+    pub max_prompt_len: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    /// Extra texts that end a response besides eos (KoChatGPT stops at "\n").
+    pub stop: Vec<String>,
+    /// Per-token KL penalty coefficient (start value when `target_kl` > 0).
+    pub kl_coef: f64,
+    /// Adaptive KL controller target (0 = fixed `kl_coef`), Ziegler et al. 2019.
+    pub target_kl: f64,
+    pub kl_horizon: f64,
+    /// Scores are clipped to ±this (0 = off).
+    pub reward_clip: f64,
+    /// "none" or "batch" (whiten the scores of each rollout batch).
+    pub reward_normalize: String,
+    pub gamma: f64,
+    pub lam: f64,
+    pub ppo_epochs: usize,
+    /// Sequences per PPO minibatch.
+    pub minibatch_size: usize,
+    pub clip_range: f64,
+    pub value_clip: f64,
+    pub vf_coef: f64,
+    /// Entropy bonus coefficient (0 = off).
+    pub ent_coef: f64,
+    /// A minibatch whose mean probability ratio leaves [1/x, x] is skipped (and logged).
+    pub ratio_threshold: f64,
+    /// Log sample responses every N iterations (0 = never).
+    pub sample_every: usize,
+}
+
+impl Default for PpoSection {
+    fn default() -> Self {
+        Self {
+            sft_adapter: String::new(),
+            reward_adapter: String::new(),
+            critic_adapter: false,
+            max_prompt_len: 96,
+            max_new_tokens: 32,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            stop: vec![],
+            kl_coef: 0.1,
+            target_kl: 0.0,
+            kl_horizon: 10000.0,
+            reward_clip: 10.0,
+            reward_normalize: "none".into(),
+            gamma: 1.0,
+            lam: 0.95,
+            ppo_epochs: 2,
+            minibatch_size: 4,
+            clip_range: 0.2,
+            value_clip: 0.4,
+            vf_coef: 0.5,
+            ent_coef: 0.0,
+            ratio_threshold: 10.0,
+            sample_every: 10,
+        }
+    }
+}
+
 /// A whole training config.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -177,6 +254,7 @@ pub struct TrainConfig {
     pub train: TrainSection,
     pub out: OutSection,
     pub rm: RmSection,
+    pub ppo: PpoSection,
 }
 
 /// Parses `value` as a TOML value (number, bool, array, quoted string), else as a bare string.
@@ -200,7 +278,7 @@ impl TrainConfig {
         for s in sets {
             let Some((key, value)) = s.split_once('=') else { bail!("--set {s}: expected section.key=value") };
             let Some((section, field)) = key.trim().split_once('.') else {
-                bail!("--set {s}: the key must be section.key (sections: model, data, lora, train, out, rm)")
+                bail!("--set {s}: the key must be section.key (sections: model, data, lora, train, out, rm, ppo)")
             };
             let sec = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             let Some(sec) = sec.as_table_mut() else { bail!("--set {s}: {section} is not a section") };
@@ -209,7 +287,7 @@ impl TrainConfig {
         let where_ = file.map(|p| p.display().to_string()).unwrap_or_else(|| "--set".into());
         let cfg: TrainConfig = toml::Value::Table(table)
             .try_into()
-            .with_context(|| format!("{where_}: invalid config (sections: model, data, lora, train, out, rm)"))?;
+            .with_context(|| format!("{where_}: invalid config (sections: model, data, lora, train, out, rm, ppo)"))?;
         cfg.validate()?;
         Ok(cfg)
     }

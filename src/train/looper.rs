@@ -129,8 +129,9 @@ pub fn train_loop(
             dropout_rng: model.adapters.adapters.iter().map(|a| a.dropout_rng().state()).collect(),
             tokens_seen,
             config: cfg.to_toml()?,
+            extra: Value::Null,
         };
-        checkpoint::save(out, adapter, &cfg.model.name, opt, &state, t.keep_last, &method.extra_tensors())?;
+        checkpoint::save(out, adapter, &cfg.model.name, opt, &state, t.keep_last, &method.extra_tensors(), &[])?;
         Ok(())
     };
 
@@ -185,7 +186,10 @@ pub fn train_loop(
         let mut shown = String::new();
         if do_eval {
             model.adapters.set_training(false);
-            let ev = method.evaluate()?;
+            let ev = {
+                let _no_grad = model.adapters.no_grad();
+                method.evaluate()?
+            };
             model.adapters.set_training(true);
             if let Some((k, v)) = ev.iter().next() {
                 shown = format!("  {k} {:.4}", v.as_f64().unwrap_or(f64::NAN));

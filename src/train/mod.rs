@@ -8,6 +8,7 @@ pub mod config;
 pub mod looper;
 pub mod optim;
 pub mod plot;
+pub mod ppo;
 pub mod rm;
 pub mod sft;
 
@@ -126,7 +127,7 @@ pub fn held_out(n: usize, fraction: f64, seed: u64) -> std::collections::HashSet
 
 /// The files a training run writes into its output folder (and nothing else there).
 pub const RUN_FILES: &[&str] =
-    &["adapter_model.safetensors", "adapter_config.json", "config.toml", "metrics.jsonl", "loss.png", "summary.json", "lorafit.json", "checkpoints"];
+    &["adapter_model.safetensors", "adapter_config.json", "config.toml", "metrics.jsonl", "loss.png", "summary.json", "lorafit.json", "samples.jsonl", "checkpoints"];
 
 /// Removes a previous run's files from `out` (`--force`), leaving anything else in place.
 pub fn remove_run_files(out: &Path) -> Result<()> {
