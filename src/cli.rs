@@ -30,6 +30,8 @@ pub enum Command {
     Score(ScoreArgs),
     /// PPO of the policy against the reward model; policy, reference, reward and critic share one base.
     Ppo(TrainArgs),
+    /// SFT, reward model and PPO in order, from one config (the KoChatGPT recipe in one command).
+    Pipeline(PipelineArgs),
     /// Mean next-token NLL of each line of a text file, and the file's perplexity.
     Eval(EvalArgs),
     /// Continue one or more prompts (batched, KV-cached).
@@ -130,6 +132,22 @@ impl TrainArgs {
         }
         crate::train::config::TrainConfig::load(self.config.as_deref(), &sets)
     }
+}
+
+#[derive(Args)]
+pub struct PipelineArgs {
+    /// Pipeline config (e.g. configs/pipeline-smoke.toml).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override any key, for every stage (train.seed=3) or one (stages.rm.train.epochs=2).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Skip finished stages and resume the interrupted one.
+    #[arg(long, conflicts_with = "force")]
+    pub resume: bool,
+    /// Replace previous runs in the stages' output folders.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args)]
@@ -260,6 +278,13 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Score(a) => cmd_score(a),
+        Command::Pipeline(a) => {
+            use crate::train::sft::Start;
+            let start = if a.resume { Start::Resume } else if a.force { Start::Force } else { Start::Fresh };
+            let s = crate::train::pipeline::run(&a.config, &a.set, start)?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }
         Command::Ppo(a) => {
             let s = crate::train::ppo::run(&a.resolve("ppo")?, a.start())?;
             println!("{}", serde_json::to_string_pretty(&s)?);

@@ -265,26 +265,58 @@ fn parse_value(value: &str) -> toml::Value {
     }
 }
 
+/// The TOML table of `file`, or an empty one.
+pub fn read_table(file: Option<&Path>) -> Result<toml::Table> {
+    match file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", p.display()))
+        }
+        None => Ok(toml::Table::new()),
+    }
+}
+
+/// Applies `--set a.b.c=value` overrides (a dotted path of tables, then the key).
+pub fn apply_sets(table: &mut toml::Table, sets: &[String]) -> Result<()> {
+    for s in sets {
+        let Some((key, value)) = s.split_once('=') else { bail!("--set {s}: expected section.key=value") };
+        let parts: Vec<&str> = key.trim().split('.').collect();
+        if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+            bail!("--set {s}: the key must be section.key (sections: model, data, lora, train, out, rm, ppo)")
+        }
+        let mut t = &mut *table;
+        for p in &parts[..parts.len() - 1] {
+            let e = t.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            t = e.as_table_mut().with_context(|| format!("--set {s}: {p} is not a section"))?;
+        }
+        t.insert(parts[parts.len() - 1].to_string(), parse_value(value.trim()));
+    }
+    Ok(())
+}
+
+/// `over` merged into `base`, table by table (values in `over` win).
+pub fn merge(base: &mut toml::Table, over: &toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
 impl TrainConfig {
     /// Loads `file` (if any) over the defaults, then applies `--set section.key=value` overrides.
     pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Self> {
-        let mut table: toml::Table = match file {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config {}", p.display()))?;
-                toml::from_str(&text).with_context(|| format!("{}: invalid TOML", p.display()))?
-            }
-            None => toml::Table::new(),
-        };
-        for s in sets {
-            let Some((key, value)) = s.split_once('=') else { bail!("--set {s}: expected section.key=value") };
-            let Some((section, field)) = key.trim().split_once('.') else {
-                bail!("--set {s}: the key must be section.key (sections: model, data, lora, train, out, rm, ppo)")
-            };
-            let sec = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            let Some(sec) = sec.as_table_mut() else { bail!("--set {s}: {section} is not a section") };
-            sec.insert(field.to_string(), parse_value(value.trim()));
-        }
+        let mut table = read_table(file)?;
+        apply_sets(&mut table, sets)?;
         let where_ = file.map(|p| p.display().to_string()).unwrap_or_else(|| "--set".into());
+        Self::from_table(table, &where_)
+    }
+
+    /// A config from a TOML table; `where_` names its source in errors.
+    pub fn from_table(table: toml::Table, where_: &str) -> Result<Self> {
         let cfg: TrainConfig = toml::Value::Table(table)
             .try_into()
             .with_context(|| format!("{where_}: invalid config (sections: model, data, lora, train, out, rm, ppo)"))?;

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod looper;
 pub mod optim;
+pub mod pipeline;
 pub mod plot;
 pub mod ppo;
 pub mod rm;
