@@ -36,6 +36,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Continue one or more prompts (batched, KV-cached).
     Generate(GenerateArgs),
+    /// Chat with a model in the terminal (streaming; /reset, /exit, Ctrl-D).
+    Chat(ChatArgs),
     /// Show what an adapter folder holds.
     Inspect(InspectArgs),
     /// Measure load time, memory and generation speed (see docs/BENCHMARKS.md).
@@ -223,6 +225,17 @@ pub struct GenerateArgs {
 }
 
 #[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Prompt template with one {prompt} ("" = KoChatGPT's, as in training).
+    #[arg(long, default_value = "")]
+    pub template: String,
+}
+
+#[derive(Args)]
 pub struct InspectArgs {
     /// Adapter folder (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
@@ -292,6 +305,13 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(a) => cmd_eval(a),
         Command::Generate(a) => cmd_generate(a),
+        Command::Chat(a) => {
+            let (model, tok, _) = load_model(&a.model)?;
+            let template = if a.template.is_empty() { crate::template::Template::kochatgpt() } else { crate::template::Template::new(&a.template)? };
+            let sampling = sampling_config(&a.sampling, &tok);
+            let mut chat = crate::chat::Chat { model: &model, tok: &tok, template, sampling, history: vec![] };
+            chat.run(&mut std::io::stdin().lock(), &mut std::io::stdout().lock())
+        }
         Command::Inspect(a) => {
             print!("{}", peft::describe(&a.adapter)?);
             Ok(())

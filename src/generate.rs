@@ -105,6 +105,17 @@ pub fn pick(logits: &mut [f32], seen: &[u32], cfg: &SamplingConfig, rng: &mut Se
 /// Generates continuations of `prompts` (token ids, each non-empty) in one batch.
 /// Returns the new tokens of each row (a stop token, when hit, is the last one).
 pub fn generate(model: &Model, prompts: &[Vec<u32>], pad_id: u32, cfg: &SamplingConfig) -> Result<Vec<Vec<u32>>> {
+    generate_streaming(model, prompts, pad_id, cfg, &mut |_, _| Ok(()))
+}
+
+/// [`generate`], calling `on_token(row, token)` as each token is picked (for streaming output).
+pub fn generate_streaming(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    cfg: &SamplingConfig,
+    on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+) -> Result<Vec<Vec<u32>>> {
     cfg.validate()?;
     if prompts.is_empty() {
         return Ok(vec![]);
@@ -158,6 +169,7 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], pad_id: u32, cfg: &Sampling
             let t = pick(&mut logits[r], &seen[r], cfg, &mut rng);
             next[r] = t;
             out[r].push(t);
+            on_token(r, t)?;
             seen[r].push(t);
             if cfg.stop_tokens.contains(&t) {
                 done[r] = true;

@@ -11,6 +11,7 @@
 //!   training methods (`train/sft.rs`) over shared pieces (optimizer, checkpoints, metrics).
 //! - [`cli`]: the `lorafit` command line.
 pub mod builtin;
+pub mod chat;
 pub mod cli;
 pub mod data;
 pub mod eval;
