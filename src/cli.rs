@@ -97,8 +97,8 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    pub fn start(&self) -> crate::train::sft::Start {
-        use crate::train::sft::Start;
+    pub fn start(&self) -> crate::train::Start {
+        use crate::train::Start;
         if self.resume {
             Start::Resume
         } else if self.force {
@@ -292,7 +292,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Score(a) => cmd_score(a),
         Command::Pipeline(a) => {
-            use crate::train::sft::Start;
+            use crate::train::Start;
             let start = if a.resume { Start::Resume } else if a.force { Start::Force } else { Start::Fresh };
             let s = crate::train::pipeline::run(&a.config, &a.set, start)?;
             println!("{}", serde_json::to_string_pretty(&s)?);

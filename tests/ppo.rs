@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::*;
 use lorafit::train::config::TrainConfig;
-use lorafit::train::sft::Start;
+use lorafit::train::Start;
 use lorafit::train::{ppo, rm};
 
 fn sets(model: &str, out: &Path, extra: &[String]) -> Vec<String> {

@@ -10,7 +10,7 @@ use lorafit::lora::AdapterSet;
 use lorafit::reward::{load_reward_adapter, score, RewardHead};
 use lorafit::train::config::TrainConfig;
 use lorafit::train::rm;
-use lorafit::train::sft::Start;
+use lorafit::train::Start;
 
 fn config(model: &str, out: &Path, sets: &[&str]) -> TrainConfig {
     let mut all: Vec<String> = vec![

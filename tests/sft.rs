@@ -11,7 +11,8 @@ use lorafit::lora::AdapterSet;
 use lorafit::template::Template;
 use lorafit::tokenizer::Tokenizer;
 use lorafit::train::config::TrainConfig;
-use lorafit::train::sft::{self, make_batch, prepare, SftExample, Start};
+use lorafit::train::sft::{self, make_batch, prepare, SftExample};
+use lorafit::train::Start;
 use lorafit::train::{forward_backward, GradAccum};
 
 fn config(out: &Path, sets: &[&str]) -> TrainConfig {

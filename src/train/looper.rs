@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
 use super::optim::{clip_grad_norm, lr_at, AdamW};
-use super::sft::{epoch_batches, Start};
+use super::{epoch_batches, Start};
 use super::{plot, progress_bar, remove_run_files, GradAccum, MetricsLog};
 use crate::lora::Adapter;
 use crate::model::Model;

@@ -119,10 +119,48 @@ pub fn forward_backward(
     Ok(loss.to_scalar::<f32>()? as f64)
 }
 
+/// How a run treats its output folder.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Start {
+    /// A new run; refuse an output folder that already holds one.
+    Fresh,
+    /// A new run that replaces the run files already in the output folder.
+    Force,
+    /// Continue from the newest checkpoint in the output folder.
+    Resume,
+}
+
+/// Micro-batches (indices into the examples) of one epoch, a function of (seed, epoch) only.
+/// With `group_by_length`, shuffled examples are sorted by length within windows of 16
+/// batches, cut into batches, and the batches shuffled: little padding, random order.
+pub fn epoch_batches(lens: &[usize], batch_size: usize, seed: u64, epoch: usize, group_by_length: bool) -> Vec<Vec<usize>> {
+    let mut rng = crate::rng::SeededRng::derive(seed, &format!("data-epoch-{epoch}"));
+    let mut shuffle = |v: &mut Vec<usize>| {
+        for i in (1..v.len()).rev() {
+            let j = (rng.uniform_f32() as f64 * (i + 1) as f64) as usize % (i + 1);
+            v.swap(i, j);
+        }
+    };
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    shuffle(&mut order);
+    if !group_by_length {
+        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    }
+    let mut batches: Vec<Vec<usize>> = vec![];
+    for window in order.chunks(batch_size * 16) {
+        let mut w = window.to_vec();
+        w.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+        batches.extend(w.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    let mut idx: Vec<usize> = (0..batches.len()).collect();
+    shuffle(&mut idx);
+    idx.into_iter().map(|i| batches[i].clone()).collect()
+}
+
 /// Indices of the `fraction` of `n` items held out for evaluation (seeded).
 pub fn held_out(n: usize, fraction: f64, seed: u64) -> std::collections::HashSet<usize> {
     let k = ((n as f64) * fraction).round() as usize;
-    let order = sft::epoch_batches(&vec![0; n], 1, seed, usize::MAX, false);
+    let order = epoch_batches(&vec![0; n], 1, seed, usize::MAX, false);
     order.iter().take(k).map(|b| b[0]).collect()
 }
 

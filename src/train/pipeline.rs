@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::config::{apply_sets, merge, read_table, TrainConfig};
-use super::sft::Start;
+use super::Start;
 
 #[derive(Debug, Serialize)]
 pub struct PipelineSummary {

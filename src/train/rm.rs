@@ -21,7 +21,8 @@ use serde_json::{Map, Value};
 
 use super::config::TrainConfig;
 use super::looper::{train_loop, Method, MicroOut, RunDir};
-use super::sft::{lora_config, Start};
+use super::sft::lora_config;
+use super::Start;
 use super::{forward_backward, GradAccum};
 use crate::data::{read_ranked, RankedRow};
 use crate::lora::{Adapter, AdapterSet};

@@ -17,11 +17,10 @@ use serde_json::{Map, Value};
 
 use super::config::TrainConfig;
 use super::looper::{train_loop, Method, MicroOut, RunDir};
-use super::{forward_backward, GradAccum};
+use super::{forward_backward, GradAccum, Start};
 use crate::data::{read_sft, SftRow};
 use crate::lora::{Adapter, AdapterSet, LoraConfig, TargetModules};
 use crate::model::{causal_mask, Arch, Model};
-use crate::rng::SeededRng;
 use crate::runtime::{fmt_bytes, parse_device, parse_dtype};
 use crate::template::Template;
 use crate::tokenizer::Tokenizer;
@@ -75,33 +74,6 @@ pub fn prepare(rows: &[SftRow], tok: &Tokenizer, template: &Template, max_len: u
         out.push(SftExample { ids: p, prompt_len });
     }
     Ok((out, stats))
-}
-
-/// Micro-batches (indices into the examples) of one epoch, a function of (seed, epoch) only.
-/// With `group_by_length`, shuffled examples are sorted by length within windows of 16
-/// batches, cut into batches, and the batches shuffled: little padding, random order.
-pub fn epoch_batches(lens: &[usize], batch_size: usize, seed: u64, epoch: usize, group_by_length: bool) -> Vec<Vec<usize>> {
-    let mut rng = SeededRng::derive(seed, &format!("data-epoch-{epoch}"));
-    let mut shuffle = |v: &mut Vec<usize>| {
-        for i in (1..v.len()).rev() {
-            let j = (rng.uniform_f32() as f64 * (i + 1) as f64) as usize % (i + 1);
-            v.swap(i, j);
-        }
-    };
-    let mut order: Vec<usize> = (0..lens.len()).collect();
-    shuffle(&mut order);
-    if !group_by_length {
-        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
-    }
-    let mut batches: Vec<Vec<usize>> = vec![];
-    for window in order.chunks(batch_size * 16) {
-        let mut w = window.to_vec();
-        w.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
-        batches.extend(w.chunks(batch_size).map(<[usize]>::to_vec));
-    }
-    let mut idx: Vec<usize> = (0..batches.len()).collect();
-    shuffle(&mut idx);
-    idx.into_iter().map(|i| batches[i].clone()).collect()
 }
 
 /// A right-padded micro-batch and where its labels are.
@@ -198,17 +170,6 @@ pub struct SftSummary {
     pub eval_perplexity: Option<f64>,
     pub prep: PrepStats,
     pub peak_rss_bytes: Option<u64>,
-}
-
-/// How a run treats its output folder.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Start {
-    /// A new run; refuse an output folder that already holds one.
-    Fresh,
-    /// A new run that replaces the run files already in the output folder.
-    Force,
-    /// Continue from the newest checkpoint in the output folder.
-    Resume,
 }
 
 /// SFT as a [`Method`] of the shared loop.
