@@ -40,6 +40,8 @@ pub enum Command {
     Chat(ChatArgs),
     /// Show what an adapter folder holds.
     Inspect(InspectArgs),
+    /// Fold LoRA adapters into the base and write a Hugging Face model folder.
+    Merge(MergeArgs),
     /// Measure load time, memory and generation speed (see docs/BENCHMARKS.md).
     Bench(BenchArgs),
 }
@@ -59,6 +61,9 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Store the base's block linears in 4 bits: none or nf4 (QLoRA's NF4).
+    #[arg(long, default_value = "none")]
+    pub quantize: String,
 }
 
 /// Arguments shared by the training commands.
@@ -243,6 +248,30 @@ pub struct InspectArgs {
 }
 
 #[derive(Args)]
+pub struct MergeArgs {
+    /// The base: a Hugging Face model folder, a hub id, or builtin:tiny-gpt2.
+    #[arg(long)]
+    pub model: String,
+    /// A PEFT LoRA adapter folder, optionally weighted: --adapter DIR[:WEIGHT] (default 1). Repeat
+    /// to merge several. A reward model from `lorafit rm` (with its stack) gives a
+    /// sequence-classification checkpoint with its score head.
+    #[arg(long, required = true)]
+    pub adapter: Vec<String>,
+    /// The folder to write (config.json, model.safetensors or shards, tokenizer files).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Output dtype: f32, f16, bf16, or auto (the base checkpoint's). The merge itself is f32.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Largest safetensors file before sharding, as transformers: 2GB, 500MB, 1GiB or bytes.
+    #[arg(long, default_value = "2GB")]
+    pub max_shard_size: String,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args)]
 pub struct BenchArgs {
     /// What to measure: `generate` (load time, peak memory, generation tokens/s) or `sft`
     /// (median step time, tokens/s and peak memory of SFT steps on random tokens).
@@ -317,6 +346,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(a) => cmd_bench(a),
+        Command::Merge(a) => cmd_merge(a),
     }
 }
 
@@ -331,7 +361,8 @@ pub fn load_model(args: &ModelArgs) -> Result<(Model, Tokenizer, ModelFiles)> {
         // Named by folder, so that load errors say which adapter is wrong.
         adapters.push(peft::load_adapter(&dir, &dir.display().to_string(), weight, false)?);
     }
-    let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters))?;
+    let quant = crate::quant::BaseQuant::parse(&args.quantize)?;
+    let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters).with_base_quant(quant))?;
     let tok = Tokenizer::load(&files.tokenizer, &files.config)?;
     Ok((model, tok, files))
 }
@@ -408,6 +439,16 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
             println!("{n:>6}  {r:>10.5}");
         }
     }
+    Ok(())
+}
+
+fn cmd_merge(a: MergeArgs) -> Result<()> {
+    let dtype = if a.dtype == "auto" { None } else { Some(parse_dtype(&a.dtype, &candle_core::Device::Cpu)?) };
+    let adapters = a.adapter.iter().map(|s| peft::parse_adapter_arg(s)).collect::<Result<Vec<_>>>()?;
+    let max_shard_size = crate::merge::parse_size(&a.max_shard_size)?;
+    let opts = crate::merge::MergeOptions { model: a.model, adapters, out: a.out, dtype, force: a.force, max_shard_size };
+    let r = crate::merge::merge(&opts)?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }
 

@@ -19,6 +19,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::ops;
+use crate::quant::{BaseQuant, Nf4};
 use crate::rng::SeededRng;
 
 /// `target_modules` as PEFT stores it: a list of names (suffix match) or one regex (full match).
@@ -435,11 +436,19 @@ pub struct AdapterSet {
     enabled: Arc<AtomicBool>,
     /// False inside [`AdapterSet::no_grad`]: trainable tensors are used detached.
     grad: Arc<AtomicBool>,
+    /// How the frozen block linears are stored (NF4 for a 4-bit base).
+    pub base_quant: BaseQuant,
 }
 
 impl AdapterSet {
     pub fn new(adapters: Vec<Arc<Adapter>>) -> Self {
-        Self { adapters, enabled: Arc::new(AtomicBool::new(true)), grad: Arc::new(AtomicBool::new(true)) }
+        Self { adapters, enabled: Arc::new(AtomicBool::new(true)), grad: Arc::new(AtomicBool::new(true)), base_quant: BaseQuant::None }
+    }
+
+    /// The same adapters over a base whose block linears are quantized (`lm_head` stays dense).
+    pub fn with_base_quant(mut self, q: BaseQuant) -> Self {
+        self.base_quant = q;
+        self
     }
 
     pub fn none() -> Self {
@@ -513,12 +522,18 @@ struct LoraLayer {
     t: LoraTensors,
 }
 
+/// A frozen weight as stored in the checkpoint: (out, in) for Linear, (in, out) for Conv1D.
+pub enum Frozen {
+    Dense(Tensor),
+    /// Quantized at load (`quant.rs`); dequantized per pass.
+    Nf4(Nf4),
+}
+
 /// A frozen linear layer with its LoRA adapters (HF `nn.Linear` or GPT-2 `Conv1D`).
 pub struct Linear {
     /// HF module path, e.g. `transformer.h.0.attn.c_attn`.
     pub path: String,
-    /// Frozen weight as stored in the checkpoint: (out, in) for Linear, (in, out) for Conv1D.
-    pub weight: Tensor,
+    pub weight: Frozen,
     /// Frozen bias, (out,).
     pub bias: Option<Tensor>,
     pub layout: WeightLayout,
@@ -544,7 +559,13 @@ impl Linear {
         }
         .with_context(|| format!("loading {path}.weight"))?;
         let bias = if bias { Some(vb.get(out_dim, "bias").with_context(|| format!("loading {path}.bias"))?) } else { None };
-        Self::from_weight(path, weight, bias, layout, adapters)
+        let mut layer = Self::from_weight(path, weight, bias, layout, adapters)?;
+        if adapters.base_quant == BaseQuant::Nf4 && !layer.path.ends_with("lm_head") {
+            if let Frozen::Dense(w) = &layer.weight {
+                layer.weight = Frozen::Nf4(Nf4::quantize(w).with_context(|| format!("quantizing {}.weight", layer.path))?);
+            }
+        }
+        Ok(layer)
     }
 
     /// Builds the layer around an existing weight (e.g. the tied `lm_head` = `wte`).
@@ -569,6 +590,7 @@ impl Linear {
                 lora.push(LoraLayer { adapter: adapter.clone(), t });
             }
         }
+        let weight = Frozen::Dense(weight);
         Ok(Self { path, weight, bias, layout, lora, enabled: adapters.enabled.clone(), grad: adapters.grad.clone() })
     }
 
@@ -577,17 +599,29 @@ impl Linear {
         !self.lora.is_empty()
     }
 
-    /// The weight as (in, out), a view for `x @ w` (no copy).
+    /// The weight as stored, dense (a dequantized copy for an NF4 layer).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            Frozen::Dense(w) => w.clone(),
+            Frozen::Nf4(q) => q.dequantize(q.dtype)?,
+        })
+    }
+
+    /// The weight as (in, out), for `x @ w` (a view, no copy, for a dense layer).
     pub fn w_in_out(&self) -> Result<Tensor> {
+        let w = self.dense_weight()?;
         Ok(match self.layout {
-            WeightLayout::Linear => self.weight.t()?,
-            WeightLayout::Conv1D => self.weight.clone(),
+            WeightLayout::Linear => w.t()?,
+            WeightLayout::Conv1D => w,
         })
     }
 
     /// x: (..., in) in the base dtype -> (..., out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = ops::frozen_linear(x, &self.w_in_out()?, self.bias.as_ref())?;
+        let mut y = match &self.weight {
+            Frozen::Dense(_) => ops::frozen_linear(x, &self.w_in_out()?, self.bias.as_ref())?,
+            Frozen::Nf4(q) => crate::quant::nf4_linear(x, q, self.layout == WeightLayout::Linear, self.bias.as_ref())?,
+        };
         if !self.enabled.load(Ordering::Relaxed) {
             return Ok(y);
         }

@@ -71,7 +71,7 @@ impl CustomOp1 for InputGrad {
 
 /// Computes `fwd(x)` without a graph, then attaches it with an input-only backward.
 /// When `x` is not part of a graph (inference), the result is returned as is.
-fn with_input_grad(
+pub fn input_grad_op(
     name: &'static str,
     x: &Tensor,
     fwd: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
@@ -90,7 +90,7 @@ fn with_input_grad(
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let (w, b) = (w.clone(), b.cloned());
     let w_bwd = w.clone();
-    with_input_grad(
+    input_grad_op(
         "frozen_linear",
         x,
         move |x| {
@@ -108,7 +108,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core:
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let gamma_bwd = gamma.to_dtype(DType::F32)?;
     let (gamma, beta) = (gamma.clone(), beta.clone());
-    with_input_grad(
+    input_grad_op(
         "layer_norm",
         x,
         move |x| {
@@ -139,7 +139,7 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> candle
 pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let gamma_bwd = gamma.to_dtype(DType::F32)?;
     let gamma = gamma.clone();
-    with_input_grad(
+    input_grad_op(
         "rms_norm",
         x,
         move |x| {
@@ -164,7 +164,7 @@ pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> candle_core::Result<Ten
 /// dtype. `mask` is additive (0 or a large negative) and broadcast to `scores`.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
     let mask = mask.clone();
-    with_input_grad(
+    input_grad_op(
         "masked_softmax",
         scores,
         move |s| {
@@ -186,7 +186,7 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Ten
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
     let (cos_b, neg_sin) = (cos.clone(), sin.neg()?);
-    with_input_grad(
+    input_grad_op(
         "rope",
         x,
         move |x| candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
@@ -200,7 +200,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     let targets = targets.to_dtype(DType::U32)?.unsqueeze(1)?; // (N, 1)
     let t_bwd = targets.clone();
-    with_input_grad(
+    input_grad_op(
         "cross_entropy",
         logits,
         move |z| {
@@ -232,7 +232,7 @@ pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: us
     let rows = h.dim(0)?;
     let ranges: Vec<(usize, usize)> = (0..rows).step_by(chunk).map(|s| (s, chunk.min(rows - s))).collect();
     let ranges_b = ranges.clone();
-    with_input_grad(
+    input_grad_op(
         "lm_head_cross_entropy",
         h,
         move |h| {

@@ -16,11 +16,19 @@ pub struct ModelSection {
     pub dtype: String,
     /// cpu | cuda | cuda:N.
     pub device: String,
+    /// none | nf4: store the frozen block linears in 4 bits (QLoRA's NF4).
+    pub quantize: String,
 }
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { name: "builtin:tiny-gpt2".into(), dtype: "auto".into(), device: "cpu".into() }
+        Self { name: "builtin:tiny-gpt2".into(), dtype: "auto".into(), device: "cpu".into(), quantize: "none".into() }
+    }
+}
+
+impl ModelSection {
+    pub fn base_quant(&self) -> anyhow::Result<crate::quant::BaseQuant> {
+        crate::quant::BaseQuant::parse(&self.quantize)
     }
 }
 

@@ -229,7 +229,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
         critic_names.push(CRITIC.into());
         adapters.push(critic);
     }
-    let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters))?;
+    let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters).with_base_quant(cfg.model.base_quant()?))?;
     let hidden = arch.hidden_size();
     let v_head_init = match &aux {
         Some(a) => a.get(V_HEAD_KEY).context("checkpoint has no value head")?.clone(),

@@ -237,7 +237,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<RmSummary> {
         }
     };
     adapters.push(adapter.clone());
-    let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters))?;
+    let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters).with_base_quant(cfg.model.base_quant()?))?;
     model.adapters.set_training(true);
     let mut vars = adapter.vars();
     vars.push((SCORE_KEY.to_string(), head.var.clone().expect("a trainable head")));

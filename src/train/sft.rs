@@ -269,7 +269,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<SftSummary> {
         Some(dir) => crate::peft::load_adapter(dir, "sft", 1.0, true)?,
         None => Adapter::fresh("sft", lora_config(cfg, &arch), cfg.train.seed)?,
     };
-    let model = Model::load(&files, dtype, &device, AdapterSet::new(vec![adapter.clone()]))?;
+    let model = Model::load(&files, dtype, &device, AdapterSet::new(vec![adapter.clone()]).with_base_quant(cfg.model.base_quant()?))?;
     model.adapters.set_training(true);
 
     // 4. The shared loop: accumulation, AdamW, schedule, eval, metrics, checkpoints, export.
