@@ -154,7 +154,7 @@ pub fn generate_streaming(
     let x = Tensor::from_vec(ids, (b, len), dev)?;
     let p = Tensor::from_vec(pos, (b, len), dev)?;
     let mask = causal_mask(&valid, len, 0, dev)?;
-    let h = model.hidden(&x, &p, &mask, Some(&mut cache))?.narrow(1, len - 1, 1)?; // (B, 1, C)
+    let h = model.hidden(&x, &p, &mask, Some(&mut cache))?.narrow(1, len - 1, 1)?.contiguous()?; // (B, 1, C)
     let mut logits = model.lm_head(&h)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?; // (B, V)
 
     // 3. Decode: pick, append, feed back one token per row.

@@ -26,6 +26,7 @@ pub mod quant;
 pub mod reward;
 pub mod rng;
 pub mod runtime;
+pub mod stream_load;
 pub mod template;
 pub mod tokenizer;
 pub mod train;

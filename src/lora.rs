@@ -637,7 +637,7 @@ impl Linear {
                 h = (h * mask)?;
             }
             let (a, b) = if self.grad.load(Ordering::Relaxed) { (l.t.a.clone(), l.t.b.clone()) } else { (l.t.a.detach(), l.t.b.detach()) };
-            let delta = h.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?; // (..., r) -> (..., out)
+            let delta = ops::matmul_rows(&ops::matmul_rows(&h, &a.t()?)?, &b.t()?)?; // (..., in) -> (..., r) -> (..., out)
             let delta = (delta * (l.t.scaling * l.adapter.weight))?;
             let delta = delta.to_dtype(y.dtype())?;
             y = (y + delta)?;

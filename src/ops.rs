@@ -85,6 +85,19 @@ pub fn input_grad_op(
     x.apply_op1_arc(Arc::new(Box::new(op)))
 }
 
+/// `x @ w` for x: (..., k) and a 2-D w: (k, n) as ONE 2-D GEMM over the flattened rows.
+/// (candle's `broadcast_matmul` would broadcast w over the batch, and copies it per batch
+/// entry when x is not contiguous.)
+pub fn matmul_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&1);
+    let rows = x.elem_count() / k.max(1);
+    let y = x.contiguous()?.reshape((rows, k))?.matmul(w)?;
+    let mut out = dims;
+    *out.last_mut().unwrap() = w.dim(1)?;
+    y.reshape(out)
+}
+
 /// `y = x @ w + b` for a frozen weight `w` of shape (in, out) (a transposed view is fine).
 /// x: (..., in) -> y: (..., out). No gradient is computed or kept for `w` or `b`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
@@ -94,13 +107,13 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core:
         "frozen_linear",
         x,
         move |x| {
-            let y = x.broadcast_matmul(&w)?;
+            let y = matmul_rows(x, &w)?;
             match &b {
                 Some(b) => y.broadcast_add(b),
                 None => Ok(y),
             }
         },
-        move |_x, _y, g| g.broadcast_matmul(&w_bwd.t()?),
+        move |_x, _y, g| matmul_rows(g, &w_bwd.t()?),
     )
 }
 

@@ -122,13 +122,13 @@ pub fn nf4_linear(x: &Tensor, w: &Nf4, transpose: bool, bias: Option<&Tensor>) -
         "nf4_linear",
         x,
         move |x| {
-            let y = x.broadcast_matmul(&dequant(x.dtype())?)?;
+            let y = crate::ops::matmul_rows(x, &dequant(x.dtype())?)?;
             match &bias {
                 Some(b) => y.broadcast_add(b),
                 None => Ok(y),
             }
         },
-        move |_x, _y, g| g.broadcast_matmul(&dq_b(g.dtype())?.t()?),
+        move |_x, _y, g| crate::ops::matmul_rows(g, &dq_b(g.dtype())?.t()?),
     )
 }
 

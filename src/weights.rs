@@ -112,12 +112,9 @@ impl ModelFiles {
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         Ok(match &self.weights {
             WeightFiles::Safetensors(files) => {
-                for f in files {
-                    check_safetensors_header(f)?;
-                }
-                // SAFETY: the files are memory-mapped read-only; lorafit never writes to them while loaded.
-                unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
-                    .with_context(|| format!("cannot read the weights in {}", self.dir.display()))?
+                let backend = crate::stream_load::StreamingSafetensors::open(files)
+                    .with_context(|| format!("cannot read the weights in {}", self.dir.display()))?;
+                VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
             }
             WeightFiles::Pth(p) => VarBuilder::from_pth(p, dtype, device)
                 .with_context(|| format!("cannot read {} (a PyTorch checkpoint)", p.display()))?,
