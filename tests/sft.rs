@@ -239,3 +239,28 @@ fn trained_adapter_loads_in_peft_with_the_same_nll() {
         }
     }
 }
+
+#[test]
+fn f16_base_trains_with_dynamic_loss_scaling() {
+    use lorafit::train::optim::LossScaler;
+    let mut s = LossScaler::new(true);
+    assert_eq!(s.scale, 65536.0);
+    assert!(!s.update(f64::INFINITY), "a non-finite step is skipped");
+    assert!(!s.update(f64::NAN));
+    assert_eq!(s.scale, 16384.0, "and the scale halves each time");
+    for _ in 0..s.growth_interval {
+        assert!(s.update(1.0));
+    }
+    assert_eq!(s.scale, 32768.0, "it doubles after growth_interval good steps");
+    let mut off = LossScaler::new(false);
+    assert!(!off.update(f64::NAN) && off.scale == 1.0, "f32: skipped, never scaled");
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = sft::run(&config(dir.path(), &["model.dtype=\"f16\"", "train.epochs=4"]), Start::Fresh).unwrap();
+    assert!(s.final_loss.unwrap().is_finite() && s.final_loss.unwrap() < s.first_loss.unwrap(), "{s:?}");
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert!(last["loss_scale"].as_f64().unwrap() >= 1.0);
+    let a = candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert!(a.values().all(|t| t.dtype() == candle_core::DType::F32), "adapters stay f32 on an f16 base");
+}

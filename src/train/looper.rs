@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
-use super::optim::{clip_grad_norm, lr_at, AdamW};
+use super::optim::{clip_grad_norm, lr_at, AdamW, LossScaler};
 use super::{epoch_batches, Start};
 use super::{plot, progress_bar, remove_run_files, GradAccum, MetricsLog};
 use crate::lora::Adapter;
@@ -105,7 +105,12 @@ pub fn train_loop(
     let total = if t.max_steps > 0 { t.max_steps } else { t.epochs * batches_per_epoch.div_ceil(t.grad_accum) };
     let mut opt = AdamW::new(vars, t)?;
     let (mut step, mut epoch, mut cursor, mut tokens_seen) = (0, 0, 0, 0u64);
+    let mut scaler = LossScaler::new(model.dtype == candle_core::DType::F16);
+    let mut skipped_steps = 0usize;
     if let Some((dir, state)) = &run.ckpt {
+        if let Ok(s) = serde_json::from_value::<LossScaler>(state.extra["loss_scaler"].clone()) {
+            scaler = s;
+        }
         checkpoint::load_optimizer(dir, &mut opt)?;
         for (a, r) in model.adapters.adapters.iter().zip(&state.dropout_rng) {
             a.set_dropout_rng(SeededRng::from_state(r)?);
@@ -121,7 +126,7 @@ pub fn train_loop(
     crate::io::atomic_write(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
     let metrics = MetricsLog::open(out, run.ckpt.as_ref().map(|(_, s)| s.step))?;
     let mut order = epoch_batches(&lens, t.batch_size, t.seed, epoch, t.group_by_length);
-    let save = |step: usize, epoch: usize, cursor: usize, tokens_seen: u64, opt: &AdamW| -> Result<()> {
+    let save = |step: usize, epoch: usize, cursor: usize, tokens_seen: u64, opt: &AdamW, scaler: &LossScaler| -> Result<()> {
         let state = TrainState {
             step,
             epoch,
@@ -129,7 +134,7 @@ pub fn train_loop(
             dropout_rng: model.adapters.adapters.iter().map(|a| a.dropout_rng().state()).collect(),
             tokens_seen,
             config: cfg.to_toml()?,
-            extra: Value::Null,
+            extra: serde_json::json!({ "loss_scaler": scaler }),
         };
         checkpoint::save(out, adapter, &cfg.model.name, opt, &state, t.keep_last, &method.extra_tensors(), &[])?;
         Ok(())
@@ -150,13 +155,13 @@ pub fn train_loop(
             micro.push(order[cursor].clone());
             cursor += 1;
         }
-        // 2. Forward/backward each, normalised over the whole step.
+        // 2. Forward/backward each, normalised over the whole step (and scaled for f16).
         let denom = micro.iter().map(|m| method.weight(m)).sum::<f64>().max(1e-12);
         let mut acc = GradAccum::new(opt.vars.len());
         let (mut loss, mut tokens, mut sums) = (0.0, 0, Vec::<(&'static str, f64)>::new());
         for m in &micro {
-            let o = method.micro_step(m, denom, &opt.vars, &mut acc)?;
-            loss += o.loss;
+            let o = method.micro_step(m, denom / scaler.scale, &opt.vars, &mut acc)?;
+            loss += o.loss / scaler.scale;
             tokens += o.tokens;
             for (k, v) in o.sums {
                 match sums.iter_mut().find(|(k2, _)| *k2 == k) {
@@ -165,11 +170,20 @@ pub fn train_loop(
                 }
             }
         }
-        // 3. Clip, update, schedule.
+        // 3. Unscale, clip, update (unless the gradients are not finite), schedule.
         let mut grads = acc.finish(&opt.vars)?;
+        if scaler.scale != 1.0 {
+            grads = grads.iter().map(|g| g / scaler.scale).collect::<candle_core::Result<_>>()?;
+        }
         let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
         let lr = lr_at(t, step, total);
-        opt.step(&grads, lr)?;
+        let finite = scaler.update(grad_norm);
+        if finite {
+            opt.step(&grads, lr)?;
+        } else {
+            skipped_steps += 1;
+            tracing::warn!("step {}: gradients are not finite: update skipped (loss scale now {})", step + 1, scaler.scale);
+        }
         step += 1;
         tokens_seen += tokens as u64;
         let tps = tokens as f64 / t0.elapsed().as_secs_f64();
@@ -182,6 +196,10 @@ pub fn train_loop(
             line.insert(k.into(), v);
         }
         line.extend(method.step_metrics(&sums, denom));
+        if scaler.enabled || !finite {
+            line.insert("loss_scale".into(), scaler.scale.into());
+            line.insert("skipped_steps".into(), skipped_steps.into());
+        }
         let do_eval = (t.eval_every > 0 && step % t.eval_every == 0) || step == total;
         let mut shown = String::new();
         if do_eval {
@@ -203,7 +221,7 @@ pub fn train_loop(
         pb.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s{shown}"));
         pb.set_position(step as u64);
         if (t.save_every > 0 && step % t.save_every == 0) || step == total {
-            save(step, epoch, cursor, tokens_seen, &opt)?;
+            save(step, epoch, cursor, tokens_seen, &opt, &scaler)?;
         }
     }
     pb.finish_and_clear();

@@ -81,3 +81,38 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     }
     Ok(norm)
 }
+
+/// Dynamic loss scaling for an f16 base (as PyTorch's `GradScaler`): the loss is multiplied by
+/// `scale` before backward so that small f16 gradients do not flush to zero, the gradients are
+/// divided by it afterwards; a step whose gradients hold inf/NaN is skipped and the scale
+/// halves; after `growth_interval` good steps in a row it doubles. Disabled (scale 1) for
+/// f32 / bf16, where a non-finite gradient still skips the step rather than corrupt the adapter.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LossScaler {
+    pub enabled: bool,
+    pub scale: f64,
+    pub good_steps: usize,
+    pub growth_interval: usize,
+}
+
+impl LossScaler {
+    pub fn new(enabled: bool) -> Self {
+        Self { enabled, scale: if enabled { 65536.0 } else { 1.0 }, good_steps: 0, growth_interval: 200 }
+    }
+
+    /// Records a step whose unscaled gradients had global norm `norm`; false = skip the update.
+    pub fn update(&mut self, norm: f64) -> bool {
+        if !norm.is_finite() {
+            if self.enabled {
+                self.scale = (self.scale / 2.0).max(1.0);
+            }
+            self.good_steps = 0;
+            return false;
+        }
+        self.good_steps += 1;
+        if self.enabled && self.good_steps % self.growth_interval == 0 {
+            self.scale = (self.scale * 2.0).min(2f64.powi(24));
+        }
+        true
+    }
+}
