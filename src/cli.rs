@@ -273,8 +273,10 @@ pub struct MergeArgs {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// What to measure: `generate` (load time, peak memory, generation tokens/s) or `sft`
-    /// (median step time, tokens/s and peak memory of SFT steps on random tokens).
+    /// What to measure: `generate` (load time, peak memory, generation tokens/s), `sft`
+    /// (median step time, tokens/s and peak memory of SFT steps on random tokens), `rm` (the
+    /// same for reward-model steps: --batch pairs, chosen + rejected in one batch) or `gemm`
+    /// (candle's f32 matmul GFLOP/s at --gemm MxKxN).
     pub what: String,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -288,21 +290,24 @@ pub struct BenchArgs {
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-    /// sft: sequence length.
+    /// sft, rm: sequence length.
     #[arg(long, default_value_t = 128)]
     pub seq: usize,
-    /// sft: timed steps (after one warm-up step).
+    /// sft, rm: timed steps (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
-    /// sft: LoRA target modules, comma-separated.
+    /// sft, rm: LoRA target modules, comma-separated.
     #[arg(long, default_value = "c_attn")]
     pub targets: String,
-    /// sft: LoRA rank.
+    /// sft, rm: LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub r: usize,
-    /// sft: recompute blocks in backward.
+    /// sft, rm: recompute blocks in backward.
     #[arg(long)]
     pub grad_checkpointing: bool,
+    /// gemm: the shape M x K x N.
+    #[arg(long, default_value = "2048x768x3072")]
+    pub gemm: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -336,7 +341,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => {
             let (model, tok, _) = load_model(&a.model)?;
-            let template = if a.template.is_empty() { crate::template::Template::kochatgpt() } else { crate::template::Template::new(&a.template)? };
+            let template = crate::template::Template::or_default(&a.template)?;
             let sampling = sampling_config(&a.sampling, &tok);
             let mut chat = crate::chat::Chat { model: &model, tok: &tok, template, sampling, history: vec![] };
             chat.run(&mut std::io::stdin().lock(), &mut std::io::stdout().lock())
@@ -399,7 +404,7 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
     let head_bytes = std::fs::read(&a.data).with_context(|| format!("cannot read data file {}", a.data.display()))?;
     let first = String::from_utf8_lossy(&head_bytes[..head_bytes.len().min(4096)]).trim_start_matches('\u{feff}').trim_start().chars().next();
     let (labels, seqs): (Vec<usize>, Vec<Vec<u32>>) = if matches!(first, Some('[') | Some('{')) {
-        let template = if a.template.is_empty() { crate::template::Template::kochatgpt() } else { crate::template::Template::new(&a.template)? };
+        let template = crate::template::Template::or_default(&a.template)?;
         let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token")?;
         let mut out = (vec![], vec![]);
         for (loc, v) in crate::data::read_records(&a.data)? {
@@ -494,7 +499,30 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    anyhow::ensure!(a.what == "generate", "bench {:?}: expected `generate` or `sft`", a.what);
+    if a.what == "rm" {
+        let targets: Vec<String> = a.targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        let m = &a.model;
+        let r = crate::train::bench::bench_rm(&m.model, &m.dtype, &m.device, a.batch, a.seq, a.steps, &targets, a.r, a.grad_checkpointing)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!("rm step {:.3} s (median of {}), peak RSS {}", r.step_s_median, a.steps, r.peak_rss_bytes.map(fmt_bytes).unwrap_or_default());
+        }
+        return Ok(());
+    }
+    if a.what == "gemm" {
+        let dims: Vec<usize> = a.gemm.split('x').map(str::parse).collect::<std::result::Result<_, _>>().context("--gemm: expected MxKxN")?;
+        anyhow::ensure!(dims.len() == 3, "--gemm: expected MxKxN");
+        for g in crate::train::bench::bench_gemm(&a.model.device, dims[0], dims[1], dims[2], a.repeats)? {
+            if a.json {
+                println!("{}", serde_json::to_string(&g)?);
+            } else {
+                println!("{} {}: {:.1} GFLOP/s median, {:.1} best", a.gemm, g.layout, g.gflops_median, g.gflops_best);
+            }
+        }
+        return Ok(());
+    }
+    anyhow::ensure!(a.what == "generate", "bench {:?}: expected `generate`, `sft`, `rm` or `gemm`", a.what);
     let rss_start = peak_rss_bytes().unwrap_or(0); // the process before any weight is read
     let t0 = Instant::now();
     let (model, _tok, _) = load_model(&a.model)?;

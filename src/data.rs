@@ -80,6 +80,31 @@ pub fn kind_of(v: &Value) -> &'static str {
     }
 }
 
+/// Parses every record with `parse`. A bad row stops the read, or with `skip_bad_rows` is
+/// logged and counted. Returns the rows and the number skipped.
+pub fn parse_rows<T>(
+    path: &Path,
+    records: &[(Loc, Value)],
+    skip_bad_rows: bool,
+    parse: impl Fn(&Value, &Loc) -> Result<T>,
+) -> Result<(Vec<T>, usize)> {
+    let (mut rows, mut skipped) = (vec![], 0);
+    for (loc, v) in records {
+        match parse(v, loc) {
+            Ok(r) => rows.push(r),
+            Err(e) if skip_bad_rows => {
+                tracing::warn!("skipping bad row: {e:#}");
+                skipped += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if rows.is_empty() {
+        bail!("{}: no usable rows ({skipped} skipped)", path.display())
+    }
+    Ok((rows, skipped))
+}
+
 /// One supervised pair.
 #[derive(Clone, Debug)]
 pub struct SftRow {
@@ -129,20 +154,7 @@ pub fn read_sft(path: &Path, skip_bad_rows: bool) -> Result<(Vec<SftRow>, SftFor
             path.display()
         )
     })?;
-    let (mut rows, mut skipped) = (vec![], 0);
-    for (loc, v) in &records {
-        match sft_row(v, loc, format) {
-            Ok(r) => rows.push(r),
-            Err(e) if skip_bad_rows => {
-                tracing::warn!("skipping bad row: {e:#}");
-                skipped += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    if rows.is_empty() {
-        bail!("{}: no usable rows ({skipped} skipped)", path.display())
-    }
+    let (rows, skipped) = parse_rows(path, &records, skip_bad_rows, |v, loc| sft_row(v, loc, format))?;
     Ok((rows, format, skipped))
 }
 
@@ -222,42 +234,16 @@ fn ranked_row(v: &Value, loc: &Loc) -> Result<RankedRow> {
 
 /// Reads ranked rows. With `skip_bad_rows`, bad rows are counted and skipped.
 pub fn read_ranked(path: &Path, skip_bad_rows: bool) -> Result<(Vec<RankedRow>, usize)> {
-    let records = read_records(path)?;
-    let (mut rows, mut skipped) = (vec![], 0);
-    for (loc, v) in &records {
-        match ranked_row(v, loc) {
-            Ok(r) => rows.push(r),
-            Err(e) if skip_bad_rows => {
-                tracing::warn!("skipping bad row: {e:#}");
-                skipped += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    if rows.is_empty() {
-        bail!("{}: no usable rows ({skipped} skipped)", path.display())
-    }
-    Ok((rows, skipped))
+    parse_rows(path, &read_records(path)?, skip_bad_rows, ranked_row)
 }
 
 /// Reads `{"prompt"}` rows (PPO prompts; extra fields are ignored).
 pub fn read_prompts(path: &Path, skip_bad_rows: bool) -> Result<(Vec<String>, usize)> {
-    let records = read_records(path)?;
-    let (mut out, mut skipped) = (vec![], 0);
-    for (loc, v) in &records {
-        match str_field(v, loc, "prompt").and_then(|p| {
-            if p.trim().is_empty() { bail!("{loc}: field \"prompt\" is empty") } else { Ok(p.to_string()) }
-        }) {
-            Ok(p) => out.push(p),
-            Err(e) if skip_bad_rows => {
-                tracing::warn!("skipping bad row: {e:#}");
-                skipped += 1;
-            }
-            Err(e) => return Err(e),
+    parse_rows(path, &read_records(path)?, skip_bad_rows, |v, loc| {
+        let p = str_field(v, loc, "prompt")?;
+        if p.trim().is_empty() {
+            bail!("{loc}: field \"prompt\" is empty")
         }
-    }
-    if out.is_empty() {
-        bail!("{}: no prompts", path.display())
-    }
-    Ok((out, skipped))
+        Ok(p.to_string())
+    })
 }

@@ -19,6 +19,11 @@ impl Template {
         }
     }
 
+    /// A config or flag value: empty means the default (KoChatGPT's) template.
+    pub fn or_default(text: &str) -> Result<Self> {
+        if text.is_empty() { Ok(Self::kochatgpt()) } else { Self::new(text) }
+    }
+
     pub fn kochatgpt() -> Self {
         Self(KOCHATGPT_TEMPLATE.to_string())
     }

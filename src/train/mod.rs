@@ -22,6 +22,35 @@ use candle_core::{Tensor, Var};
 
 use crate::model::Model;
 
+/// What every stage resolves from `[model]` and `[data]` before it reads any data.
+pub struct Setup {
+    pub template: crate::template::Template,
+    pub device: candle_core::Device,
+    pub dtype: candle_core::DType,
+    pub files: crate::weights::ModelFiles,
+    pub arch: crate::model::Arch,
+    pub tok: crate::tokenizer::Tokenizer,
+    quant: crate::quant::BaseQuant,
+}
+
+impl Setup {
+    pub fn new(cfg: &config::TrainConfig) -> Result<Self> {
+        let template = crate::template::Template::or_default(&cfg.data.template)?;
+        let device = crate::runtime::parse_device(&cfg.model.device)?;
+        let dtype = crate::runtime::parse_dtype(&cfg.model.dtype, &device)?;
+        let quant = cfg.model.base_quant()?;
+        let files = crate::weights::ModelFiles::resolve(&cfg.model.name)?;
+        let arch = crate::model::Arch::from_file(&files.config)?;
+        let tok = crate::tokenizer::Tokenizer::load(&files.tokenizer, &files.config)?;
+        Ok(Self { template, device, dtype, files, arch, tok, quant })
+    }
+
+    /// The base, loaded once, with `adapters` attached.
+    pub fn load_model(&self, adapters: Vec<std::sync::Arc<crate::lora::Adapter>>) -> Result<Model> {
+        Model::load(&self.files, self.dtype, &self.device, crate::lora::AdapterSet::new(adapters).with_base_quant(self.quant))
+    }
+}
+
 /// Gradients of the trainable tensors, summed over the micro-batches of one optimizer step.
 pub struct GradAccum {
     grads: Vec<Option<Tensor>>,

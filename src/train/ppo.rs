@@ -31,16 +31,13 @@ use super::config::TrainConfig;
 use super::looper::RunDir;
 use super::optim::{clip_grad_norm, lr_at, AdamW};
 use super::sft::{lora_config, make_batch, Batch, SftExample};
-use super::{epoch_batches, Start};
+use super::{epoch_batches, Setup, Start};
 use super::{forward_backward, progress_bar, remove_run_files, GradAccum, MetricsLog};
 use crate::generate::{generate, SamplingConfig};
-use crate::lora::{Adapter, AdapterSet};
-use crate::model::{Arch, Model};
+use crate::lora::Adapter;
+use crate::model::Model;
 use crate::reward::{load_reward_adapter, RewardHead};
-use crate::runtime::{fmt_bytes, parse_device, parse_dtype, peak_rss_bytes};
-use crate::template::Template;
-use crate::tokenizer::Tokenizer;
-use crate::weights::ModelFiles;
+use crate::runtime::{fmt_bytes, peak_rss_bytes};
 
 const POLICY: &str = "policy";
 const REFERENCE: &str = "reference";
@@ -167,12 +164,8 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
     if p.minibatch_size == 0 || p.ppo_epochs == 0 || p.max_new_tokens == 0 {
         bail!("ppo.minibatch_size, ppo.ppo_epochs and ppo.max_new_tokens must be at least 1")
     }
-    let template = if cfg.data.template.is_empty() { Template::kochatgpt() } else { Template::new(&cfg.data.template)? };
-    let device = parse_device(&cfg.model.device)?;
-    let dtype = parse_dtype(&cfg.model.dtype, &device)?;
-    let files = ModelFiles::resolve(&cfg.model.name)?;
-    let arch = Arch::from_file(&files.config)?;
-    let tok = Tokenizer::load(&files.tokenizer, &files.config)?;
+    let setup = Setup::new(cfg)?;
+    let (template, device, arch, tok) = (&setup.template, setup.device.clone(), &setup.arch, &setup.tok);
     let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token")?;
     if p.max_prompt_len + p.max_new_tokens > arch.max_positions() {
         bail!(
@@ -212,7 +205,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
     let policy = match (&resume, has_reference) {
         (Some(dir), _) => crate::peft::load_adapter(dir, POLICY, 1.0, true)?,
         (None, true) => crate::peft::load_adapter(Path::new(&p.sft_adapter), POLICY, 1.0, true)?,
-        (None, false) => Adapter::fresh(POLICY, lora_config(cfg, &arch), t.seed)?,
+        (None, false) => Adapter::fresh(POLICY, lora_config(cfg, arch), t.seed)?,
     };
     adapters.push(policy.clone());
     let rm_dir = Path::new(&p.reward_adapter);
@@ -229,7 +222,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
         critic_names.push(CRITIC.into());
         adapters.push(critic);
     }
-    let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters).with_base_quant(cfg.model.base_quant()?))?;
+    let model = setup.load_model(adapters)?;
     let hidden = arch.hidden_size();
     let v_head_init = match &aux {
         Some(a) => a.get(V_HEAD_KEY).context("checkpoint has no value head")?.clone(),

@@ -22,16 +22,14 @@ use serde_json::{Map, Value};
 use super::config::TrainConfig;
 use super::looper::{train_loop, Method, MicroOut, RunDir};
 use super::sft::lora_config;
-use super::Start;
-use super::{forward_backward, GradAccum};
+use super::{forward_backward, GradAccum, Setup, Start};
 use crate::data::{read_ranked, RankedRow};
-use crate::lora::{Adapter, AdapterSet};
-use crate::model::{Arch, Model};
+use crate::lora::Adapter;
+use crate::model::Model;
 use crate::reward::{pad_batch, RewardHead, SCORE_KEY};
-use crate::runtime::{fmt_bytes, parse_device, parse_dtype};
+use crate::runtime::fmt_bytes;
 use crate::template::Template;
 use crate::tokenizer::Tokenizer;
-use crate::weights::ModelFiles;
 
 /// A prompt's completions, tokenized (`template(prompt) ++ completion ++ eos`), and its pairs.
 pub struct RankedExample {
@@ -186,21 +184,17 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<RmSummary> {
     // 1. Check everything before anything is written.
     let cfg = &cfg.for_stage("rm");
     let run = RunDir::open(cfg, start)?;
-    let template = if cfg.data.template.is_empty() { Template::kochatgpt() } else { Template::new(&cfg.data.template)? };
-    let device = parse_device(&cfg.model.device)?;
-    let dtype = parse_dtype(&cfg.model.dtype, &device)?;
-    let files = ModelFiles::resolve(&cfg.model.name)?;
-    let arch = Arch::from_file(&files.config)?;
-    let tok = Tokenizer::load(&files.tokenizer, &files.config)?;
+    let setup = Setup::new(cfg)?;
+    let (template, device, arch, tok) = (&setup.template, &setup.device, &setup.arch, &setup.tok);
 
     // 2. Data: ranked rows -> tokenized completions + pairs; held-out prompts for eval.
     let (rows, skipped) = read_ranked(Path::new(&cfg.data.path), cfg.data.skip_bad_rows)?;
     let max_len = cfg.data.max_len.min(arch.max_positions());
-    let (mut all, truncated) = prepare(&rows, &tok, &template, max_len)?;
+    let (mut all, truncated) = prepare(&rows, tok, template, max_len)?;
     let pairs: usize = all.iter().map(|e| e.pairs.len()).sum();
     let eval = if !cfg.data.eval_path.is_empty() {
         let (erows, _) = read_ranked(Path::new(&cfg.data.eval_path), cfg.data.skip_bad_rows)?;
-        prepare(&erows, &tok, &template, max_len)?.0
+        prepare(&erows, tok, template, max_len)?.0
     } else {
         let held = super::held_out(all.len(), cfg.data.eval_fraction, cfg.train.seed);
         let (mut tr, mut ev) = (vec![], vec![]);
@@ -227,17 +221,17 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<RmSummary> {
         Some(dir) => {
             let (mut a, h) = crate::reward::load_reward_adapter(dir, "rm", true)?;
             let rm = a.pop().unwrap();
-            (rm, RewardHead::from_tensor(h, true, arch.hidden_size(), &device)?)
+            (rm, RewardHead::from_tensor(h, true, arch.hidden_size(), device)?)
         }
         None => {
-            let mut lc = lora_config(cfg, &arch);
+            let mut lc = lora_config(cfg, arch);
             lc.task_type = Some("SEQ_CLS".into());
             lc.modules_to_save = Some(vec!["score".into()]);
-            (Adapter::fresh("rm", lc, cfg.train.seed)?, RewardHead::fresh(arch.hidden_size(), cfg.train.seed, &device)?)
+            (Adapter::fresh("rm", lc, cfg.train.seed)?, RewardHead::fresh(arch.hidden_size(), cfg.train.seed, device)?)
         }
     };
     adapters.push(adapter.clone());
-    let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters).with_base_quant(cfg.model.base_quant()?))?;
+    let model = setup.load_model(adapters)?;
     model.adapters.set_training(true);
     let mut vars = adapter.vars();
     vars.push((SCORE_KEY.to_string(), head.var.clone().expect("a trainable head")));

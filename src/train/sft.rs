@@ -17,14 +17,13 @@ use serde_json::{Map, Value};
 
 use super::config::TrainConfig;
 use super::looper::{train_loop, Method, MicroOut, RunDir};
-use super::{forward_backward, GradAccum, Start};
+use super::{forward_backward, GradAccum, Setup, Start};
 use crate::data::{read_sft, SftRow};
-use crate::lora::{Adapter, AdapterSet, LoraConfig, TargetModules};
+use crate::lora::{Adapter, LoraConfig, TargetModules};
 use crate::model::{causal_mask, Arch, Model};
-use crate::runtime::{fmt_bytes, parse_device, parse_dtype};
+use crate::runtime::fmt_bytes;
 use crate::template::Template;
 use crate::tokenizer::Tokenizer;
-use crate::weights::ModelFiles;
 
 /// One tokenized row: `ids[..prompt_len]` is the prompt, the rest is learned.
 #[derive(Clone, Debug)]
@@ -220,7 +219,7 @@ impl Method for Sft<'_> {
 
 /// Reads, tokenizes and splits the SFT data (train, eval), with the row statistics.
 fn load_data(cfg: &TrainConfig, tok: &Tokenizer, max_len: usize) -> Result<(Vec<SftExample>, Vec<SftExample>, PrepStats)> {
-    let template = if cfg.data.template.is_empty() { Template::kochatgpt() } else { Template::new(&cfg.data.template)? };
+    let template = Template::or_default(&cfg.data.template)?;
     let (rows, format, skipped) = read_sft(Path::new(&cfg.data.path), cfg.data.skip_bad_rows)?;
     let (mut train, mut prep) = prepare(&rows, tok, &template, max_len, cfg.data.strip_leading_quote)?;
     prep.skipped_bad = skipped;
@@ -252,14 +251,8 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<SftSummary> {
     // 1. Check everything that can be wrong before anything is written.
     let cfg = &cfg.for_stage("sft");
     let run = RunDir::open(cfg, start)?;
-    if !cfg.data.template.is_empty() {
-        Template::new(&cfg.data.template)?;
-    }
-    let device = parse_device(&cfg.model.device)?;
-    let dtype = parse_dtype(&cfg.model.dtype, &device)?;
-    let files = ModelFiles::resolve(&cfg.model.name)?;
-    let arch = Arch::from_file(&files.config)?;
-    let tok = Tokenizer::load(&files.tokenizer, &files.config)?;
+    let setup = Setup::new(cfg)?;
+    let (arch, tok) = (&setup.arch, &setup.tok);
 
     // 2. Data: rows -> tokenized examples (prompt masked, eos learned); a held-out split.
     let (train, eval, prep) = load_data(cfg, &tok, cfg.data.max_len.min(arch.max_positions()))?;
@@ -267,9 +260,9 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<SftSummary> {
     // 3. The model with the adapter attached at construction: new, or the checkpoint's.
     let adapter = match run.resume_dir() {
         Some(dir) => crate::peft::load_adapter(dir, "sft", 1.0, true)?,
-        None => Adapter::fresh("sft", lora_config(cfg, &arch), cfg.train.seed)?,
+        None => Adapter::fresh("sft", lora_config(cfg, arch), cfg.train.seed)?,
     };
-    let model = Model::load(&files, dtype, &device, AdapterSet::new(vec![adapter.clone()]).with_base_quant(cfg.model.base_quant()?))?;
+    let model = setup.load_model(vec![adapter.clone()])?;
     model.adapters.set_training(true);
 
     // 4. The shared loop: accumulation, AdamW, schedule, eval, metrics, checkpoints, export.
