@@ -38,7 +38,7 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Chat with a model in the terminal (streaming; /reset, /exit, Ctrl-D).
     Chat(ChatArgs),
-    /// Show what an adapter folder holds.
+    /// Show what an adapter folder or a merged model folder holds and what it was made from.
     Inspect(InspectArgs),
     /// Fold LoRA adapters into the base and write a Hugging Face model folder.
     Merge(MergeArgs),
@@ -242,9 +242,12 @@ pub struct ChatArgs {
 
 #[derive(Args)]
 pub struct InspectArgs {
-    /// Adapter folder (adapter_config.json + adapter_model.safetensors).
+    /// An adapter folder (adapter_config.json) or a model folder (config.json), e.g. from `merge`.
+    #[arg(required_unless_present = "adapter")]
+    pub path: Option<PathBuf>,
+    /// The same, as a flag.
     #[arg(long)]
-    pub adapter: PathBuf,
+    pub adapter: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -347,7 +350,8 @@ pub fn run(cli: Cli) -> Result<()> {
             chat.run(&mut std::io::stdin().lock(), &mut std::io::stdout().lock())
         }
         Command::Inspect(a) => {
-            print!("{}", peft::describe(&a.adapter)?);
+            let path = a.path.or(a.adapter).expect("clap requires one");
+            print!("{}", crate::inspect::describe(&path)?);
             Ok(())
         }
         Command::Bench(a) => cmd_bench(a),

@@ -6,6 +6,7 @@
 //! - [`model`]: GPT-2 and LLaMA, numerically equal to transformers; [`model::Model`] is the entry point.
 //! - [`weights`], [`builtin`], [`tokenizer`]: finding and reading model folders.
 //! - [`peft`], [`io`]: adapter folders in PEFT's format, crash-safe writes.
+//! - [`merge`]: adapters folded into the base, written as a Hugging Face model folder.
 //! - [`generate`], [`eval`]: the KV-cached batched sampler and per-line NLL.
 //! - [`data`], [`template`], [`train`]: training data, the shared prompt template, and the
 //!   training methods (`train/sft.rs`) over shared pieces (optimizer, checkpoints, metrics).
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod generate;
+pub mod inspect;
 pub mod io;
 pub mod lora;
 pub mod merge;
