@@ -165,3 +165,21 @@ fn lora_gradients_match_torch_and_store_nothing_base_sized() {
         assert!(stored_other * 10 < base_params, "{m}: gradient store holds {stored_other} non-adapter values, base has {base_params}");
     }
 }
+
+#[test]
+fn stacked_adapters_add_their_weighted_deltas() {
+    let e = expected("gpt2-a");
+    let dir = fixture("gpt2-a").join("adapter");
+    let with = |specs: &[f64]| {
+        let a = specs.iter().enumerate().map(|(i, &w)| lorafit::peft::load_adapter(&dir, &format!("a{i}"), w, false).unwrap()).collect();
+        logits(&load("gpt2-a", AdapterSet::new(a)), &e.ids[0])
+    };
+    let flat = |l: Vec<Vec<f32>>| l.concat();
+    // The same adapter twice at 0.5 each is the adapter once at 1.0; at weight 0 it is the base.
+    let d = max_abs_diff(&flat(with(&[0.5, 0.5])), &flat(with(&[1.0])));
+    assert!(d < 1e-5, "0.5 + 0.5 vs 1.0: {d}");
+    let d = max_abs_diff(&flat(with(&[0.0])), &e.base.logits0.concat());
+    assert!(d < 1e-4, "weight 0 vs base: {d}");
+    let d = max_abs_diff(&flat(with(&[1.0])), &e.adapter.logits0.concat());
+    assert!(d < 1e-4, "weight 1 vs PEFT: {d}");
+}

@@ -133,3 +133,33 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf 
     std::fs::write(&p, text).unwrap();
     p
 }
+
+#[test]
+fn score_command_reads_text_lines_and_json_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("lines.txt");
+    std::fs::write(&text, "Q: 사과 이야기 0\nA: 네, 좋아요!\n\nQ: x\nA: 몰라.\n").unwrap();
+    let rows = dir.path().join("rows.json");
+    std::fs::write(&rows, r#"[{"prompt": "사과 이야기 0", "completion": "네, 좋아요!"}, {"prompt": "x", "completion": "몰라."}]"#).unwrap();
+    let run = |data: &Path, template: &str| -> Vec<serde_json::Value> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lorafit"))
+            .args(["score", "--model", &fixture("gpt2-a").display().to_string(), "--adapter", &fixture("rm-gpt2-a").display().to_string()])
+            .args(["--data", &data.display().to_string(), "--template", template, "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let lines = run(&text, "");
+    assert_eq!(lines.iter().map(|v| v["line"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2, 4, 5], "empty lines are skipped, numbering kept");
+    let json = run(&rows, "Q: {prompt}\nA:");
+    assert_eq!(json.len(), 2);
+    // JSON rows are scored as template(prompt) + completion + eos: the same as the library does.
+    let f = files("gpt2-a");
+    let tok = lorafit::tokenizer::Tokenizer::load(&f.tokenizer, &f.config).unwrap();
+    let mut ids = tok.encode("Q: 사과 이야기 0\nA:").unwrap();
+    ids.extend(tok.encode_plain("네, 좋아요!").unwrap());
+    ids.push(tok.eos_id.unwrap());
+    let r = rewards_of("gpt2-a", &fixture("rm-gpt2-a"), &[ids])[0];
+    assert!((json[0]["reward"].as_f64().unwrap() as f32 - r).abs() < 1e-5);
+}
