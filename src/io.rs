@@ -44,7 +44,7 @@ fn dtype_of(dt: DType) -> Result<safetensors::Dtype> {
 }
 
 /// Raw little-endian bytes of a tensor (contiguous, on the CPU).
-pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     let t = t.to_device(&candle_core::Device::Cpu)?.flatten_all()?;
     Ok(match t.dtype() {
         DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),

@@ -23,7 +23,7 @@
 //! temporary folder next to `--out`, fsync'ed, then renamed. References: transformers
 //! `modeling_utils.save_pretrained` (shards, index), safetensors' file format.
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -34,6 +34,7 @@ use serde_json::json;
 
 use crate::lora::{Adapter, AdapterSet};
 use crate::model::{gpt2, llama, Arch};
+use crate::stream_load::StreamingSafetensors;
 use crate::weights::{ModelFiles, WeightFiles};
 
 /// What `lorafit merge` was asked to do.
@@ -67,14 +68,6 @@ const EXTRA_FILES: [&str; 8] = [
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
 ];
-const ST_DTYPES: [(&str, DType); 7] = [
-    ("F32", DType::F32), ("F16", DType::F16), ("BF16", DType::BF16), ("F64", DType::F64),
-    ("I64", DType::I64), ("U8", DType::U8), ("U32", DType::U32),
-];
-
-fn st_name(dt: DType) -> Result<&'static str> {
-    ST_DTYPES.iter().find(|(_, d)| *d == dt).map(|(n, _)| *n).with_context(|| format!("cannot write dtype {dt:?}"))
-}
 
 fn hf_name(dt: DType) -> &'static str {
     match dt {
@@ -84,62 +77,33 @@ fn hf_name(dt: DType) -> &'static str {
     }
 }
 
-/// The base checkpoint, read tensor by tensor: safetensors headers (name -> file, dtype, shape,
-/// absolute byte range) or a PyTorch pickle read lazily by candle.
+/// The base checkpoint, read one tensor at a time: safetensors by positioned reads
+/// ([`StreamingSafetensors`]), a PyTorch pickle lazily by candle.
 enum Source {
-    St(Vec<PathBuf>, HashMap<String, (usize, DType, Vec<usize>, u64, u64)>),
+    St(StreamingSafetensors),
     Pth(candle_core::pickle::PthTensors),
 }
 
 impl Source {
     fn open(w: &WeightFiles) -> Result<Self> {
-        let files = match w {
-            WeightFiles::Pth(p) => {
-                let pth = candle_core::pickle::PthTensors::new(p, None).with_context(|| format!("cannot read {}", p.display()))?;
-                return Ok(Source::Pth(pth));
-            }
-            WeightFiles::Safetensors(files) => files,
-        };
-        let mut map = HashMap::new();
-        for (i, p) in files.iter().enumerate() {
-            crate::weights::check_safetensors_header(p)?;
-            let mut f = std::fs::File::open(p)?;
-            let mut n = [0u8; 8];
-            f.read_exact(&mut n)?;
-            let mut h = vec![0u8; u64::from_le_bytes(n) as usize];
-            f.read_exact(&mut h)?;
-            let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&h)?;
-            for (name, v) in header.into_iter().filter(|(k, _)| k != "__metadata__") {
-                let (dt, shape, off) = (v["dtype"].as_str().unwrap_or("?"), &v["shape"], &v["data_offsets"]);
-                let dtype = ST_DTYPES.iter().find(|(s, _)| *s == dt).map(|(_, d)| *d);
-                let dtype = dtype.with_context(|| format!("{}: tensor {name} has dtype {dt}, which lorafit cannot merge", p.display()))?;
-                let shape: Vec<usize> = serde_json::from_value(shape.clone())?;
-                let [s, e]: [u64; 2] = serde_json::from_value(off.clone())?;
-                let base = 8 + h.len() as u64;
-                map.insert(name, (i, dtype, shape, base + s, base + e));
-            }
-        }
-        Ok(Source::St(files.clone(), map))
+        Ok(match w {
+            WeightFiles::Safetensors(files) => Source::St(StreamingSafetensors::open(files)?),
+            WeightFiles::Pth(p) => Source::Pth(candle_core::pickle::PthTensors::new(p, None).with_context(|| format!("cannot read {}", p.display()))?),
+        })
     }
 
-    /// name -> (dtype, shape) of every tensor.
-    fn shapes(&self) -> BTreeMap<String, (DType, Vec<usize>)> {
-        match self {
-            Source::St(_, m) => m.iter().map(|(k, (_, d, s, _, _))| (k.clone(), (*d, s.clone()))).collect(),
+    /// name -> (dtype, shape) of every tensor, from the headers.
+    fn shapes(&self) -> Result<BTreeMap<String, (DType, Vec<usize>)>> {
+        Ok(match self {
+            Source::St(s) => s.infos()?.into_iter().map(|(k, d, s)| (k, (d, s))).collect(),
             Source::Pth(p) => p.tensor_infos().iter().map(|(k, i)| (k.clone(), (i.dtype, i.layout.dims().to_vec()))).collect(),
-        }
+        })
     }
 
-    fn load(&self, name: &str) -> Result<Tensor> {
+    /// The tensor `name` in its stored `dtype`.
+    fn load(&self, name: &str, dtype: DType) -> Result<Tensor> {
         match self {
-            Source::St(files, m) => {
-                let (i, dtype, shape, s, e) = m.get(name).with_context(|| format!("no tensor {name}"))?;
-                let mut f = std::fs::File::open(&files[*i])?;
-                f.seek(SeekFrom::Start(*s))?;
-                let mut buf = vec![0u8; (e - s) as usize];
-                f.read_exact(&mut buf).with_context(|| format!("reading {name} from {}", files[*i].display()))?;
-                Ok(Tensor::from_raw_buffer(&buf, *dtype, shape, &Device::Cpu)?)
-            }
+            Source::St(s) => Ok(s.get_unchecked(name, dtype, &Device::Cpu)?),
             Source::Pth(p) => Ok(p.get(name)?.with_context(|| format!("no tensor {name}"))?.contiguous()?),
         }
     }
@@ -183,7 +147,9 @@ struct Delta {
 
 /// Loads the adapters (a reward folder brings the stack in its lorafit.json, at weight 1),
 /// its score head if any, and the record written into config.json.
-fn load_adapters(list: &[(PathBuf, f64)]) -> Result<(Vec<Arc<Adapter>>, Option<Tensor>, Vec<serde_json::Value>)> {
+type Loaded = (Vec<Arc<Adapter>>, Option<Tensor>, Vec<serde_json::Value>);
+
+fn load_adapters(list: &[(PathBuf, f64)]) -> Result<Loaded> {
     let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
     let explicit: HashSet<PathBuf> = list.iter().map(|(d, _)| canon(d)).collect();
     let (mut adapters, mut head, mut record) = (vec![], None, vec![]);
@@ -244,13 +210,14 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok((n * mult as f64) as u64)
 }
 
-/// Writes one safetensors file, computing each tensor only when its bytes are due.
-fn write_shard(path: &Path, items: &[&Item], mut get: impl FnMut(&Item) -> Result<Tensor>) -> Result<()> {
+/// Writes one safetensors file, computing each tensor only when its bytes are due (and
+/// checking it is finite).
+fn write_shard(path: &Path, items: &[&Item], get: impl Fn(&Item) -> Result<Tensor>) -> Result<()> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut off = 0;
     for it in items {
-        header.insert(it.out.clone(), json!({"dtype": st_name(it.dtype)?, "shape": it.shape, "data_offsets": [off, off + it.bytes()]}));
+        header.insert(it.out.clone(), json!({"dtype": safetensors::Dtype::from(it.dtype), "shape": it.shape, "data_offsets": [off, off + it.bytes()]}));
         off += it.bytes();
     }
     let mut h = serde_json::to_vec(&header)?;
@@ -259,9 +226,9 @@ fn write_shard(path: &Path, items: &[&Item], mut get: impl FnMut(&Item) -> Resul
     f.write_all(&(h.len() as u64).to_le_bytes())?;
     f.write_all(&h)?;
     for it in items {
-        let bytes = crate::io::tensor_bytes(&get(it)?)?;
-        ensure!(bytes.len() as u64 == it.bytes(), "internal: {} has {} bytes, expected {}", it.out, bytes.len(), it.bytes());
-        f.write_all(&bytes)?;
+        let t = get(it)?;
+        ensure!(t.dims() == it.shape && t.dtype() == it.dtype, "internal: {} is {:?} {:?}", it.out, t.dtype(), t.dims());
+        check_and_write(&t, &it.out, &mut f)?;
     }
     f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok(())
@@ -281,12 +248,31 @@ impl Item {
     }
 }
 
-fn check_finite(t: &Tensor, name: &str) -> Result<()> {
-    if t.dtype().is_float() {
-        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            bail!("merged tensor {name} has a non-finite value ({} at flat index {i}) in {:?}; nothing was written", v[i], t.dtype())
-        }
+/// Checks that `t` is finite and streams its little-endian bytes to `f` (`io::sink()` to only
+/// check), straight from the CPU storage: no copy of the tensor.
+fn check_and_write(t: &Tensor, name: &str, f: &mut impl Write) -> Result<()> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { bail!("internal: {name} is not on the CPU") };
+    let range = layout.start_offset()..layout.start_offset() + t.elem_count();
+    macro_rules! go {
+        ($ty:ty, $finite:expr) => {{
+            let v = &cpu.as_slice::<$ty>()?[range];
+            if let Some(i) = v.iter().position(|x| !$finite(x)) {
+                bail!("merged tensor {name} has a non-finite value ({} at flat index {i}) in {:?}; nothing was written", v[i], t.dtype())
+            }
+            v.iter().try_for_each(|x| f.write_all(&x.to_le_bytes()))?
+        }};
+    }
+    match t.dtype() {
+        DType::F32 => go!(f32, |x: &f32| x.is_finite()),
+        DType::F16 => go!(half::f16, |x: &half::f16| x.is_finite()),
+        DType::BF16 => go!(half::bf16, |x: &half::bf16| x.is_finite()),
+        DType::F64 => go!(f64, |x: &f64| x.is_finite()),
+        DType::I64 => go!(i64, |_: &i64| true),
+        DType::U32 => go!(u32, |_: &u32| true),
+        DType::U8 => go!(u8, |_: &u8| true),
+        dt => bail!("cannot write {name}: dtype {dt:?}"),
     }
     Ok(())
 }
@@ -299,7 +285,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     let files = ModelFiles::resolve(&o.model)?;
     let arch = Arch::from_file(&files.config)?;
     let src = Source::open(&files.weights)?;
-    let shapes = src.shapes();
+    let shapes = src.shapes()?;
     let (adapters, head, record) = load_adapters(&o.adapters)?;
 
     // Attach the adapters through the model loaders, over shapes only.
@@ -336,7 +322,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     // Stacking: PEFT saves fan_in_fan_out to match the layer it wrapped (true for GPT-2's Conv1D,
     // [in, out]; false for nn.Linear, [out, in]). Adapters on one weight must all agree with it.
     for (key, ds) in &deltas {
-        for d in ds.iter().filter(|d| d.adapter.config.fan_in_fan_out != d.conv1d) {
+        if let Some(d) = ds.iter().find(|d| d.adapter.config.fan_in_fan_out != d.conv1d) {
             let others: Vec<&str> = ds.iter().filter(|e| e.adapter.config.fan_in_fan_out == d.conv1d).map(|e| e.adapter.name.as_str()).collect();
             bail!(
                 "adapter {:?} has fan_in_fan_out = {}, but {key} is {}: it was made for a model whose layer is stored the \
@@ -363,20 +349,16 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
         let out = if seq_cls && prefixless { format!("transformer.{name}") } else { name.clone() };
         items.push(Item { out, src: Some(name.clone()), dtype: if dt.is_float() { dtype } else { *dt }, shape: shape.clone() });
     }
-    let head = match head {
-        Some(h) => {
-            let h = crate::reward::RewardHead::from_tensor(h, false, arch.hidden_size(), &Device::Cpu)?.weight;
-            items.push(Item { out: "score.weight".into(), src: None, dtype, shape: h.dims().to_vec() });
-            Some(h)
-        }
-        None => None,
-    };
+    let head = head.map(|h| crate::reward::RewardHead::from_tensor(h, false, arch.hidden_size(), &Device::Cpu)).transpose()?.map(|h| h.weight);
+    if let Some(h) = &head {
+        items.push(Item { out: "score.weight".into(), src: None, dtype, shape: h.dims().to_vec() });
+    }
     items.sort_by(|a, b| a.out.cmp(&b.out));
     let tensor = |it: &Item| -> Result<Tensor> {
         let t = match &it.src {
             None => head.clone().context("internal: no head")?,
             Some(name) => {
-                let t = src.load(name)?;
+                let t = src.load(name, shapes[name].0)?;
                 match deltas.get(name) {
                     None => t,
                     Some(ds) => ds.iter().try_fold(t.to_dtype(DType::F32)?, |w, d| -> Result<Tensor> {
@@ -412,7 +394,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     let extra: u64 = EXTRA_FILES.iter().filter_map(|f| std::fs::metadata(files.dir.join(f)).ok()).map(|m| m.len()).sum();
     check_disk_space(&parent, total + extra + 1024 * (items.len() as u64 + 16))?;
     for it in items.iter().filter(|it| it.src.as_ref().is_none_or(|s| deltas.contains_key(s))) {
-        check_finite(&tensor(it)?, &it.out)?;
+        check_and_write(&tensor(it)?, &it.out, &mut std::io::sink())?;
     }
 
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files.config)?)?;
@@ -435,11 +417,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     let written = (|| -> Result<()> {
         std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         for (shard, name) in shards.iter().zip(&names) {
-            write_shard(&tmp.join(name), shard, |it| {
-                let t = tensor(it)?;
-                check_finite(&t, &it.out)?;
-                Ok(t)
-            })?;
+            write_shard(&tmp.join(name), shard, tensor)?;
         }
         if n > 1 {
             let map: BTreeMap<&str, &str> = shards.iter().zip(&names).flat_map(|(s, f)| s.iter().map(move |it| (it.out.as_str(), f.as_str()))).collect();
@@ -460,15 +438,11 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     }
     // Swap in: the old --out (with --force) is moved aside, the new folder renamed, the old removed.
     let old = parent.join(format!(".{leaf}.merge-old-{}", std::process::id()));
-    if o.out.exists() || o.out.is_symlink() {
+    if o.out.symlink_metadata().is_ok() {
         std::fs::rename(&o.out, &old).with_context(|| format!("cannot move the old {} aside", o.out.display()))?;
     }
     std::fs::rename(&tmp, &o.out).with_context(|| format!("cannot rename {} to {}", tmp.display(), o.out.display()))?;
-    if old.is_dir() {
-        std::fs::remove_dir_all(&old)?;
-    } else if old.exists() || old.is_symlink() {
-        std::fs::remove_file(&old)?;
-    }
+    let _ = std::fs::remove_dir_all(&old).or_else(|_| std::fs::remove_file(&old));
     std::fs::File::open(&parent)?.sync_all()?;
     Ok(MergeReport {
         out: o.out.display().to_string(),

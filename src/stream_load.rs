@@ -54,6 +54,11 @@ impl StreamingSafetensors {
         Ok(Self { files, entries })
     }
 
+    /// Every tensor's name, dtype and shape, from the headers (no data is read).
+    pub fn infos(&self) -> candle_core::Result<Vec<(String, DType, Vec<usize>)>> {
+        self.entries.iter().map(|(k, e)| Ok((k.clone(), DType::try_from(e.dtype)?, e.shape.clone()))).collect()
+    }
+
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let e = self.entries.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
         let (path, f) = &self.files[e.file];
