@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod plot;
 pub mod ppo;
 pub mod rm;
+pub mod roles;
 pub mod sft;
 
 use std::io::Write;

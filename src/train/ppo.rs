@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -30,20 +30,13 @@ use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
 use super::looper::RunDir;
 use super::optim::{clip_grad_norm, lr_at, AdamW};
-use super::sft::{lora_config, make_batch, Batch, SftExample};
-use super::{epoch_batches, Setup, Start};
-use super::{forward_backward, progress_bar, remove_run_files, GradAccum, MetricsLog};
+use super::roles::{gae, whiten, Roles, CRITIC, POLICY, REFERENCE, REWARD, V_HEAD_KEY};
+use super::sft::{lora_config, make_batch, SftExample};
+use super::{epoch_batches, forward_backward, progress_bar, remove_run_files, GradAccum, MetricsLog, Setup, Start};
 use crate::generate::{generate, SamplingConfig};
 use crate::lora::Adapter;
-use crate::model::Model;
 use crate::reward::{load_reward_adapter, RewardHead};
 use crate::runtime::{fmt_bytes, peak_rss_bytes};
-
-const POLICY: &str = "policy";
-const REFERENCE: &str = "reference";
-const REWARD: &str = "reward";
-const CRITIC: &str = "critic";
-const V_HEAD_KEY: &str = "v_head.weight";
 
 /// One rollout: sequences (prompt ++ response) and per-response-token quantities.
 struct Rollout {
@@ -53,89 +46,6 @@ struct Rollout {
     values: Vec<Vec<f32>>,
     adv: Vec<Vec<f32>>,
     returns: Vec<Vec<f32>>,
-}
-
-/// The roles, the value head and the settings of a run.
-struct Roles<'a> {
-    model: &'a Model,
-    reward_head: RewardHead,
-    v_head: RewardHead,
-    reward_names: Vec<String>,
-    critic_names: Vec<String>,
-    has_reference: bool,
-    cfg: &'a TrainConfig,
-}
-
-impl Roles<'_> {
-    fn activate(&self, names: &[String]) {
-        self.model.adapters.activate(&names.iter().map(String::as_str).collect::<Vec<_>>());
-    }
-
-    /// Per-token log-probs (N,) of the batch's learned tokens under the active adapters, at the
-    /// sampling temperature, from final hidden states h.
-    fn logp(&self, h: &Tensor, b: &Batch) -> Result<Tensor> {
-        let (bs, t, c) = h.dims3()?;
-        let hs = (h.reshape((bs * t, c))?.index_select(&b.select, 0)? / self.cfg.ppo.temperature)?;
-        let head = self.model.lm_head_layer();
-        let nll = if head.has_lora() {
-            crate::ops::cross_entropy(&head.forward(&hs)?, &b.targets)?
-        } else {
-            crate::ops::lm_head_cross_entropy(&hs, &head.w_in_out()?, &b.targets, self.cfg.train.loss_chunk)?
-        };
-        Ok(nll.neg()?)
-    }
-
-    /// Mean entropy of the next-token distributions at the selected positions.
-    fn entropy(&self, h: &Tensor, b: &Batch) -> Result<Tensor> {
-        let (bs, t, c) = h.dims3()?;
-        let hs = (h.reshape((bs * t, c))?.index_select(&b.select, 0)? / self.cfg.ppo.temperature)?;
-        let logits = self.model.lm_head(&hs)?.to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
-        Ok((logp.exp()? * &logp)?.sum(candle_core::D::Minus1)?.neg()?.mean_all()?)
-    }
-
-    /// Values (N,) at the selected positions from the critic's hidden states.
-    fn values(&self, h: &Tensor, b: &Batch) -> Result<Tensor> {
-        let (bs, t, c) = h.dims3()?;
-        let hs = h.reshape((bs * t, c))?.index_select(&b.select, 0)?.to_dtype(DType::F32)?;
-        Ok(hs.matmul(&self.v_head.weight.t()?)?.squeeze(1)?)
-    }
-
-    /// Splits a flat (N,) vector of a batch into per-sequence response vectors.
-    fn split(flat: Vec<f32>, ex: &[&SftExample]) -> Vec<Vec<f32>> {
-        let mut out = vec![];
-        let mut at = 0;
-        for e in ex {
-            let n = e.ids.len() - e.prompt_len;
-            out.push(flat[at..at + n].to_vec());
-            at += n;
-        }
-        out
-    }
-}
-
-/// GAE over one response: returns (advantages, returns).
-pub fn gae(rewards: &[f32], values: &[f32], gamma: f64, lam: f64) -> (Vec<f32>, Vec<f32>) {
-    let n = rewards.len();
-    let mut adv = vec![0f32; n];
-    let mut last = 0f64;
-    for t in (0..n).rev() {
-        let next = if t + 1 < n { values[t + 1] as f64 } else { 0.0 };
-        let delta = rewards[t] as f64 + gamma * next - values[t] as f64;
-        last = delta + gamma * lam * last;
-        adv[t] = last as f32;
-    }
-    let ret = adv.iter().zip(values).map(|(a, v)| a + v).collect();
-    (adv, ret)
-}
-
-fn whiten(xs: &mut [Vec<f32>]) {
-    let all: Vec<f32> = xs.iter().flatten().copied().collect();
-    let n = all.len().max(1) as f64;
-    let mean = all.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let var = all.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
-    let std = var.sqrt() + 1e-8;
-    xs.iter_mut().flatten().for_each(|x| *x = ((*x as f64 - mean) / std) as f32);
 }
 
 #[derive(Debug, Serialize)]

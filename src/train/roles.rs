@@ -1,0 +1,100 @@
+//! PPO's pieces: the four roles over one base (which adapters each activates, and the
+//! quantities read from a pass: response log-probs at the sampling temperature, entropy,
+//! values), and the advantage math (GAE, whitening). The loop is in `ppo.rs`.
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+
+use super::config::TrainConfig;
+use super::sft::{Batch, SftExample};
+use crate::model::Model;
+use crate::reward::RewardHead;
+
+pub const POLICY: &str = "policy";
+pub const REFERENCE: &str = "reference";
+pub const REWARD: &str = "reward";
+pub const CRITIC: &str = "critic";
+pub const V_HEAD_KEY: &str = "v_head.weight";
+
+/// The roles, the value head and the settings of a run.
+pub struct Roles<'a> {
+    pub model: &'a Model,
+    pub reward_head: RewardHead,
+    pub v_head: RewardHead,
+    pub reward_names: Vec<String>,
+    pub critic_names: Vec<String>,
+    pub has_reference: bool,
+    pub cfg: &'a TrainConfig,
+}
+
+impl Roles<'_> {
+    pub fn activate(&self, names: &[String]) {
+        self.model.adapters.activate(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    /// Per-token log-probs (N,) of the batch's learned tokens under the active adapters, at the
+    /// sampling temperature, from final hidden states h.
+    pub fn logp(&self, h: &Tensor, b: &Batch) -> Result<Tensor> {
+        let (bs, t, c) = h.dims3()?;
+        let hs = (h.reshape((bs * t, c))?.index_select(&b.select, 0)? / self.cfg.ppo.temperature)?;
+        let head = self.model.lm_head_layer();
+        let nll = if head.has_lora() {
+            crate::ops::cross_entropy(&head.forward(&hs)?, &b.targets)?
+        } else {
+            crate::ops::lm_head_cross_entropy(&hs, &head.w_in_out()?, &b.targets, self.cfg.train.loss_chunk)?
+        };
+        Ok(nll.neg()?)
+    }
+
+    /// Mean entropy of the next-token distributions at the selected positions.
+    pub fn entropy(&self, h: &Tensor, b: &Batch) -> Result<Tensor> {
+        let (bs, t, c) = h.dims3()?;
+        let hs = (h.reshape((bs * t, c))?.index_select(&b.select, 0)? / self.cfg.ppo.temperature)?;
+        let logits = self.model.lm_head(&hs)?.to_dtype(DType::F32)?;
+        let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+        Ok((logp.exp()? * &logp)?.sum(candle_core::D::Minus1)?.neg()?.mean_all()?)
+    }
+
+    /// Values (N,) at the selected positions from the critic's hidden states.
+    pub fn values(&self, h: &Tensor, b: &Batch) -> Result<Tensor> {
+        let (bs, t, c) = h.dims3()?;
+        let hs = h.reshape((bs * t, c))?.index_select(&b.select, 0)?.to_dtype(DType::F32)?;
+        Ok(hs.matmul(&self.v_head.weight.t()?)?.squeeze(1)?)
+    }
+
+    /// Splits a flat (N,) vector of a batch into per-sequence response vectors.
+    pub fn split(flat: Vec<f32>, ex: &[&SftExample]) -> Vec<Vec<f32>> {
+        let mut out = vec![];
+        let mut at = 0;
+        for e in ex {
+            let n = e.ids.len() - e.prompt_len;
+            out.push(flat[at..at + n].to_vec());
+            at += n;
+        }
+        out
+    }
+}
+
+/// GAE over one response: returns (advantages, returns).
+pub fn gae(rewards: &[f32], values: &[f32], gamma: f64, lam: f64) -> (Vec<f32>, Vec<f32>) {
+    let n = rewards.len();
+    let mut adv = vec![0f32; n];
+    let mut last = 0f64;
+    for t in (0..n).rev() {
+        let next = if t + 1 < n { values[t + 1] as f64 } else { 0.0 };
+        let delta = rewards[t] as f64 + gamma * next - values[t] as f64;
+        last = delta + gamma * lam * last;
+        adv[t] = last as f32;
+    }
+    let ret = adv.iter().zip(values).map(|(a, v)| a + v).collect();
+    (adv, ret)
+}
+
+pub fn whiten(xs: &mut [Vec<f32>]) {
+    let all: Vec<f32> = xs.iter().flatten().copied().collect();
+    let n = all.len().max(1) as f64;
+    let mean = all.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = all.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    let std = var.sqrt() + 1e-8;
+    xs.iter_mut().flatten().for_each(|x| *x = ((*x as f64 - mean) / std) as f32);
+}
+
