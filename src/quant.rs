@@ -46,14 +46,11 @@ pub struct Nf4 {
     pub dtype: DType,
 }
 
+/// Index of the level nearest to `x` in [-1, 1]: the number of midpoints between adjacent
+/// levels that lie below `x` (a binary search over the 15 midpoints).
 fn nearest_level(x: f32) -> u8 {
-    let mut best = 0;
-    for (i, &l) in NF4_LEVELS.iter().enumerate() {
-        if (x - l).abs() < (x - NF4_LEVELS[best]).abs() {
-            best = i;
-        }
-    }
-    best as u8
+    let mids: [f32; 15] = std::array::from_fn(|i| 0.5 * (NF4_LEVELS[i] + NF4_LEVELS[i + 1]));
+    mids.partition_point(|&m| m < x) as u8
 }
 
 impl Nf4 {
@@ -66,15 +63,18 @@ impl Nf4 {
             bail!("cannot quantize a weight with non-finite values")
         }
         v.resize(n.div_ceil(BLOCK) * BLOCK, 0.0);
-        let mut scales = Vec::with_capacity(v.len() / BLOCK);
-        let mut codes = Vec::with_capacity(v.len());
-        for block in v.chunks(BLOCK) {
-            let s = block.iter().fold(0f32, |m, x| m.max(x.abs()));
-            scales.push(s);
-            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-            codes.extend(block.iter().map(|x| nearest_level(x * inv)));
-        }
-        let packed: Vec<u8> = codes.chunks(2).map(|c| c[0] | (c.get(1).copied().unwrap_or(7) << 4)).collect();
+        // Blocks are independent: quantize them on all cores (a 7B base has 100M blocks).
+        use rayon::prelude::*;
+        let (scales, packed): (Vec<f32>, Vec<Vec<u8>>) = v
+            .par_chunks(BLOCK)
+            .map(|block| {
+                let s = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+                let packed = block.chunks(2).map(|c| nearest_level(c[0] * inv) | (nearest_level(c[1] * inv) << 4)).collect();
+                (s, packed)
+            })
+            .unzip();
+        let packed: Vec<u8> = packed.concat();
         let dev = w.device();
         Ok(Self {
             packed: Tensor::from_vec(packed.clone(), packed.len(), dev)?,
