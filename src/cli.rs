@@ -44,6 +44,8 @@ pub enum Command {
     Merge(MergeArgs),
     /// Measure load time, memory and generation speed (see docs/BENCHMARKS.md).
     Bench(BenchArgs),
+    /// Predict a training run's peak memory from config.json alone, against a --budget.
+    Plan(crate::plan::PlanArgs),
 }
 
 /// The model to load, and the adapters to attach.
@@ -355,6 +357,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(a) => cmd_bench(a),
+        Command::Plan(a) => crate::plan::run(a),
         Command::Merge(a) => cmd_merge(a),
     }
 }

@@ -10,6 +10,7 @@
 //! - [`generate`], [`eval`]: the KV-cached batched sampler and per-line NLL.
 //! - [`data`], [`template`], [`train`]: training data, the shared prompt template, and the
 //!   training methods (`train/sft.rs`) over shared pieces (optimizer, checkpoints, metrics).
+//! - [`plan`]: a training run's peak memory predicted from config.json (`lorafit plan`).
 //! - [`cli`]: the `lorafit` command line.
 pub mod builtin;
 pub mod chat;
@@ -24,6 +25,7 @@ pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod peft;
+pub mod plan;
 pub mod quant;
 pub mod reward;
 pub mod rng;

@@ -48,6 +48,32 @@ impl ModelFiles {
         Self::from_hub(model)
     }
 
+    /// Only the `config.json` of `--model` (for `lorafit plan`: no tokenizer, no weights needed):
+    /// a folder holding it, `builtin:<name>` (written as usual), or a hub id (the cached file, or
+    /// that one file downloaded unless HF_HUB_OFFLINE is set).
+    pub fn config_only(model: &str) -> Result<PathBuf> {
+        let dir = match model.strip_prefix("builtin:") {
+            Some(name) => crate::builtin::materialize(name)?,
+            None => PathBuf::from(model),
+        };
+        if dir.is_dir() {
+            let config = dir.join("config.json");
+            anyhow::ensure!(config.is_file(), "{}: no config.json", dir.display());
+            return Ok(config);
+        }
+        if model.starts_with('.') || model.starts_with('/') || model.matches('/').count() > 1 {
+            bail!("--model {model}: no such folder")
+        }
+        if let Some(p) = hf_hub::Cache::from_env().model(model.to_string()).get("config.json") {
+            return Ok(p);
+        }
+        if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true") {
+            bail!("--model {model}: config.json is not in the Hugging Face cache and HF_HUB_OFFLINE is set")
+        }
+        let api = hf_hub::api::sync::ApiBuilder::from_env().build()?;
+        api.model(model.to_string()).get("config.json").with_context(|| format!("--model {model}: cannot get config.json from the hub or its cache"))
+    }
+
     /// A local folder in Hugging Face layout.
     pub fn from_dir(dir: &Path, name: &str) -> Result<Self> {
         let config = dir.join("config.json");
