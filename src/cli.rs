@@ -495,7 +495,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.what == "sft" {
         let targets: Vec<String> = a.targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         let m = &a.model;
-        let r = crate::train::bench::bench_sft(&m.model, &m.dtype, &m.device, a.batch, a.seq, a.steps, &targets, a.r, a.grad_checkpointing)?;
+        let r = crate::train::bench::bench_sft(&m.model, &m.dtype, &m.device, a.batch, a.seq, a.steps, &targets, a.r, a.grad_checkpointing, &m.quantize)?;
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {

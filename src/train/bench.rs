@@ -51,13 +51,15 @@ pub fn bench_sft(
     targets: &[String],
     r: usize,
     grad_checkpointing: bool,
+    quantize: &str,
 ) -> Result<SftBench> {
     let rss_start = peak_rss_bytes();
+    let quant = crate::quant::BaseQuant::parse(quantize)?;
     let device = parse_device(device)?;
     let dtype = parse_dtype(dtype, &device)?;
     let files = ModelFiles::resolve(model_name)?;
     let adapter = Adapter::fresh("bench", bench_lora(targets, r), 0)?;
-    let model = Model::load(&files, dtype, &device, AdapterSet::new(vec![adapter.clone()]))?;
+    let model = Model::load(&files, dtype, &device, AdapterSet::new(vec![adapter.clone()]).with_base_quant(quant))?;
     let rss_after_load = peak_rss_bytes();
     model.adapters.set_training(true);
     let train = super::config::TrainSection::default();
