@@ -83,6 +83,9 @@ pub struct TrainArgs {
     /// Overrides out.dir.
     #[arg(long)]
     pub out: Option<String>,
+    /// Overrides model.device: cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
     /// Override any config key: --set train.lr=1e-4 --set lora.target_modules='["c_attn"]'.
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
@@ -135,6 +138,9 @@ impl TrainArgs {
         }
         if let Some(o) = &self.out {
             sets.push(format!("out.dir={}", quote(o)));
+        }
+        if let Some(d) = &self.device {
+            sets.push(format!("model.device={}", quote(d)));
         }
         if self.skip_bad_rows {
             sets.push("data.skip_bad_rows=true".into());
