@@ -12,6 +12,8 @@ fn hint(chain: &str) -> Option<&'static str> {
         || c.contains("but has no tensor")
     {
         Some("pass the same --model the adapter was trained on (`lorafit inspect --adapter DIR` shows it)")
+    } else if c.contains("unknown field `stages`") {
+        Some("this is a pipeline config: run it with `lorafit pipeline --config FILE`")
     } else if c.contains("not valid utf-8") {
         Some("convert the file to UTF-8, e.g. `iconv -f cp949 -t utf-8 in.txt > out.txt` for Korean text")
     } else if c.contains("more than the model's context") {
