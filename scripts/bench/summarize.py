@@ -78,7 +78,10 @@ def main() -> None:
         out = []
         for r in ok:
             if r["tool"] == tool and (dtype is None or r["dtype"] == dtype) and (batch is None or r["batch"] == batch):
-                out.append(f(r["result"]) if f else r["result"][key])
+                try:
+                    out.append(f(r["result"]) if f else r["result"][key])
+                except KeyError:  # an older lorafit without this key
+                    pass
         return out
 
     secs = lambda x: f"{x:.2f}"
