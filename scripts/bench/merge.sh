@@ -4,7 +4,7 @@
 # `lorafit merge` next to PEFT's merge_and_unload + save_pretrained, in the same run on the same
 # machine; then checks that the two merged models agree.
 #
-#   scripts/bench/merge.sh            # ~3 minutes on a 2-core box; prints the Markdown section
+#   scripts/bench/merge.sh            # ~1 minute on a quiet 2-core box; prints the Markdown section
 #
 # One adapter (scripts/bench/merge_check.py adapter: PEFT's get_peft_model + save_pretrained, r 8,
 # alpha 16, c_attn, c_proj, c_fc, seeded, lora_B randomised) is read by both tools. Each merge runs
