@@ -17,7 +17,7 @@
 //! (`Gpt2::load` / `Llama::load`), over a shape-only view of the checkpoint: no weight is read,
 //! and every check of the loader applies (targets that match nothing, unmatched tensors, wrong
 //! shapes). Tensors are then processed one at a time (read, merge, cast, write), so the peak
-//! memory is about the largest tensor, not the model. The output keeps the base's own key
+//! memory is about twice the largest tensor (its raw bytes and the tensor briefly coexist), not the model. The output keeps the base's own key
 //! names; a reward adapter (`lorafit rm`) gives a sequence-classification checkpoint
 //! (`score.weight`, as transformers' `*ForSequenceClassification`). Everything is written in a
 //! temporary folder next to `--out`, fsync'ed, then renamed. References: transformers
