@@ -85,6 +85,12 @@ pub fn input_grad_op(
     x.apply_op1_arc(Arc::new(Box::new(op)))
 }
 
+/// `softplus(x) = log(1 + e^x)`, written stably as `relu(x) + log(1 + e^-|x|)`; with
+/// `x = -d` it is the pairwise reward loss `-log σ(d)`.
+pub fn softplus(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
 /// `x @ w` for x: (..., k) and a 2-D w: (k, n) as ONE 2-D GEMM over the flattened rows.
 /// (candle's `broadcast_matmul` would broadcast w over the batch, and copies it per batch
 /// entry when x is not contiguous.)

@@ -8,7 +8,6 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::Device;
 use serde::Serialize;
 
 use super::optim::AdamW;
@@ -67,17 +66,9 @@ pub fn bench_sft(
     let vocab = model.arch.vocab_size();
     let mut rng = SeededRng::new(1);
     let ex: Vec<SftExample> = (0..batch)
-        .map(|_| SftExample { ids: (0..seq).map(|_| (rng.uniform_f32() * vocab as f32) as u32 % vocab as u32).collect(), prompt_len: 1 })
+        .map(|_| SftExample { ids: random_ids(&mut rng, seq, vocab), prompt_len: 1 })
         .collect();
-    let b = make_batch(&ex.iter().collect::<Vec<_>>(), 0, &Device::Cpu)?;
-    let b = super::sft::Batch {
-        ids: b.ids.to_device(&device)?,
-        pos: b.pos.to_device(&device)?,
-        mask: b.mask.to_device(&device)?,
-        select: b.select.to_device(&device)?,
-        targets: b.targets.to_device(&device)?,
-        tokens: b.tokens,
-    };
+    let b = make_batch(&ex.iter().collect::<Vec<_>>(), 0, &device)?;
     let denom = b.targets.dim(0)? as f64;
     let mut times = vec![];
     for _ in 0..steps + 1 {
@@ -112,6 +103,11 @@ pub fn bench_sft(
 /// The benches' LoRA: alpha = 2r and dropout 0.05, as the training defaults and the PEFT scripts.
 fn bench_lora(targets: &[String], r: usize) -> LoraConfig {
     LoraConfig { r, lora_alpha: 2.0 * r as f64, lora_dropout: 0.05, target_modules: TargetModules::List(targets.to_vec()), ..Default::default() }
+}
+
+/// `n` seeded random token ids below `vocab`.
+fn random_ids(rng: &mut SeededRng, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|_| (rng.uniform_f32() * vocab as f32) as u32 % vocab as u32).collect()
 }
 
 /// Drops the warm-up (first) time; returns the others and their median (upper middle).
@@ -176,7 +172,7 @@ pub fn bench_rm(
     let mut rng = SeededRng::new(1);
     // Rows 0..pairs are the chosen answers, rows pairs..2·pairs the rejected ones.
     let seqs: Vec<Vec<u32>> = (0..2 * pairs)
-        .map(|_| (0..seq).map(|_| (rng.uniform_f32() * vocab as f32) as u32 % vocab as u32).collect())
+        .map(|_| random_ids(&mut rng, seq, vocab))
         .collect();
     let (ids, pos, mask, last) = pad_batch(&seqs, 0, &device)?;
     let mut times = vec![];
@@ -186,9 +182,8 @@ pub fn bench_rm(
         let f = |h: &candle_core::Tensor| -> Result<candle_core::Tensor> {
             let rw = head.rewards(h, &last)?;
             let diff = (rw.narrow(0, 0, pairs)? - rw.narrow(0, pairs, pairs)?)?;
-            // -log σ(d) = softplus(-d) = relu(-d) + log(1 + e^-|d|), as `lorafit rm`.
-            let x = diff.neg()?;
-            Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?.mean_all()?)
+            // -log σ(d) = softplus(-d), as `lorafit rm`.
+            Ok(crate::ops::softplus(&diff.neg()?)?.mean_all()?)
         };
         forward_backward(&model, &ids, &pos, mask.clone(), grad_checkpointing, &f, &opt.vars, &mut acc)?;
         let grads = acc.finish(&opt.vars)?;

@@ -77,10 +77,8 @@ fn pair_loss(r: &Tensor, exs: &[&RankedExample], margin: f64) -> Result<(Tensor,
     let dev = r.device();
     let (ci, ri) = (Tensor::new(ci.as_slice(), dev)?, Tensor::new(ri.as_slice(), dev)?);
     let diff = (r.index_select(&ci, 0)? - r.index_select(&ri, 0)?)?; // (P,)
-    // -log σ(d - m) = softplus(m - d), written stably as relu(x) + log(1 + e^-|x|).
-    let x = (diff.neg()? + margin)?;
-    let softplus = (x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-    let loss = (softplus * Tensor::new(w.as_slice(), dev)?)?.sum_all()?;
+    // -log σ(d - m) = softplus(m - d).
+    let loss = (crate::ops::softplus(&(diff.neg()? + margin)?)? * Tensor::new(w.as_slice(), dev)?)?.sum_all()?;
     let d: Vec<f32> = diff.detach().to_vec1()?;
     let correct = d.iter().filter(|&&x| x > 0.0).count() as f64;
     Ok((loss, correct, d.len() as f64, d.iter().map(|&x| x as f64).sum()))
