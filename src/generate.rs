@@ -67,12 +67,28 @@ pub fn pick(logits: &mut [f32], seen: &[u32], cfg: &SamplingConfig, rng: &mut Se
         return argmax(logits);
     }
     let t = cfg.temperature as f32;
+    if cfg.top_k == 0 && cfg.top_p >= 1.0 {
+        // Plain sampling from softmax(logits / t): no candidate list, no sort of the vocabulary.
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) / t;
+        let e: Vec<f32> = logits.iter().map(|&l| (l / t - max).exp()).collect();
+        let u = rng.inner().random::<f32>() * e.iter().sum::<f32>();
+        let mut acc = 0.0;
+        for (i, &p) in e.iter().enumerate() {
+            acc += p;
+            if u < acc {
+                return i as u32;
+            }
+        }
+        return argmax(logits);
+    }
     // Candidates sorted by logit, descending, then cut by top-k and top-p.
     let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if cfg.top_k > 0 {
+    let by_logit = |&a: &usize, &b: &usize| logits[b].total_cmp(&logits[a]);
+    if cfg.top_k > 0 && cfg.top_k < idx.len() {
+        idx.select_nth_unstable_by(cfg.top_k - 1, by_logit);
         idx.truncate(cfg.top_k);
     }
+    idx.sort_unstable_by(by_logit);
     let max = logits[idx[0]] / t;
     let mut probs: Vec<f32> = idx.iter().map(|&i| (logits[i] / t - max).exp()).collect();
     let sum: f32 = probs.iter().sum();
@@ -108,6 +124,23 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], pad_id: u32, cfg: &Sampling
     generate_streaming(model, prompts, pad_id, cfg, &mut |_, _| Ok(()))
 }
 
+/// `log softmax(logits / t)[token]` over the whole vocabulary (t = 1 for greedy decoding).
+fn logprob(logits: &[f32], token: u32, temperature: f64) -> f32 {
+    let t = if temperature > 0.0 { temperature as f32 } else { 1.0 };
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) / t;
+    let lse = logits.iter().map(|&l| (l / t - max).exp() as f64).sum::<f64>().ln() as f32 + max;
+    logits[token as usize] / t - lse
+}
+
+/// [`generate`], also returning the log-prob of each new token under the distribution it was
+/// sampled from, `log softmax(logits / temperature)` before top-k / top-p (PPO's old log-probs:
+/// the sampler's own logits, so no second forward of the policy is needed).
+pub fn generate_with_logprobs(model: &Model, prompts: &[Vec<u32>], pad_id: u32, cfg: &SamplingConfig) -> Result<(Vec<Vec<u32>>, Vec<Vec<f32>>)> {
+    let mut logps = vec![vec![]; prompts.len()];
+    let out = decode(model, prompts, pad_id, cfg, &mut |_, _| Ok(()), Some(&mut logps))?;
+    Ok((out, logps))
+}
+
 /// [`generate`], calling `on_token(row, token)` as each token is picked (for streaming output).
 pub fn generate_streaming(
     model: &Model,
@@ -115,6 +148,17 @@ pub fn generate_streaming(
     pad_id: u32,
     cfg: &SamplingConfig,
     on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+) -> Result<Vec<Vec<u32>>> {
+    decode(model, prompts, pad_id, cfg, on_token, None)
+}
+
+fn decode(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    cfg: &SamplingConfig,
+    on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+    mut logps: Option<&mut Vec<Vec<f32>>>,
 ) -> Result<Vec<Vec<u32>>> {
     cfg.validate()?;
     if prompts.is_empty() {
@@ -167,6 +211,9 @@ pub fn generate_streaming(
                 continue;
             }
             let t = pick(&mut logits[r], &seen[r], cfg, &mut rng);
+            if let Some(l) = logps.as_deref_mut() {
+                l[r].push(logprob(&logits[r], t, cfg.temperature));
+            }
             next[r] = t;
             out[r].push(t);
             on_token(r, t)?;

@@ -41,6 +41,7 @@ fn message(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn main() {
+    lorafit::runtime::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "lorafit=info,warn".into()),

@@ -66,6 +66,14 @@ impl SeededRng {
         Tensor::from_vec(v, shape, dev)
     }
 
+    /// The same draws as [`Self::dropout_mask`], as a u8 keep mask (1 = keep, 0 = drop): a
+    /// quarter of the memory where the mask is held until the backward.
+    pub fn dropout_keep(&mut self, shape: &[usize], p: f32, dev: &Device) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let v: Vec<u8> = (0..n).map(|_| u8::from(self.uniform_f32() >= p)).collect();
+        Tensor::from_vec(v, shape, dev)
+    }
+
     /// Where the stream is, to be restored with [`SeededRng::from_state`].
     pub fn state(&self) -> RngState {
         let seed = self.0.get_seed().iter().map(|b| format!("{b:02x}")).collect();

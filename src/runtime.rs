@@ -37,6 +37,28 @@ pub fn parse_dtype(s: &str, device: &Device) -> Result<DType> {
     })
 }
 
+/// Makes glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
+///
+/// Why: every candle CPU op returns a fresh buffer. By default glibc `mmap`s each buffer above a
+/// (dynamic, at most 32 MiB) threshold and `munmap`s it on free, so every training step faults
+/// in and zeroes its activations' worth of new pages: 26% of a step's CPU time in a profile
+/// (docs/BENCHMARKS.md). With buffers up to 32 MiB (glibc's maximum) served from the heap and the heap never
+/// trimmed, a step reuses the pages of the previous one. Environment variables
+/// (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) still override this. No-op off glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let set = |var: &str, param: libc::c_int, value: libc::c_int| {
+            if std::env::var_os(var).is_none() {
+                // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
+                unsafe { libc::mallopt(param, value) };
+            }
+        };
+        set("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 32 << 20);
+        set("MALLOC_TRIM_THRESHOLD_", libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+    }
+}
+
 /// Peak resident memory of this process so far, in bytes (Linux `VmHWM`; None elsewhere).
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 
 mod config;
+mod fused;
 
 use crate::ops;
 use crate::quant::{BaseQuant, Nf4};
@@ -426,31 +427,62 @@ impl Linear {
         })
     }
 
-    /// x: (..., in) in the base dtype -> (..., out).
+    /// x: (..., in) in the base dtype -> (..., out): the frozen layer and every active adapter
+    /// as one graph node (`fused.rs`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = match &self.weight {
-            Frozen::Dense(_) => ops::frozen_linear(x, &self.w_in_out()?, self.bias.as_ref())?,
-            Frozen::Nf4(q) => crate::quant::nf4_linear(x, q, self.layout == WeightLayout::Linear, self.bias.as_ref())?,
-        };
-        if !self.enabled.load(Ordering::Relaxed) {
-            return Ok(y);
+        let enabled = self.enabled.load(Ordering::Relaxed);
+        let active: Vec<&LoraLayer> = self.lora.iter().filter(|l| enabled && l.adapter.is_active()).collect();
+        if active.is_empty() {
+            return Ok(match &self.weight {
+                Frozen::Dense(_) => ops::frozen_linear(x, &self.w_in_out()?, self.bias.as_ref())?,
+                Frozen::Nf4(q) => crate::quant::nf4_linear(x, q, self.layout == WeightLayout::Linear, self.bias.as_ref())?,
+            });
         }
-        for l in &self.lora {
-            if !l.adapter.is_active() {
-                continue;
+        let grad = self.grad.load(Ordering::Relaxed);
+        let (mut terms, mut trainable, mut extra) = (vec![], None, vec![]);
+        for l in active {
+            let p = l.adapter.config.lora_dropout as f32;
+            let dropout = if p > 0.0 && l.adapter.training.load(Ordering::Relaxed) {
+                let mask = l.adapter.dropout_rng.lock().unwrap().dropout_keep(x.dims(), p, x.device())?;
+                Some((mask, 1.0 / (1.0 - p)))
+            } else {
+                None
+            };
+            let term = fused::Term { a: l.t.a.detach(), b: l.t.b.detach(), scale: l.t.scaling * l.adapter.weight, dropout };
+            if grad && l.t.a.track_op() {
+                if trainable.is_none() {
+                    trainable = Some((terms.len(), l.t.a.clone(), l.t.b.clone()));
+                } else {
+                    extra.push((term, l.t.a.clone(), l.t.b.clone()));
+                    continue;
+                }
             }
-            // The LoRA path runs in f32 whatever the base dtype.
-            let mut h = x.to_dtype(DType::F32)?;
-            let p = l.adapter.config.lora_dropout;
-            if p > 0.0 && l.adapter.training.load(Ordering::Relaxed) {
-                let mask = l.adapter.dropout_rng.lock().unwrap().dropout_mask(h.dims(), p as f32, h.device())?;
-                h = (h * mask)?;
+            terms.push(term);
+        }
+        let w: fused::FrozenWeight = match (&self.weight, self.layout) {
+            (Frozen::Dense(w), WeightLayout::Linear) => {
+                let w = w.t()?;
+                Arc::new(move |_| Ok(w.clone()))
             }
-            let (a, b) = if self.grad.load(Ordering::Relaxed) { (l.t.a.clone(), l.t.b.clone()) } else { (l.t.a.detach(), l.t.b.detach()) };
-            let delta = ops::matmul_rows(&ops::matmul_rows(&h, &a.t()?)?, &b.t()?)?; // (..., in) -> (..., r) -> (..., out)
-            let delta = (delta * (l.t.scaling * l.adapter.weight))?;
-            let delta = delta.to_dtype(y.dtype())?;
-            y = (y + delta)?;
+            (Frozen::Dense(w), WeightLayout::Conv1D) => {
+                let w = w.clone();
+                Arc::new(move |_| Ok(w.clone()))
+            }
+            (Frozen::Nf4(q), layout) => {
+                let q = q.clone();
+                Arc::new(move |dt| {
+                    let d = q.dequantize(dt)?;
+                    if layout == WeightLayout::Linear { d.t() } else { Ok(d) }
+                })
+            }
+        };
+        let mut y = fused::lora_linear(x, w, self.bias.clone(), terms, trainable)?;
+        // A second trainable adapter on the same layer (unusual): one more node, on top.
+        for (t, a, b) in extra {
+            let h = t.drop(&x.to_dtype(DType::F32)?)?;
+            let delta = (ops::matmul_rows(&ops::matmul_rows(&h, &a.t()?)?, &b.t()?)? * t.scale)?;
+            let dt = y.dtype();
+            y = (y + delta.to_dtype(dt)?)?;
         }
         Ok(y)
     }

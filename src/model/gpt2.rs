@@ -115,6 +115,11 @@ impl Attention {
         let (b, t, c) = x.dims3()?;
         let hd = c / self.n_head;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
+        if cache.is_none() {
+            // Training and full-sequence passes: one fused node (ops/attention.rs).
+            let y = ops::attention::packed_self_attention(&qkv, self.n_head, mask, self.scale)?; // (B, T, C)
+            return self.c_proj.forward(&y);
+        }
         let split = |i: usize| -> Result<Tensor> {
             // (B, T, C) -> (B, H, T, D)
             Ok(qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, self.n_head, hd))?.transpose(1, 2)?.contiguous()?)
@@ -141,8 +146,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation, i.e. HF's gelu_new.
-        self.c_proj.forward(&self.c_fc.forward(x)?.gelu()?)
+        // The tanh approximation, i.e. HF's gelu_new, with its own backward (ops/act.rs).
+        self.c_proj.forward(&ops::act::gelu(&self.c_fc.forward(x)?)?)
     }
 }
 

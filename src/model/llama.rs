@@ -207,7 +207,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?;
+        let h = (ops::act::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
         self.down_proj.forward(&h)
     }
 }

@@ -33,7 +33,7 @@ use super::optim::{clip_grad_norm, lr_at, AdamW};
 use super::roles::{gae, whiten, Roles, CRITIC, POLICY, REFERENCE, REWARD, V_HEAD_KEY};
 use super::sft::{lora_config, make_batch, SftExample};
 use super::{epoch_batches, forward_backward, progress_bar, remove_run_files, GradAccum, MetricsLog, Setup, Start};
-use crate::generate::{generate, SamplingConfig};
+use crate::generate::{generate_with_logprobs, SamplingConfig};
 use crate::lora::Adapter;
 use crate::reward::{load_reward_adapter, RewardHead};
 use crate::runtime::{fmt_bytes, peak_rss_bytes};
@@ -205,7 +205,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
             stop_tokens: stop.clone(),
         };
         roles.activate(&[POLICY.into()]);
-        let responses = generate(&model, &batch_prompts, pad, &sampling)?;
+        let (responses, old_logp) = generate_with_logprobs(&model, &batch_prompts, pad, &sampling)?;
         let ex: Vec<SftExample> = batch_prompts
             .iter()
             .zip(&responses)
@@ -215,6 +215,9 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
         lap("generate", &mut timing);
 
         // 2. Score with the reward model at the last token (eos appended if the response was cut).
+        //    Without a critic adapter the critic reads the reward model's hidden states, so its
+        //    features at the response positions are taken from this pass (the appended eos cannot
+        //    change earlier positions under the causal mask) and kept for values and the update.
         let _no_grad = model.adapters.no_grad();
         roles.activate(&roles.reward_names);
         let scored: Vec<Vec<u32>> = ex.iter().map(|e| {
@@ -224,7 +227,16 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
             }
             s
         }).collect();
-        let raw = crate::reward::score(&model, &roles.reward_head, &scored, pad, t.batch_size.max(1))?;
+        let (mut raw, mut feats) = (vec![], vec![]);
+        let bs = t.batch_size.max(1);
+        for (chunk, exs) in scored.chunks(bs).zip(ex.chunks(bs)) {
+            let (ids, pos, mask, last) = crate::reward::pad_batch(chunk, pad, &device)?;
+            let h = model.hidden(&ids, &pos, &mask, None)?; // (B, T', C)
+            raw.extend(roles.reward_head.rewards(&h, &last)?.to_vec1::<f32>()?);
+            if !p.critic_adapter {
+                feats.push(response_features(&h, exs)?);
+            }
+        }
         let mut scores = raw.clone();
         if p.reward_clip > 0.0 {
             scores.iter_mut().for_each(|s| *s = s.clamp(-p.reward_clip as f32, p.reward_clip as f32));
@@ -234,12 +246,12 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
             whiten(&mut v);
             scores = v.pop().unwrap();
         }
+        // (N, C) f32 critic features, one row per response token, in `ex` order.
+        let critic_feats = if p.critic_adapter { None } else { Some(Tensor::cat(&feats, 0)?) };
         lap("score", &mut timing);
 
-        // 3. Old log-probs (policy), reference log-probs, values (critic); no graph.
+        // 3. Reference log-probs and values (the old log-probs came with the samples); no graph.
         let b = make_batch(&refs, pad, &device)?;
-        roles.activate(&[POLICY.into()]);
-        let old = roles.logp(&model.hidden(&b.ids, &b.pos, &b.mask, None)?, &b)?.to_vec1::<f32>()?;
         let reference = if roles.has_reference {
             roles.activate(&[REFERENCE.into()]);
             roles.logp(&model.hidden(&b.ids, &b.pos, &b.mask, None)?, &b)?
@@ -248,13 +260,19 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
             roles.logp(&model.hidden(&b.ids, &b.pos, &b.mask, None)?, &b)?
         }
         .to_vec1::<f32>()?;
-        roles.activate(&roles.critic_names);
-        let values = roles.values(&model.hidden(&b.ids, &b.pos, &b.mask, None)?, &b)?.to_vec1::<f32>()?;
+        let values = match &critic_feats {
+            Some(f) => f.matmul(&roles.v_head.weight.t()?)?.squeeze(1)?,
+            None => {
+                roles.activate(&roles.critic_names);
+                roles.values(&model.hidden(&b.ids, &b.pos, &b.mask, None)?, &b)?
+            }
+        }
+        .to_vec1::<f32>()?;
         drop(_no_grad);
         lap("logprobs", &mut timing);
 
         // 4. Per-token rewards: -β·(log π - log π_ref), plus the score on the last token.
-        let (old_logp, ref_logp, values) = (Roles::split(old, &refs), Roles::split(reference, &refs), Roles::split(values, &refs));
+        let (ref_logp, values) = (Roles::split(reference, &refs), Roles::split(values, &refs));
         let mut kl_seq = vec![];
         let mut kl1_seq = vec![];
         let mut rewards = vec![];
@@ -278,7 +296,8 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
         whiten(&mut adv);
         let ro = Rollout { ex, scores: raw, old_logp, values, adv, returns };
 
-        // 6. PPO epochs over minibatches.
+        // 6. PPO epochs over minibatches. offsets[i]: the first response token of example i.
+        let offsets: Vec<usize> = std::iter::once(0).chain(ro.ex.iter().scan(0, |a, e| { *a += e.ids.len() - e.prompt_len; Some(*a) })).collect();
         let (mut pl_sum, mut vl_sum, mut cf_sum, mut ent_sum, mut n_mb, mut skipped_mb) = (0.0, 0.0, 0.0, 0.0, 0usize, 0usize);
         for e in 0..p.ppo_epochs {
             let mb_order = epoch_batches(&vec![1; ro.ex.len()], p.minibatch_size, t.seed ^ step as u64, e, false);
@@ -325,19 +344,29 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
                     skipped_mb += 1;
                     continue;
                 }
-                // 6b. Critic: clipped value loss.
+                // 6b. Critic: clipped value loss (on the kept features when the critic has no
+                //     adapter of its own: its value head is then all that trains).
                 roles.activate(&roles.critic_names);
                 let vl_cell = RefCell::new(0.0);
-                let value_loss = |h: &Tensor| -> Result<Tensor> {
-                    let v = roles.values(h, &mbb)?;
-                    let vc = (&val_t + (&v - &val_t)?.clamp(-p.value_clip, p.value_clip)?)?;
-                    let l1 = (&v - &ret_t)?.sqr()?;
+                let value_loss = |v: &Tensor| -> Result<Tensor> {
+                    let vc = (&val_t + (v - &val_t)?.clamp(-p.value_clip, p.value_clip)?)?;
+                    let l1 = (v - &ret_t)?.sqr()?;
                     let l2 = (&vc - &ret_t)?.sqr()?;
                     let loss = (l1.maximum(&l2)?.mean_all()? * 0.5)?;
                     *vl_cell.borrow_mut() = loss.detach().to_scalar::<f32>()? as f64;
                     Ok((loss * p.vf_coef)?)
                 };
-                forward_backward(&model, &mbb.ids, &mbb.pos, mbb.mask.clone(), t.grad_checkpointing, &value_loss, &opt.vars, &mut acc)?;
+                match &critic_feats {
+                    Some(f) => {
+                        let rows: Vec<Tensor> = mb.iter().map(|&i| f.narrow(0, offsets[i], offsets[i + 1] - offsets[i])).collect::<candle_core::Result<_>>()?;
+                        let v = Tensor::cat(&rows, 0)?.matmul(&roles.v_head.weight.t()?)?.squeeze(1)?; // (n,)
+                        acc.add(&value_loss(&v)?.backward()?, &opt.vars)?;
+                    }
+                    None => {
+                        let critic_loss = |h: &Tensor| value_loss(&roles.values(h, &mbb)?);
+                        forward_backward(&model, &mbb.ids, &mbb.pos, mbb.mask.clone(), t.grad_checkpointing, &critic_loss, &opt.vars, &mut acc)?;
+                    }
+                }
                 let mut grads = acc.finish(&opt.vars)?;
                 clip_grad_norm(&mut grads, t.max_grad_norm)?;
                 opt.step(&grads, lr_at(t, step, total))?;
@@ -417,4 +446,17 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
         run.out.display()
     );
     Ok(summary)
+}
+
+/// The hidden states at the positions that predict each response token, f32, detached:
+/// h: (B, T', C) of sequences that start with `exs` (and may be longer) -> (N, C).
+fn response_features(h: &Tensor, exs: &[SftExample]) -> Result<Tensor> {
+    let (b, t, c) = h.dims3()?;
+    let idx: Vec<u32> = exs
+        .iter()
+        .enumerate()
+        .flat_map(|(r, e)| (e.prompt_len.max(1)..e.ids.len()).map(move |j| (r * t + j - 1) as u32))
+        .collect();
+    let idx = Tensor::new(idx.as_slice(), h.device())?;
+    Ok(h.reshape((b * t, c))?.index_select(&idx, 0)?.to_dtype(candle_core::DType::F32)?.detach())
 }

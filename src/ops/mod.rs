@@ -21,7 +21,10 @@
 //! A test (`tests/gradients.rs`) checks these against candle's composed ops and against torch.
 use std::sync::{Arc, Mutex};
 
-use candle_core::{backend::BackendStorage, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
+pub mod act;
+pub mod attention;
+
+use candle_core::{backend::BackendStorage, CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 
 type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
 
@@ -69,6 +72,93 @@ impl CustomOp1 for InputGrad {
     }
 }
 
+type Backward3 = Box<
+    dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync,
+>;
+
+/// [`InputGrad`] for a node with three inputs (e.g. x and the two LoRA matrices).
+struct Grad3 {
+    name: &'static str,
+    out: Mutex<Option<Tensor>>,
+    bwd: Backward3,
+}
+
+impl Grad3 {
+    fn take(&self) -> candle_core::Result<Tensor> {
+        let out = self.out.lock().unwrap().take();
+        let out = out.ok_or_else(|| candle_core::Error::Msg(format!("{}: forward run twice", self.name)))?;
+        out.contiguous()
+    }
+}
+
+impl CustomOp3 for Grad3 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
+            _ => candle_core::bail!("{}: output is not on the cpu", self.name),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
+            _ => candle_core::bail!("{}: output is not on the gpu", self.name),
+        }
+    }
+
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        (self.bwd)(&a1.detach(), &a2.detach(), &a3.detach(), g)
+    }
+}
+
+/// Attaches a precomputed `y = f(a1, a2, a3)` to the graph as ONE node with three inputs,
+/// whose backward `bwd(a1, a2, a3, g)` returns the gradient of each input (None: not needed).
+pub fn grad3_op(
+    name: &'static str,
+    args: (&Tensor, &Tensor, &Tensor),
+    y: Tensor,
+    bwd: impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync
+        + 'static,
+) -> candle_core::Result<Tensor> {
+    let op = Grad3 { name, out: Mutex::new(Some(y)), bwd: Box::new(bwd) };
+    args.0.apply_op3_arc(args.1, args.2, Arc::new(Box::new(op)))
+}
+
 /// Computes `fwd(x)` without a graph, then attaches it with an input-only backward.
 /// When `x` is not part of a graph (inference), the result is returned as is.
 pub fn input_grad_op(
@@ -98,7 +188,15 @@ pub fn matmul_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&1);
     let rows = x.elem_count() / k.max(1);
-    let y = x.contiguous()?.reshape((rows, k))?.matmul(w)?;
+    let x2 = x.contiguous()?.reshape((rows, k))?;
+    let y = if rows <= 16 && !w.is_contiguous() && w.t()?.is_contiguous() {
+        // Decoding (a few rows) against a transposed weight (the tied LM head, LLaMA's (out, in)
+        // linears): gemm's small-M kernels on a transposed right-hand side run 2-5x slower than
+        // the same product swapped, (W xᵀ)ᵀ, with the weight as a row-major left-hand side.
+        w.t()?.matmul(&x2.t()?)?.t()?.contiguous()?
+    } else {
+        x2.matmul(w)?
+    };
     let mut out = dims;
     *out.last_mut().unwrap() = w.dim(1)?;
     y.reshape(out)

@@ -1,0 +1,139 @@
+//! A frozen linear layer plus its active LoRA adapters as ONE graph node.
+//!
+//! Forward (x: (..., in), W: (in, out) frozen, per adapter i: A_i (r, in), B_i (out, r),
+//! s_i = scaling × stacking weight, m_i a dropout keep mask scaled by 1/(1-p)):
+//!   `u_i = m_i ⊙ x`, `z_i = u_i A_iᵀ`, `y = x W + b + Σ_i s_i z_i B_iᵀ`
+//! Backward (g = dL/dy; only the trainable adapter's A, B get gradients):
+//!   `gz_i = s_i g B_i`, `dx = g Wᵀ + Σ_i m_i ⊙ (gz_i A_i)`, `dA = gzᵀ u`, `dB = s gᵀ z`
+//! Reference: PEFT `tuners/lora/layer.py` `Linear.forward` (the math) and its autograd.
+//!
+//! Why one node: composed from candle ops, an adapted layer keeps the f32 dropout mask, the
+//! dropped input, `B A x`, its scaled copy and the frozen output until the backward, and
+//! candle's backward also computes (and keeps to the end) the gradient of the constant mask
+//! (docs/BENCHMARKS.md). This node keeps x (the previous node's output anyway), a u8 mask, the
+//! rank-r `z` and its output, and its backward is five small GEMMs and one large one.
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Tensor};
+
+use crate::ops::{self, matmul_rows};
+
+/// The frozen weight as (in, out) in a given dtype: a view for a dense layer, a dequantized
+/// copy for NF4 (made per pass, never kept).
+pub type FrozenWeight = Arc<dyn Fn(DType) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// One active adapter's contribution.
+pub struct Term {
+    /// A: (r, in), f32, detached.
+    pub a: Tensor,
+    /// B: (out, r), f32, detached.
+    pub b: Tensor,
+    /// `lora_alpha / r` (or rsLoRA's) times the stacking weight.
+    pub scale: f64,
+    /// Dropout: keep mask (..., in) u8 (1 = keep) and the keep scale `1/(1-p)` (as f32).
+    pub dropout: Option<(Tensor, f32)>,
+}
+
+impl Term {
+    /// `m ⊙ h` for h: (..., in) f32.
+    pub(super) fn drop(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.dropout {
+            Some((mask, keep)) => h * (mask.to_dtype(DType::F32)? * *keep as f64)?,
+            None => Ok(h.clone()),
+        }
+    }
+}
+
+struct Fused {
+    w: FrozenWeight,
+    /// (out,)
+    bias: Option<Tensor>,
+    terms: Vec<Term>,
+    /// Index of the term whose A and B get gradients.
+    trainable: Option<usize>,
+    /// The trainable term's `z = u Aᵀ`, (..., r), kept from the forward for `dB`.
+    z: Mutex<Option<Tensor>>,
+}
+
+impl Fused {
+    /// x: (..., in) in the base dtype -> (..., out). The LoRA path runs in f32.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut y = matmul_rows(x, &(self.w)(x.dtype())?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let h = x.to_dtype(DType::F32)?;
+        for (i, t) in self.terms.iter().enumerate() {
+            let z = matmul_rows(&t.drop(&h)?, &t.a.t()?)?; // (..., in) -> (..., r)
+            let delta = (matmul_rows(&z, &t.b.t()?)? * t.scale)?; // (..., out)
+            let dt = y.dtype();
+            y = (y + delta.to_dtype(dt)?)?;
+            if Some(i) == self.trainable {
+                *self.z.lock().unwrap() = Some(z);
+            }
+        }
+        Ok(y)
+    }
+
+    /// Gradients of x (when `need_dx`) and of the trainable term's A and B.
+    fn backward(&self, x: &Tensor, g: &Tensor, need_dx: bool) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g32 = g.to_dtype(DType::F32)?;
+        let mut dx_lora: Option<Tensor> = None;
+        let (mut da, mut db) = (None, None);
+        for (i, t) in self.terms.iter().enumerate() {
+            let gz = (matmul_rows(&g32, &t.b)? * t.scale)?; // (..., out) -> (..., r)
+            if need_dx {
+                let d = t.drop(&matmul_rows(&gz, &t.a)?)?; // (..., in)
+                dx_lora = Some(match dx_lora {
+                    Some(acc) => (acc + d)?,
+                    None => d,
+                });
+            }
+            if Some(i) == self.trainable {
+                let z = self.z.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("lora_linear: backward run twice".into()))?;
+                let r = t.a.dim(0)?;
+                let rows = gz.elem_count() / r;
+                let u = t.drop(&x.to_dtype(DType::F32)?)?;
+                let u = u.reshape((rows, u.elem_count() / rows))?; // (N, in)
+                da = Some(gz.reshape((rows, r))?.t()?.matmul(&u)?); // (r, N) @ (N, in)
+                let g2 = g32.reshape((rows, g32.elem_count() / rows))?; // (N, out)
+                db = Some((g2.t()?.matmul(&z.reshape((rows, r))?)? * t.scale)?); // (out, N) @ (N, r)
+            }
+        }
+        let dx = if need_dx {
+            let dx = matmul_rows(g, &(self.w)(g.dtype())?.t()?)?;
+            Some(match dx_lora {
+                Some(d) => (dx + d.to_dtype(g.dtype())?)?,
+                None => dx,
+            })
+        } else {
+            None
+        };
+        Ok((dx, da, db))
+    }
+}
+
+/// `x W + b + Σ s_i B_i A_i drop(x)` as one node. `trainable`: index into `terms` of the
+/// adapter that gets gradients, with its A and B as graph tensors (Vars).
+pub fn lora_linear(
+    x: &Tensor,
+    w: FrozenWeight,
+    bias: Option<Tensor>,
+    terms: Vec<Term>,
+    trainable: Option<(usize, Tensor, Tensor)>,
+) -> candle_core::Result<Tensor> {
+    let fused = Arc::new(Fused { w, bias, terms, trainable: trainable.as_ref().map(|t| t.0), z: Mutex::new(None) });
+    let x_tracks = x.track_op();
+    match trainable {
+        Some((_, a, b)) => {
+            let y = fused.forward(&x.detach())?;
+            ops::grad3_op("lora_linear", (x, &a, &b), y, move |x, _a, _b, g| fused.backward(x, g, x_tracks))
+        }
+        None => {
+            let f = fused.clone();
+            ops::input_grad_op("lora_linear", x, move |x| f.forward(x), move |x, _y, g| {
+                fused.backward(x, g, true)?.0.ok_or_else(|| candle_core::Error::Msg("lora_linear: no input gradient".into()))
+            })
+        }
+    }
+}
