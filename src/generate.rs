@@ -124,21 +124,37 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], pad_id: u32, cfg: &Sampling
     generate_streaming(model, prompts, pad_id, cfg, &mut |_, _| Ok(()))
 }
 
-/// `log softmax(logits / t)[token]` over the whole vocabulary (t = 1 for greedy decoding).
-fn logprob(logits: &[f32], token: u32, temperature: f64) -> f32 {
+/// For one picked token: `log softmax(logits / t)[token]` and the entropy of `softmax(logits / t)`
+/// over the whole vocabulary (t = 1 for greedy decoding), in one pass.
+fn logprob_entropy(logits: &[f32], token: u32, temperature: f64) -> (f32, f32) {
     let t = if temperature > 0.0 { temperature as f32 } else { 1.0 };
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) / t;
-    let lse = logits.iter().map(|&l| (l / t - max).exp() as f64).sum::<f64>().ln() as f32 + max;
-    logits[token as usize] / t - lse
+    // z = Σ e^(l/t - max), s = Σ e^(l/t - max) (l/t - max): H = ln z - s / z.
+    let (z, s) = logits.iter().fold((0f64, 0f64), |(z, s), &l| {
+        let d = l / t - max;
+        let e = d.exp() as f64;
+        (z + e, s + e * d as f64)
+    });
+    let lnz = z.ln();
+    ((logits[token as usize] / t - max) - lnz as f32, (lnz - s / z) as f32)
+}
+
+/// What [`generate_with_logprobs`] returns: per row, the new tokens and, per new token, its
+/// log-prob and the entropy of the distribution it was drawn from.
+pub struct Samples {
+    pub tokens: Vec<Vec<u32>>,
+    pub logp: Vec<Vec<f32>>,
+    pub entropy: Vec<Vec<f32>>,
 }
 
 /// [`generate`], also returning the log-prob of each new token under the distribution it was
-/// sampled from, `log softmax(logits / temperature)` before top-k / top-p (PPO's old log-probs:
-/// the sampler's own logits, so no second forward of the policy is needed).
-pub fn generate_with_logprobs(model: &Model, prompts: &[Vec<u32>], pad_id: u32, cfg: &SamplingConfig) -> Result<(Vec<Vec<u32>>, Vec<Vec<f32>>)> {
-    let mut logps = vec![vec![]; prompts.len()];
-    let out = decode(model, prompts, pad_id, cfg, &mut |_, _| Ok(()), Some(&mut logps))?;
-    Ok((out, logps))
+/// sampled from, `log softmax(logits / temperature)` before top-k / top-p, and that
+/// distribution's entropy (PPO's old log-probs: the sampler's own logits, so no second forward
+/// of the policy is needed).
+pub fn generate_with_logprobs(model: &Model, prompts: &[Vec<u32>], pad_id: u32, cfg: &SamplingConfig) -> Result<Samples> {
+    let mut stats = (vec![vec![]; prompts.len()], vec![vec![]; prompts.len()]);
+    let tokens = decode(model, prompts, pad_id, cfg, &mut |_, _| Ok(()), Some(&mut stats))?;
+    Ok(Samples { tokens, logp: stats.0, entropy: stats.1 })
 }
 
 /// [`generate`], calling `on_token(row, token)` as each token is picked (for streaming output).
@@ -158,7 +174,7 @@ fn decode(
     pad_id: u32,
     cfg: &SamplingConfig,
     on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
-    mut logps: Option<&mut Vec<Vec<f32>>>,
+    mut stats: Option<&mut (Vec<Vec<f32>>, Vec<Vec<f32>>)>,
 ) -> Result<Vec<Vec<u32>>> {
     cfg.validate()?;
     if prompts.is_empty() {
@@ -211,8 +227,10 @@ fn decode(
                 continue;
             }
             let t = pick(&mut logits[r], &seen[r], cfg, &mut rng);
-            if let Some(l) = logps.as_deref_mut() {
-                l[r].push(logprob(&logits[r], t, cfg.temperature));
+            if let Some((lp, ent)) = stats.as_deref_mut() {
+                let (l, h) = logprob_entropy(&logits[r], t, cfg.temperature);
+                lp[r].push(l);
+                ent[r].push(h);
             }
             next[r] = t;
             out[r].push(t);

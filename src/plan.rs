@@ -12,15 +12,15 @@
 //!   peak = max over tensors in load order of (kept so far + buffer + tensor [+ dtype copy]).
 //! - LoRA, per targeted linear in→out: r·(in+out) params; params, grads, AdamW m and v: 16 B each.
 //! - Activations kept for backward per block (candle keeps every op input of the graph):
-//!   GPT-2 `e·N·(17C + 2F) + 3·S·e`; LLaMA `e·N·(6C + 5Q + 5K + 4F) + 3·S·e`; plus per LoRA
-//!   linear `N·(4r + 8·out + e·out [+ 4·in + e·out if e ≠ 4] [+ 8·in with dropout])`. Plus the
+//!   GPT-2 `e·N·(9C + 2F) + S·e` (attention is one node keeping qkv and the probabilities,
+//!   `ops/attention.rs`); LLaMA `e·N·(6C + 5Q + 5K + 4F) + 3·S·e`; plus per LoRA linear
+//!   (one fused node, `lora/fused.rs`) `N·(4r [+ in, the u8 mask, with dropout])`. Plus the
 //!   mask 4·B·T², the embeddings, the final norm and the labelled rows.
-//! - Transients (measured with a counting allocator, one op at a time): candle builds gelu's and
-//!   silu's backward from graph tensors, so their ~17 intermediates live until the next node:
-//!   21.5 (gelu) / 18 (silu) ·N·F·e; attention S·20 (f32) or S·9e, + 8·N·C·e; the dropout mask's
-//!   gradient (and its graph) stays until the step ends: 16·N·in per LoRA linear; forward softmax
-//!   2·S·4; LM head (labelled rows only, `train.loss_chunk` rows × V at a time): forward 12 B,
-//!   backward 16 B (f32) or 24+e B per element.
+//! - Transients (measured, one op at a time): the activation's backward 4 (gelu) / 6 (silu)
+//!   ·N·F·e on f32 CPU tensors (`ops/act.rs`), 21.5 / 18 ·N·F·e where it falls back to composed
+//!   ops; attention S·20 (f32) or S·9e, + 8·N·C·e; forward softmax 2·S·4; LM head (labelled
+//!   rows only, `train.loss_chunk` rows × V at a time): forward 12 B, backward 16 B (f32) or
+//!   24+e B per element.
 //! - With activation checkpointing: the mask and L+1 block inputs, plus the largest of: one block's
 //!   graph in forward, the head's backward, or one recomputed block with its backward.
 //! - PPO: KV cache B·L·2·K·(prompt+new)·e during rollouts, no-grad passes, then SFT-like minibatch
@@ -86,8 +86,8 @@ pub struct Plan {
 
 /// The config numbers the formulas use (f64: they only feed byte estimates; params are exact).
 /// `tensors`: every tensor in load order (elements, is a block linear weight NF4 quantizes);
-/// `linears`: layer 0's linears (module path, in, out); `mlp_out`: the MLP's output projection.
-struct Shape { gpt2: bool, c: f64, l: f64, h: f64, q: f64, k: f64, f: f64, v: f64, pos: f64, head_dim: f64, tensors: Vec<(u64, bool)>, linears: Vec<(String, f64, f64)>, mlp_out: String, file_bytes: f64 }
+/// `linears`: layer 0's linears (module path, in, out).
+struct Shape { gpt2: bool, c: f64, l: f64, h: f64, q: f64, k: f64, f: f64, v: f64, pos: f64, head_dim: f64, tensors: Vec<(u64, bool)>, linears: Vec<(String, f64, f64)>, file_bytes: f64 }
 
 impl Shape {
     fn new(arch: &Arch, raw: &serde_json::Value) -> Self {
@@ -130,8 +130,8 @@ impl Shape {
             t.push(((v * c) as u64, false));
         }
         let linears = lin.iter().map(|&(n, a, b, _)| (format!("{prefix}{n}"), a as f64, b as f64)).collect();
-        let (h, mlp_out) = (h as f64, format!("{prefix}{}", lin.last().unwrap().0));
-        Shape { gpt2, c: c as f64, l: l as f64, h, q: h * hd as f64, k: k as f64, f: f as f64, v: v as f64, pos: pos as f64, head_dim: hd as f64, tensors: t, linears, mlp_out, file_bytes }
+        let h = h as f64;
+        Shape { gpt2, c: c as f64, l: l as f64, h, q: h * hd as f64, k: k as f64, f: f as f64, v: v as f64, pos: pos as f64, head_dim: hd as f64, tensors: t, linears, file_bytes }
     }
 }
 
@@ -176,28 +176,30 @@ impl Run<'_> {
     fn pass(&self, p: &Pass) -> (f64, f64, &'static str) {
         let (s, e, ck) = (self.s, self.e, self.cfg.train.grad_checkpointing);
         let (n, sc) = (p.b * p.t, p.b * s.h * p.t * p.t);
-        let mut blk = 3.0 * sc * e + n * e * if s.gpt2 { 17.0 * s.c + 2.0 * s.f } else { 6.0 * s.c + 5.0 * (s.q + s.k) + 4.0 * s.f };
-        let (mut leak, mut leak_act, mut leak_attn) = (0.0, 0.0, 0.0);
-        for (path, i, o) in s.linears.iter().filter(|x| self.lora.targets(&x.0)) {
+        // GPT-2: ln_1, qkv (3C), attention out, c_proj out, residual, ln_2, mlp out, residual, and
+        // c_fc / gelu outputs (2F), plus the attention probabilities (ops/attention.rs).
+        let mut blk = n * e * if s.gpt2 { 9.0 * s.c + 2.0 * s.f } else { 6.0 * s.c + 5.0 * (s.q + s.k) + 4.0 * s.f };
+        blk += sc * e * if s.gpt2 { 1.0 } else { 3.0 };
+        for (path, i, _) in s.linears.iter().filter(|x| self.lora.targets(&x.0)) {
             let r = self.lora.rank_and_scaling(path).0 as f64;
-            let extra = if e != 4.0 { 4.0 * i + e * o } else { 0.0 } + if p.dropout { 8.0 * i } else { 0.0 };
-            blk += p.active * n * (4.0 * r + 8.0 * o + e * o + extra);
-            if p.dropout {
-                let l = p.active * 16.0 * n * i; // dropout: the mask's gradient and its graph stay until the step ends
-                leak += l;
-                leak_act += if *path == s.mlp_out { l } else { 0.0 };
-                leak_attn += if ["c_attn", "q_proj", "k_proj", "v_proj"].iter().any(|m| path.ends_with(m)) { 0.0 } else { l };
-            }
+            // The fused LoRA node (lora/fused.rs) keeps z = u Aᵀ (f32) and a u8 dropout mask.
+            blk += p.active * n * (4.0 * r + if p.dropout { *i } else { 0.0 });
         }
-        let act = (if s.gpt2 { 21.5 } else { 18.0 }) * n * s.f * e + leak_act;
-        let attn = sc * if e == 4.0 { 20.0 } else { 9.0 * e } + 8.0 * n * s.c * e + leak_attn;
+        let f32_act = e == 4.0; // ops/act.rs: one-pass backward on f32 CPU tensors
+        let act = n * s.f * e * match (s.gpt2, f32_act) {
+            (true, true) => 4.0,
+            (false, true) => 6.0,
+            (true, false) => 21.5,
+            (false, false) => 18.0,
+        };
+        let attn = sc * if e == 4.0 { 20.0 } else { 9.0 * e } + 8.0 * n * s.c * e;
         let rows = if self.lora.targets("lm_head") { p.labels } else { (self.cfg.train.loss_chunk as f64).min(p.labels) };
         let (head_f, head_b) = (12.0 * rows * s.v, rows * s.v * if e == 4.0 { 16.0 } else { 24.0 + e });
         let (mask, tail) = (4.0 * p.b * p.t * p.t, n * s.c * e + p.labels * s.c * e);
         let bwd = act.max(attn);
         let (total, what) = if !ck {
             let kept = mask + n * s.c * e + s.l * blk + tail;
-            let cands = [(2.0 * sc * 4.0, "attention softmax (forward)"), (head_f.max(p.at_loss), "loss (forward)"), (head_b, "LM head (backward)"), ((s.l - 1.0) * leak + bwd, if act > attn { "MLP activation (backward)" } else { "attention (backward)" })];
+            let cands = [(2.0 * sc * 4.0, "attention softmax (forward)"), (head_f.max(p.at_loss), "loss (forward)"), (head_b, "LM head (backward)"), (bwd, if act > attn { "MLP activation (backward)" } else { "attention (backward)" })];
             let (t, w) = cands.iter().fold((0.0, ""), |m, c| if c.0 > m.0 { *c } else { m });
             (kept + t, w)
         } else {

@@ -108,3 +108,70 @@ fn fused_lm_head_cross_entropy_matches_unfused() {
         candle_nn::ops::log_softmax(&z, D::Minus1).unwrap().gather(&t.unsqueeze(1).unwrap(), D::Minus1).unwrap().squeeze(1).unwrap().neg().unwrap()
     });
 }
+
+#[test]
+fn gelu_and_silu_match_composed() {
+    let mut rng = SeededRng::new(7);
+    let x = (rand(&mut rng, &[3, 5, 40]) * 3.0).unwrap(); // tails where tanh saturates too
+    check("gelu", x.clone(), |x| ops::act::gelu(x).unwrap(), |x| {
+        // HF NewGELUActivation, composed: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        let inner = ((x + (x.powf(3.0).unwrap() * 0.044715).unwrap()).unwrap() * (2.0 / std::f64::consts::PI).sqrt()).unwrap();
+        ((x * 0.5).unwrap() * (inner.tanh().unwrap() + 1.0).unwrap()).unwrap()
+    });
+    check("silu", x, |x| ops::act::silu(x).unwrap(), |x| (x / (x.neg().unwrap().exp().unwrap() + 1.0).unwrap()).unwrap());
+}
+
+#[test]
+fn packed_attention_matches_composed() {
+    let mut rng = SeededRng::new(8);
+    let (b, t, h, d) = (2, 5, 3, 4);
+    // Row 1 is left-padded by two positions.
+    let valid = vec![vec![true; t], vec![false, false, true, true, true]];
+    let mask = lorafit::model::causal_mask(&valid, t, 0, &Device::Cpu).unwrap();
+    let scale = 1.0 / (d as f64).sqrt();
+    check("packed_self_attention", rand(&mut rng, &[b, t, 3 * h * d]), |qkv| ops::attention::packed_self_attention(qkv, h, &mask, scale).unwrap(), |qkv| {
+        let c = h * d;
+        let split = |i: usize| qkv.narrow(D::Minus1, i * c, c).unwrap().reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let (q, k, v) = (split(0), split(1), split(2));
+        let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap().broadcast_add(&mask).unwrap();
+        let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
+        p.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((b, t, c)).unwrap()
+    });
+}
+
+/// The fused LoRA node (one frozen linear + a frozen adapter + a trainable one, both with
+/// dropout) against the same sum written with candle's ops: output and the gradients of x, A, B.
+#[test]
+fn fused_lora_linear_matches_composed() {
+    use lorafit::lora::fused::{lora_linear, FrozenWeight, Term};
+    use std::sync::Arc;
+    let mut rng = SeededRng::new(9);
+    let (n, i, o, r) = (6, 10, 7, 3);
+    let (w, bias) = (rand(&mut rng, &[i, o]), rand(&mut rng, &[o]));
+    let x = Var::from_tensor(&rand(&mut rng, &[2, n / 2, i])).unwrap();
+    let (a, bm) = (Var::from_tensor(&rand(&mut rng, &[r, i])).unwrap(), Var::from_tensor(&rand(&mut rng, &[o, r])).unwrap());
+    let (a2, b2) = (rand(&mut rng, &[r, i]), rand(&mut rng, &[o, r]));
+    let keep = 1.0f32 / (1.0 - 0.3);
+    let m1 = rng.dropout_keep(&[2, n / 2, i], 0.3, &Device::Cpu).unwrap();
+    let m2 = rng.dropout_keep(&[2, n / 2, i], 0.3, &Device::Cpu).unwrap();
+    let terms = vec![
+        Term { a: a2.clone(), b: b2.clone(), scale: 0.5, dropout: Some((m2.clone(), keep)) },
+        Term { a: a.as_tensor().detach(), b: bm.as_tensor().detach(), scale: 2.0, dropout: Some((m1.clone(), keep)) },
+    ];
+    let wf: FrozenWeight = { let w = w.clone(); Arc::new(move |_| Ok(w.clone())) };
+    let fast = lora_linear(x.as_tensor(), wf, Some(bias.clone()), terms, Some((1, a.as_tensor().clone(), bm.as_tensor().clone()))).unwrap();
+    let drop = |m: &Tensor| (x.as_tensor() * (m.to_dtype(candle_core::DType::F32).unwrap() * keep as f64).unwrap()).unwrap();
+    let delta = |u: Tensor, a: &Tensor, b: &Tensor, s: f64| (u.broadcast_matmul(&a.t().unwrap()).unwrap().broadcast_matmul(&b.t().unwrap()).unwrap() * s).unwrap();
+    let slow = (x.as_tensor().broadcast_matmul(&w).unwrap().broadcast_add(&bias).unwrap() + delta(drop(&m2), &a2, &b2, 0.5)).unwrap();
+    let slow = (slow + delta(drop(&m1), a.as_tensor(), bm.as_tensor(), 2.0)).unwrap();
+    let diff = |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff(&fast, &slow) < 1e-4, "forward differs by {}", diff(&fast, &slow));
+    let rr = rand(&mut rng, fast.dims());
+    let gf = (&fast * &rr).unwrap().sum_all().unwrap().backward().unwrap();
+    let gs = (&slow * &rr).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in [("x", &x), ("A", &a), ("B", &bm)] {
+        let (f, s) = (gf.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")), gs.get(v.as_tensor()).unwrap());
+        assert!(diff(f, s) < 1e-3, "gradient of {name} differs by {}", diff(f, s));
+        assert!(f.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{name}: zero gradient");
+    }
+}

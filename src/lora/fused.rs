@@ -36,7 +36,7 @@ pub struct Term {
 
 impl Term {
     /// `m ⊙ h` for h: (..., in) f32.
-    pub(super) fn drop(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn drop(&self, h: &Tensor) -> candle_core::Result<Tensor> {
         match &self.dropout {
             Some((mask, keep)) => h * (mask.to_dtype(DType::F32)? * *keep as f64)?,
             None => Ok(h.clone()),

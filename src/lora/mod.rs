@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 
 mod config;
-mod fused;
+pub mod fused;
 
 use crate::ops;
 use crate::quant::{BaseQuant, Nf4};

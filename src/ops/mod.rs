@@ -18,7 +18,12 @@
 //! | `rope`          | rotate pairs by θ              | rotate `g` by -θ                                 |
 //! | `cross_entropy` | `l_i = lse(z_i) - z_i[t_i]`    | `dz_i = g_i (softmax(z_i) - onehot(t_i))`        |
 //!
-//! A test (`tests/gradients.rs`) checks these against candle's composed ops and against torch.
+//! | `act::gelu`, `act::silu` | one pass on f32 CPU tensors | `dx = g f'(x)` (`act.rs`)                     |
+//! | `attention::packed_self_attention` | GPT-2 attention from the packed qkv | SDPA's backward (`attention.rs`) |
+//!
+//! [`grad3_op`] does the same for a node with three inputs (the fused LoRA linear,
+//! `lora/fused.rs`). `tests/ops.rs` checks every op against candle's composed ops; the model
+//! and LoRA gradients are checked against torch (`tests/reference.rs`).
 use std::sync::{Arc, Mutex};
 
 pub mod act;

@@ -7,15 +7,18 @@
 //! optionally a trainable copy of the RM adapter), initialised from the reward model.
 //!
 //! One iteration (Ouyang et al. 2022; Ziegler et al. 2019; TRL's `PPOTrainer`):
-//! 1. sample prompts, generate responses (KV-cached, batched, left-padded);
-//! 2. score `template(prompt) + response (+ eos)` at its last token; clip / whiten;
-//! 3. log-probs of the response tokens under the policy (old) and the reference, and values;
+//! 1. sample prompts, generate responses (KV-cached, batched, left-padded); the old log-probs
+//!    (and the logged entropy) come from the sampler's own logits, not a second policy forward;
+//! 2. score `template(prompt) + response (+ eos)` at its last token; clip / whiten; without a
+//!    critic adapter the critic's features (the reward model's hidden states) are kept from
+//!    this pass, so values and the value-head update need no forward of their own;
+//! 3. log-probs of the response tokens under the reference, and values;
 //! 4. per-token reward `-β (log π - log π_ref)`, plus the score at the last token;
 //! 5. GAE (γ, λ) and whitened advantages;
 //! 6. `ppo_epochs` passes over minibatches: clipped policy loss, clipped value loss, optional
 //!    entropy bonus; a minibatch whose mean ratio explodes is skipped.
-//! Log-probs use the sampling temperature and LoRA dropout is off throughout, so the old
-//! log-probs are exactly those of the distribution sampled from: the logged KL (the k3
+//! Log-probs use the sampling temperature and LoRA dropout is off throughout; the old
+//! log-probs are those of the distribution sampled from: the logged KL (the k3
 //! estimator, `r - 1 - log r` with `r = π_ref/π`) cannot go negative by construction.
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -191,6 +194,10 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
         let mut clock = Instant::now();
         let mut lap = |name: &str, timing: &mut serde_json::Map<String, Value>| {
             timing.insert(format!("time_{name}_s"), clock.elapsed().as_secs_f64().into());
+            // The process's peak so far: which phase sets the run's peak memory.
+            if let Some(b) = peak_rss_bytes() {
+                timing.insert(format!("peak_rss_after_{name}_mib"), (b as f64 / 1048576.0).round().into());
+            }
             clock = Instant::now();
         };
 
@@ -205,7 +212,12 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
             stop_tokens: stop.clone(),
         };
         roles.activate(&[POLICY.into()]);
-        let (responses, old_logp) = generate_with_logprobs(&model, &batch_prompts, pad, &sampling)?;
+        let samples = generate_with_logprobs(&model, &batch_prompts, pad, &sampling)?;
+        let (responses, old_logp) = (samples.tokens, samples.logp);
+        // The policy's entropy at the sampled positions, from the sampler's logits (as TRL logs
+        // it); recomputed in the update only when it is part of the loss (ent_coef > 0).
+        let n_resp: usize = samples.entropy.iter().map(Vec::len).sum();
+        let rollout_entropy = samples.entropy.iter().flatten().map(|&h| h as f64).sum::<f64>() / n_resp.max(1) as f64;
         let ex: Vec<SftExample> = batch_prompts
             .iter()
             .zip(&responses)
@@ -330,8 +342,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
                         loss = (loss - (&ent * p.ent_coef)?)?;
                         ent.detach().to_scalar::<f32>()? as f64
                     } else {
-                        let _ng = model.adapters.no_grad();
-                        roles.entropy(&h.detach(), &mbb)?.to_scalar::<f32>()? as f64
+                        rollout_entropy
                     };
                     let pl = loss.detach().to_scalar::<f32>()? as f64;
                     *stats.borrow_mut() = (pl, clipfrac, mean_ratio, ent);
