@@ -13,7 +13,7 @@
 //! - LoRA, per targeted linear in→out: r·(in+out) params; params, grads, AdamW m and v: 16 B each.
 //! - Activations kept for backward per block (candle keeps every op input of the graph):
 //!   GPT-2 `e·N·(9C + 2F) + S·e` (attention is one node keeping qkv and the probabilities,
-//!   `ops/attention.rs`); LLaMA `e·N·(6C + 5Q + 5K + 4F) + 3·S·e`; plus per LoRA linear
+//!   `ops/attention.rs`); LLaMA `e·N·(6C + 4Q + 4K + 4F) + S·e`; plus per LoRA linear
 //!   (one fused node, `lora/fused.rs`) `N·(4r [+ in, the u8 mask, with dropout])`. Plus the
 //!   mask 4·B·T², the embeddings, the final norm and the labelled rows.
 //! - Transients (measured, one op at a time): the activation's backward 4 (gelu) / 6 (silu)
@@ -24,7 +24,8 @@
 //! - With activation checkpointing: the mask and L+1 block inputs, plus the largest of: one block's
 //!   graph in forward, the head's backward, or one recomputed block with its backward.
 //! - PPO: KV cache B·L·2·K·(prompt+new)·e during rollouts, no-grad passes, then SFT-like minibatch
-//!   steps (mb sequences, mb·new labels) with the entropy's full logits; all roles share one base.
+//!   steps (mb sequences, mb·new labels), with the entropy's full logits when `ent_coef` > 0;
+//!   all roles share one base.
 //! - NF4: + (12 + e)·in·out for the largest linear, dequantized per pass (`quant.rs`).
 //! - RSS (CPU) = the above + RUNTIME + 2 % of the activations (+ 0.2 block with checkpointing):
 //!   glibc keeps freed heap pages. Calibrated against `bench sft` peak RSS (see tests/plan.rs).
@@ -178,8 +179,10 @@ impl Run<'_> {
         let (n, sc) = (p.b * p.t, p.b * s.h * p.t * p.t);
         // GPT-2: ln_1, qkv (3C), attention out, c_proj out, residual, ln_2, mlp out, residual, and
         // c_fc / gelu outputs (2F), plus the attention probabilities (ops/attention.rs).
-        let mut blk = n * e * if s.gpt2 { 9.0 * s.c + 2.0 * s.f } else { 6.0 * s.c + 5.0 * (s.q + s.k) + 4.0 * s.f };
-        blk += sc * e * if s.gpt2 { 1.0 } else { 3.0 };
+        // LLaMA: norms, residuals and projections (6C), q/k/v, their head copies and RoPE (4Q + 4K, v
+        // has no RoPE but the attention output is Q wide), gate, up, silu, product (4F).
+        let mut blk = n * e * if s.gpt2 { 9.0 * s.c + 2.0 * s.f } else { 6.0 * s.c + 4.0 * (s.q + s.k) + 4.0 * s.f };
+        blk += sc * e;
         for (path, i, _) in s.linears.iter().filter(|x| self.lora.targets(&x.0)) {
             let r = self.lora.rank_and_scaling(path).0 as f64;
             // The fused LoRA node (lora/fused.rs) keeps z = u Aᵀ (f32) and a u8 dropout mask.
@@ -240,7 +243,8 @@ impl Run<'_> {
                 let kv = |t: f64| b * s.l * 2.0 * s.k * t * e;
                 let gen = (kv(tp + new) + 2.0 * kv(tp + new) / s.l).max(kv(tp) + self.infer(b, tp));
                 let roll = gen.max(self.infer(b, tp + new + 1.0));
-                let entropy = mb * new * s.v * if e == 4.0 { 16.0 } else { e + 16.0 };
+                // The entropy's full logits exist in the update only when it is in the loss.
+                let entropy = if p.ent_coef > 0.0 { mb * new * s.v * if e == 4.0 { 16.0 } else { e + 16.0 } } else { 0.0 };
                 let (step, slack, what) = self.pass(&Pass { b: mb, t: tp + new, labels: mb * new, dropout: false, active: 1.0, at_loss: entropy });
                 if roll > step + slack {
                     let what = if gen >= roll { "KV cache of the rollouts + generation" } else { "no-grad scoring / log-prob pass" };

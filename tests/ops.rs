@@ -175,3 +175,32 @@ fn fused_lora_linear_matches_composed() {
         assert!(f.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{name}: zero gradient");
     }
 }
+
+/// LLaMA's attention node with grouped-query heads (4 query heads on 2 kv heads) against the
+/// composed form with k and v repeated per query head: output and the gradients of q, k and v.
+#[test]
+fn gqa_self_attention_matches_composed() {
+    let mut rng = SeededRng::new(10);
+    let (b, t, h, h_kv, d) = (2, 5, 4, 2, 3);
+    let valid = vec![vec![true; t], vec![false, true, true, true, true]];
+    let mask = lorafit::model::causal_mask(&valid, t, 0, &Device::Cpu).unwrap();
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = Var::from_tensor(&rand(&mut rng, &[b, h, t, d])).unwrap();
+    let k = Var::from_tensor(&rand(&mut rng, &[b, h_kv, t, d])).unwrap();
+    let v = Var::from_tensor(&rand(&mut rng, &[b, h_kv, t, d])).unwrap();
+    let fast = ops::attention::self_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, scale).unwrap();
+    // Query head i uses kv head i / (h / h_kv), as transformers' repeat_kv.
+    let rep = |x: &Tensor| x.unsqueeze(2).unwrap().repeat((1, 1, h / h_kv, 1, 1)).unwrap().reshape((b, h, t, d)).unwrap();
+    let s = (q.as_tensor().matmul(&rep(k.as_tensor()).t().unwrap()).unwrap() * scale).unwrap().broadcast_add(&mask).unwrap();
+    let slow = candle_nn::ops::softmax(&s, D::Minus1).unwrap().matmul(&rep(v.as_tensor())).unwrap();
+    let slow = slow.transpose(1, 2).unwrap().reshape((b, t, h * d)).unwrap();
+    let diff = |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff(&fast, &slow) < 1e-5, "forward differs by {}", diff(&fast, &slow));
+    let r = rand(&mut rng, fast.dims());
+    let gf = (&fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gs = (&slow * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+        let (f, s) = (gf.get(x.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")), gs.get(x.as_tensor()).unwrap());
+        assert!(diff(f, s) < 1e-4, "gradient of {name} differs by {}", diff(f, s));
+    }
+}

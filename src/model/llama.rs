@@ -187,7 +187,13 @@ impl SelfAttn {
         let q = ops::rope(&heads(self.q_proj.forward(x)?, self.n_head)?, cos, sin)?;
         let k = ops::rope(&heads(self.k_proj.forward(x)?, self.n_kv)?, cos, sin)?;
         let v = heads(self.v_proj.forward(x)?, self.n_kv)?;
-        let y = attend(&q, k, v, mask, 1.0 / (hd as f64).sqrt(), cache)?; // (B, H, T, D)
+        let scale = 1.0 / (hd as f64).sqrt();
+        if cache.is_none() {
+            // Training and full-sequence passes: one fused node (ops/attention.rs).
+            let y = ops::attention::self_attention(&q, &k, &v, mask, scale)?; // (B, T, H·D)
+            return self.o_proj.forward(&y);
+        }
+        let y = attend(&q, k, v, mask, scale, cache)?; // (B, H, T, D)
         let y = y.transpose(1, 2)?.reshape((b, t, self.n_head * hd))?;
         self.o_proj.forward(&y)
     }

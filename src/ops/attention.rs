@@ -1,5 +1,5 @@
-//! GPT-2 self-attention from the packed `c_attn` output as ONE graph node, with its backward
-//! written out.
+//! Self-attention as ONE graph node, with its backward written out: GPT-2's from the packed
+//! `c_attn` output, LLaMA's from q, k, v (grouped-query heads share a kv head).
 //!
 //! Forward (per batch row and head, s = 1/√D, M the additive mask):
 //!   `P = softmax(s Q Kᵀ + M)`, `Y = P V`
@@ -30,6 +30,63 @@ fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
     x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))
 }
 
+/// Forward on detached, contiguous q: (B, H, T, D), k, v: (B, H_kv, Tk, D), mask (B, 1, T, Tk):
+/// returns y: (B, H, T, D) and P: (B, H_kv, rep·T, Tk) (rep = H / H_kv query heads per kv head,
+/// reshaped rather than repeating k and v).
+fn sdpa_fwd(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<(Tensor, Tensor)> {
+    let (b, h, t, d) = q.dims4()?;
+    let (h_kv, tk) = (k.dim(1)?, k.dim(2)?);
+    let rep = h / h_kv;
+    let q2 = q.reshape((b, h_kv, rep * t, d))?;
+    let s = (q2.matmul(&k.t()?)? * scale)?.reshape((b, h, t, tk))?; // (B, H, T, Tk)
+    let p = candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?.broadcast_add(mask)?)?.to_dtype(q.dtype())?;
+    let p = p.reshape((b, h_kv, rep * t, tk))?;
+    let y = p.matmul(v)?.reshape((b, h, t, d))?;
+    Ok((y, p))
+}
+
+/// The backward of [`sdpa_fwd`] for g = dL/dy: (B, H, T, D) -> (dq, dk, dv) shaped as q, k, v.
+fn sdpa_bwd(q: &Tensor, k: &Tensor, v: &Tensor, p: &Tensor, g: &Tensor, scale: f64) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let dt = q.dtype();
+    let (b, h, t, d) = q.dims4()?;
+    let h_kv = k.dim(1)?;
+    let rep = h / h_kv;
+    let g = g.contiguous()?.reshape((b, h_kv, rep * t, d))?;
+    let dv = p.t()?.matmul(&g)?; // (B, H_kv, Tk, D)
+    let dp = g.matmul(&v.t()?)?.to_dtype(DType::F32)?; // (B, H_kv, rep·T, Tk)
+    let p32 = p.to_dtype(DType::F32)?;
+    let dot = (&dp * &p32)?.sum_keepdim(D::Minus1)?;
+    let ds = ((p32 * dp.broadcast_sub(&dot)?)? * scale)?.to_dtype(dt)?;
+    let dq = ds.matmul(k)?.reshape((b, h, t, d))?;
+    let dk = ds.t()?.matmul(&q.reshape((b, h_kv, rep * t, d))?)?;
+    Ok((dq, dk, dv))
+}
+
+/// Causal self-attention on separate heads (LLaMA, after RoPE).
+/// q: (B, H, T, D); k, v: (B, H_kv, T, D); mask: (B, 1, T, T) additive f32 -> (B, T, H·D).
+pub fn self_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let (h, h_kv) = (q.dim(1)?, k.dim(1)?);
+    if h_kv == 0 || h % h_kv != 0 {
+        candle_core::bail!("attention: {h} query heads are not a multiple of {h_kv} kv heads")
+    }
+    let (qd, kd, vd) = (q.detach().contiguous()?, k.detach().contiguous()?, v.detach().contiguous()?);
+    let (y, p) = sdpa_fwd(&qd, &kd, &vd, mask, scale)?;
+    let y = merge_heads(&y)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(y);
+    }
+    let need = [q.track_op(), k.track_op(), v.track_op()];
+    let p = Mutex::new(Some(p));
+    super::grad3_op("self_attention", (q, k, v), y, move |q, k, v, g| {
+        let p = p.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("self_attention: backward run twice".into()))?;
+        let (b, t, _) = g.dims3()?;
+        let (h, d) = (q.dim(1)?, q.dim(3)?);
+        let g = g.reshape((b, t, h, d))?.transpose(1, 2)?; // (B, H, T, D)
+        let (dq, dk, dv) = sdpa_bwd(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, &p, &g, scale)?;
+        Ok((need[0].then_some(dq), need[1].then_some(dk), need[2].then_some(dv)))
+    })
+}
+
 /// Causal self-attention of GPT-2 on the packed projection.
 /// qkv: (B, T, 3C); mask: (B, 1, T, T) additive f32 -> (B, T, C).
 pub fn packed_self_attention(qkv: &Tensor, n_head: usize, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
@@ -45,27 +102,17 @@ pub fn packed_self_attention(qkv: &Tensor, n_head: usize, mask: &Tensor, scale: 
         "self_attention",
         qkv,
         move |qkv| {
-            let dt = qkv.dtype();
             let (q, k, v) = split_heads(qkv, n_head)?;
-            let s = (q.matmul(&k.t()?)? * scale)?; // (B, H, T, T)
-            let p = candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?.broadcast_add(&mask)?)?.to_dtype(dt)?;
-            let y = merge_heads(&p.matmul(&v)?)?; // (B, T, C)
+            let (y, p) = sdpa_fwd(&q, &k, &v, &mask, scale)?;
             *saved.lock().unwrap() = Some(p);
-            Ok(y)
+            merge_heads(&y) // (B, T, C)
         },
         move |qkv, _y, g| {
-            let dt = qkv.dtype();
             let p = saved_b.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("self_attention: backward run twice".into()))?;
             let (q, k, v) = split_heads(qkv, n_head)?;
             let (b, h, t, d) = q.dims4()?;
-            let g = g.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
-            let dv = p.t()?.matmul(&g)?;
-            let dp = g.matmul(&v.t()?)?.to_dtype(DType::F32)?; // (B, H, T, T)
-            let p32 = p.to_dtype(DType::F32)?;
-            let dot = (&dp * &p32)?.sum_keepdim(D::Minus1)?;
-            let ds = ((p32 * dp.broadcast_sub(&dot)?)? * scale)?.to_dtype(dt)?;
-            let dq = ds.matmul(&k)?;
-            let dk = ds.t()?.matmul(&q)?;
+            let g = g.reshape((b, t, h, d))?.transpose(1, 2)?; // (B, H, T, D)
+            let (dq, dk, dv) = sdpa_bwd(&q, &k, &v, &p, &g, scale)?;
             Tensor::cat(&[merge_heads(&dq)?, merge_heads(&dk)?, merge_heads(&dv)?], D::Minus1) // (B, T, 3C)
         },
     )
