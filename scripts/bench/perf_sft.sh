@@ -27,7 +27,7 @@ perf record -F 499 -g -o "$DATA" "$LORAFIT" "${ARGS[@]}" 2>/dev/null | tail -n1
 perf report -i "$DATA" --no-children --sort symbol --stdio -g none 2>/dev/null | python3 -c '
 import re, sys
 groups = [
-    ("GEMM kernels (gemm crate, AVX2/FMA microkernel)", re.compile(r"gemm_f32|gemm_common|gemm::")),
+    ("GEMM kernels (gemm crate microkernels and packing)", re.compile(r"gemm_f32|gemm_common|gemm::")),
     ("thread-pool spin-waits (candle barrier pool, rayon idle)", re.compile(r"BarrierGuard|__rust_begin_short_backtrace|rayon_core|spin_loop|sched_yield")),
     ("libm: tanhf / expm1f / powf / expf / logf (GELU, its backward, softmax)", re.compile(r"tanhf|expm1f|powf|expf|logf|__exp|__log")),
     ("memset / memcpy", re.compile(r"memset|memmove|memcpy")),
