@@ -1,8 +1,10 @@
 //! lorafit: LoRA fine-tuning of GPT-2 and LLaMA models on candle, with adapters in PEFT's format.
 //!
 //! Map of the crate (read in this order):
-//! - [`ops`]: training ops whose backward gives input gradients only (no `dW` for frozen weights).
-//! - [`lora`]: PEFT-semantics LoRA attached at construction; the frozen [`lora::Linear`].
+//! - [`ops`]: training ops whose backward gives input gradients only (no `dW` for frozen weights),
+//!   and fused attention / activation nodes with written-out backwards.
+//! - [`lora`]: PEFT-semantics LoRA attached at construction; the frozen [`lora::Linear`], which runs
+//!   with its active adapters as one graph node (`lora/fused.rs`).
 //! - [`model`]: GPT-2 and LLaMA, numerically equal to transformers; [`model::Model`] is the entry point.
 //! - [`weights`], [`builtin`], [`tokenizer`]: finding and reading model folders.
 //! - [`peft`], [`io`]: adapter folders in PEFT's format, crash-safe writes.

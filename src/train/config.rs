@@ -213,7 +213,8 @@ pub struct PpoSection {
     pub clip_range: f64,
     pub value_clip: f64,
     pub vf_coef: f64,
-    /// Entropy bonus coefficient (0 = off).
+    /// Entropy bonus coefficient (0 = off). With 0 the logged `entropy` is the sampler's (its
+    /// distribution at each sampled token), and the update computes no full-vocabulary logits.
     pub ent_coef: f64,
     /// A minibatch whose mean probability ratio leaves [1/x, x] is skipped (and logged).
     pub ratio_threshold: f64,
