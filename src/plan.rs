@@ -18,11 +18,12 @@
 //!   mask 4·B·T², the embeddings, the final norm and the labelled rows.
 //! - Transients (measured, one op at a time): the activation's backward 4 (gelu) / 6 (silu)
 //!   ·N·F·e on f32 CPU tensors (`ops/act.rs`), 21.5 / 18 ·N·F·e where it falls back to composed
-//!   ops; attention S·20 (f32) or S·9e, + 8·N·C·e; forward softmax 2·S·4; LM head (labelled
-//!   rows only, `train.loss_chunk` rows × V at a time): forward 12 B, backward 16 B (f32) or
-//!   24+e B per element.
+//!   ops; attention (`ops/attention.rs`) S·16 (f32) or S·9e, + 8·N·C·e; forward softmax 2·S·4;
+//!   LM head (labelled rows only, `train.loss_chunk` rows × V at a time, its gradient computed
+//!   in the forward): 12 B (f32) or 12+e B per element, and the kept input gradient labels·C·e;
+//!   with a LoRA on the head, all labelled rows at once: forward 12 B, backward 16 B or 24+e B.
 //! - With activation checkpointing: the mask and L+1 block inputs, plus the largest of: one block's
-//!   graph in forward, the head's backward, or one recomputed block with its backward.
+//!   graph in forward, the head's loss, or one recomputed block with its backward.
 //! - PPO: KV cache B·L·2·K·(prompt+new)·e during rollouts, no-grad passes, then SFT-like minibatch
 //!   steps (mb sequences, mb·new labels), with the entropy's full logits when `ent_coef` > 0;
 //!   all roles share one base.
@@ -195,10 +196,19 @@ impl Run<'_> {
             (true, false) => 21.5,
             (false, false) => 18.0,
         };
-        let attn = sc * if e == 4.0 { 20.0 } else { 9.0 * e } + 8.0 * n * s.c * e;
+        let attn = sc * if e == 4.0 { 16.0 } else { 9.0 * e } + 8.0 * n * s.c * e;
         let rows = if self.lora.targets("lm_head") { p.labels } else { (self.cfg.train.loss_chunk as f64).min(p.labels) };
-        let (head_f, head_b) = (12.0 * rows * s.v, rows * s.v * if e == 4.0 { 16.0 } else { 24.0 + e });
-        let (mask, tail) = (4.0 * p.b * p.t * p.t, n * s.c * e + p.labels * s.c * e);
+        let head_lora = self.lora.targets("lm_head");
+        // The fused head + loss (ops::lm_head_cross_entropy) does its backward work in the forward,
+        // a chunk at a time, and keeps only the input gradient (labels × C); with a LoRA on the
+        // head the (labels, V) logits go through the plain cross-entropy op instead.
+        let (head_f, head_b) = if head_lora {
+            (12.0 * rows * s.v, rows * s.v * if e == 4.0 { 16.0 } else { 24.0 + e })
+        } else {
+            (rows * s.v * if e == 4.0 { 12.0 } else { 12.0 + e }, 0.0)
+        };
+        let kept_dh = if head_lora { 0.0 } else { p.labels * s.c * e };
+        let (mask, tail) = (4.0 * p.b * p.t * p.t, n * s.c * e + p.labels * s.c * e + kept_dh);
         let bwd = act.max(attn);
         let (total, what) = if !ck {
             let kept = mask + n * s.c * e + s.l * blk + tail;
@@ -207,7 +217,7 @@ impl Run<'_> {
             (kept + t, w)
         } else {
             let inputs = mask + (s.l + 1.0) * n * s.c * e;
-            let cands = [(blk + 2.0 * sc * 4.0, "one block (forward)"), (tail + head_b.max(p.at_loss), "loss"), (n * s.c * e + blk + bwd, "one block recomputed + its backward")];
+            let cands = [(blk + 2.0 * sc * 4.0, "one block (forward)"), (tail + head_f.max(head_b).max(p.at_loss), "loss"), (n * s.c * e + blk + bwd, "one block recomputed + its backward")];
             let (t, w) = cands.iter().fold((0.0, ""), |m, c| if c.0 > m.0 { *c } else { m });
             (inputs + t, w)
         };

@@ -74,7 +74,7 @@ pub fn bench_sft(
     for _ in 0..steps + 1 {
         let t0 = Instant::now();
         let mut acc = GradAccum::new(opt.vars.len());
-        let f = |h: &candle_core::Tensor| -> Result<candle_core::Tensor> { Ok((label_nll_sum(&model, h, &b, 256)? / denom)?) };
+        let f = |h: &candle_core::Tensor| -> Result<candle_core::Tensor> { Ok((label_nll_sum(&model, h, &b, crate::train::config::TrainConfig::default().train.loss_chunk)? / denom)?) };
         forward_backward(&model, &b.ids, &b.pos, b.mask.clone(), grad_checkpointing, &f, &opt.vars, &mut acc)?;
         let grads = acc.finish(&opt.vars)?;
         opt.step(&grads, 1e-4)?;
