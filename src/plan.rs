@@ -12,8 +12,9 @@
 //!   peak = max over tensors in load order of (kept so far + buffer + tensor [+ dtype copy]).
 //! - LoRA, per targeted linear in→out: r·(in+out) params; params, grads, AdamW m and v: 16 B each.
 //! - Activations kept for backward per block (candle keeps every op input of the graph):
-//!   GPT-2 `e·N·(9C + 2F) + S·e` (attention is one node keeping qkv and the probabilities,
-//!   `ops/attention.rs`); LLaMA `e·N·(6C + 4Q + 4K + 4F) + S·e`; plus per LoRA linear
+//!   GPT-2 `e·N·(7C + F) + S·e` (attention is one node keeping qkv and the probabilities,
+//!   `ops/attention.rs`; LayerNorm and GELU run inside the next linear's node, `ops::Pre`);
+//!   LLaMA `e·N·(4C + 4Q + 4K + 4F) + S·e`; plus per LoRA linear
 //!   (one fused node, `lora/fused.rs`) `N·(4r [+ in, the u8 mask, with dropout])`. Plus the
 //!   mask 4·B·T², the embeddings, the final norm and the labelled rows.
 //! - Transients (measured, one op at a time): the activation's backward 4 (gelu) / 6 (silu)
@@ -178,11 +179,13 @@ impl Run<'_> {
     fn pass(&self, p: &Pass) -> (f64, f64, &'static str) {
         let (s, e, ck) = (self.s, self.e, self.cfg.train.grad_checkpointing);
         let (n, sc) = (p.b * p.t, p.b * s.h * p.t * p.t);
-        // GPT-2: ln_1, qkv (3C), attention out, c_proj out, residual, ln_2, mlp out, residual, and
-        // c_fc / gelu outputs (2F), plus the attention probabilities (ops/attention.rs).
-        // LLaMA: norms, residuals and projections (6C), q/k/v, their head copies and RoPE (4Q + 4K, v
-        // has no RoPE but the attention output is Q wide), gate, up, silu, product (4F).
-        let mut blk = n * e * if s.gpt2 { 9.0 * s.c + 2.0 * s.f } else { 6.0 * s.c + 4.0 * (s.q + s.k) + 4.0 * s.f };
+        // GPT-2: qkv (3C), attention out, c_proj out, residual, mlp out, residual, and c_fc's
+        // output (F), plus the attention probabilities (ops/attention.rs). The LayerNorms and
+        // GELU run inside the next linear's node and their outputs are not kept.
+        // LLaMA: residuals and projections (4C; the norms run inside the next linears' nodes),
+        // q/k/v, their head copies and RoPE (4Q + 4K, v has no RoPE but the attention output is
+        // Q wide), gate, up, silu, product (4F).
+        let mut blk = n * e * if s.gpt2 { 7.0 * s.c + s.f } else { 4.0 * s.c + 4.0 * (s.q + s.k) + 4.0 * s.f };
         blk += sc * e;
         for (path, i, _) in s.linears.iter().filter(|x| self.lora.targets(&x.0)) {
             let r = self.lora.rank_and_scaling(path).0 as f64;

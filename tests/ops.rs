@@ -139,8 +139,9 @@ fn packed_attention_matches_composed() {
     });
 }
 
-/// The fused LoRA node (one frozen linear + a frozen adapter + a trainable one, both with
-/// dropout) against the same sum written with candle's ops: output and the gradients of x, A, B.
+/// The fused LoRA node (a LayerNorm `pre` op, one frozen linear, a frozen adapter and a
+/// trainable one, both with dropout) against the same written with candle's ops: output and
+/// the gradients of x, A, B.
 #[test]
 fn fused_lora_linear_matches_composed() {
     use lorafit::lora::fused::{lora_linear, FrozenWeight, Term};
@@ -159,10 +160,20 @@ fn fused_lora_linear_matches_composed() {
         Term { a: a.as_tensor().detach(), b: bm.as_tensor().detach(), scale: 2.0, dropout: Some((m1.clone(), keep)) },
     ];
     let wf: FrozenWeight = { let w = w.clone(); Arc::new(move |_| Ok(w.clone())) };
-    let fast = lora_linear(x.as_tensor(), wf, Some(bias.clone()), terms, Some((1, a.as_tensor().clone(), bm.as_tensor().clone()))).unwrap();
-    let drop = |m: &Tensor| (x.as_tensor() * (m.to_dtype(candle_core::DType::F32).unwrap() * keep as f64).unwrap()).unwrap();
+    // With a LayerNorm as the node's `pre` op (as GPT-2's ln_1 before c_attn).
+    let (g, beta) = (rand(&mut rng, &[i]), rand(&mut rng, &[i]));
+    let pre = ops::layer_norm_pre(&g, &beta, 1e-5).unwrap();
+    let fast = lora_linear(x.as_tensor(), Some(pre), wf, Some(bias.clone()), terms, Some((1, a.as_tensor().clone(), bm.as_tensor().clone()))).unwrap();
+    let xn = {
+        let x = x.as_tensor();
+        let mu = x.mean_keepdim(D::Minus1).unwrap();
+        let xc = x.broadcast_sub(&mu).unwrap();
+        let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&g).unwrap().broadcast_add(&beta).unwrap()
+    };
+    let drop = |m: &Tensor| (&xn * (m.to_dtype(candle_core::DType::F32).unwrap() * keep as f64).unwrap()).unwrap();
     let delta = |u: Tensor, a: &Tensor, b: &Tensor, s: f64| (u.broadcast_matmul(&a.t().unwrap()).unwrap().broadcast_matmul(&b.t().unwrap()).unwrap() * s).unwrap();
-    let slow = (x.as_tensor().broadcast_matmul(&w).unwrap().broadcast_add(&bias).unwrap() + delta(drop(&m2), &a2, &b2, 0.5)).unwrap();
+    let slow = (xn.broadcast_matmul(&w).unwrap().broadcast_add(&bias).unwrap() + delta(drop(&m2), &a2, &b2, 0.5)).unwrap();
     let slow = (slow + delta(drop(&m1), a.as_tensor(), bm.as_tensor(), 2.0)).unwrap();
     let diff = |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(diff(&fast, &slow) < 1e-4, "forward differs by {}", diff(&fast, &slow));

@@ -1,6 +1,6 @@
 //! A frozen linear layer plus its active LoRA adapters as ONE graph node.
 //!
-//! Forward (x: (..., in), W: (in, out) frozen, per adapter i: A_i (r, in), B_i (out, r),
+//! Forward (x: (..., in) after the optional `pre` op (LayerNorm, GELU), W: (in, out) frozen, per adapter i: A_i (r, in), B_i (out, r),
 //! s_i = scaling × stacking weight, m_i a dropout keep mask scaled by 1/(1-p)):
 //!   `u_i = m_i ⊙ x`, `z_i = u_i A_iᵀ`, `y = x W + b + Σ_i s_i z_i B_iᵀ`
 //! Backward (g = dL/dy; only the trainable adapter's A, B get gradients):
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 
-use crate::ops::{self, matmul_rows};
+use crate::ops::{self, matmul_rows, Pre};
 
 /// The frozen weight as (in, out) in a given dtype: a view for a dense layer, a dequantized
 /// copy for NF4 (made per pass, never kept).
@@ -45,6 +45,8 @@ impl Term {
 }
 
 struct Fused {
+    /// An op on the input, recomputed in the backward (LayerNorm, GELU): its output is not kept.
+    pre: Option<Pre>,
     w: FrozenWeight,
     /// (out,)
     bias: Option<Tensor>,
@@ -58,6 +60,8 @@ struct Fused {
 impl Fused {
     /// x: (..., in) in the base dtype -> (..., out). The LoRA path runs in f32.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let a = self.pre_of(x)?;
+        let x = &a;
         let mut y = matmul_rows(x, &(self.w)(x.dtype())?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
@@ -75,8 +79,27 @@ impl Fused {
         Ok(y)
     }
 
+    fn pre_of(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.pre {
+            Some(p) => (p.fwd)(x),
+            None => Ok(x.clone()),
+        }
+    }
+
     /// Gradients of x (when `need_dx`) and of the trainable term's A and B.
     fn backward(&self, x: &Tensor, g: &Tensor, need_dx: bool) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let a = if self.trainable.is_some() && self.pre.is_some() { self.pre_of(x)? } else { x.clone() };
+        // d_in: the gradient of the linear's input a = pre(x).
+        let (d_in, d_a, d_b) = self.backward_linear(&a, g, need_dx)?;
+        let dx = match (&self.pre, d_in) {
+            (Some(p), Some(d)) => Some((p.bwd)(x, &d)?),
+            (_, d) => d,
+        };
+        Ok((dx, d_a, d_b))
+    }
+
+    /// The linear part's gradients, with `x` the linear's own input (after `pre`).
+    fn backward_linear(&self, x: &Tensor, g: &Tensor, need_dx: bool) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g32 = g.to_dtype(DType::F32)?;
         let mut dx_lora: Option<Tensor> = None;
         let (mut da, mut db) = (None, None);
@@ -113,16 +136,17 @@ impl Fused {
     }
 }
 
-/// `x W + b + Σ s_i B_i A_i drop(x)` as one node. `trainable`: index into `terms` of the
+/// `a W + b + Σ s_i B_i A_i drop(a)` with `a = pre(x)` (or x) as one node. `trainable`: index into `terms` of the
 /// adapter that gets gradients, with its A and B as graph tensors (Vars).
 pub fn lora_linear(
     x: &Tensor,
+    pre: Option<Pre>,
     w: FrozenWeight,
     bias: Option<Tensor>,
     terms: Vec<Term>,
     trainable: Option<(usize, Tensor, Tensor)>,
 ) -> candle_core::Result<Tensor> {
-    let fused = Arc::new(Fused { w, bias, terms, trainable: trainable.as_ref().map(|t| t.0), z: Mutex::new(None) });
+    let fused = Arc::new(Fused { pre, w, bias, terms, trainable: trainable.as_ref().map(|t| t.0), z: Mutex::new(None) });
     let x_tracks = x.track_op();
     match trainable {
         Some((_, a, b)) => {

@@ -430,9 +430,15 @@ impl Linear {
     /// x: (..., in) in the base dtype -> (..., out): the frozen layer and every active adapter
     /// as one graph node (`fused.rs`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_pre(x, None)
+    }
+
+    /// `forward(pre(x))` as one node: `pre` (the LayerNorm or activation before this layer) is
+    /// recomputed in the backward rather than its output kept.
+    pub fn forward_pre(&self, x: &Tensor, pre: Option<&ops::Pre>) -> Result<Tensor> {
         let enabled = self.enabled.load(Ordering::Relaxed);
         let active: Vec<&LoraLayer> = self.lora.iter().filter(|l| enabled && l.adapter.is_active()).collect();
-        if active.is_empty() {
+        if active.is_empty() && pre.is_none() {
             return Ok(match &self.weight {
                 Frozen::Dense(_) => ops::frozen_linear(x, &self.w_in_out()?, self.bias.as_ref())?,
                 Frozen::Nf4(q) => crate::quant::nf4_linear(x, q, self.layout == WeightLayout::Linear, self.bias.as_ref())?,
@@ -476,10 +482,14 @@ impl Linear {
                 })
             }
         };
-        let mut y = fused::lora_linear(x, w, self.bias.clone(), terms, trainable)?;
+        let mut y = fused::lora_linear(x, pre.cloned(), w, self.bias.clone(), terms, trainable)?;
         // A second trainable adapter on the same layer (unusual): one more node, on top.
+        let xin = match pre {
+            Some(p) if !extra.is_empty() => p.apply("pre", x)?,
+            _ => x.clone(),
+        };
         for (t, a, b) in extra {
-            let h = t.drop(&x.to_dtype(DType::F32)?)?;
+            let h = t.drop(&xin.to_dtype(DType::F32)?)?;
             let delta = (ops::matmul_rows(&ops::matmul_rows(&h, &a.t()?)?, &b.t()?)? * t.scale)?;
             let dt = y.dtype();
             y = (y + delta.to_dtype(dt)?)?;

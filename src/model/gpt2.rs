@@ -73,21 +73,20 @@ impl Config {
 }
 
 /// LayerNorm with frozen weight and bias, (C,) each.
+/// A frozen LayerNorm: a node of its own (`ln_f`) or the `pre` op of the linear after it.
 struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
+    op: ops::Pre,
 }
 
 impl LayerNorm {
     fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         let weight = vb.get(dim, "weight").with_context(|| format!("loading {}.weight", vb.prefix()))?;
         let bias = vb.get(dim, "bias").with_context(|| format!("loading {}.bias", vb.prefix()))?;
-        Ok(Self { weight, bias, eps })
+        Ok(Self { op: ops::layer_norm_pre(&weight, &bias, eps)? })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::layer_norm(x, &self.weight, &self.bias, self.eps)?)
+        Ok(self.op.apply("layer_norm", x)?)
     }
 }
 
@@ -110,11 +109,11 @@ impl Attention {
         })
     }
 
-    /// x: (B, T, C), mask: (B, 1, T, Tk) additive.
-    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut (Option<Tensor>, Option<Tensor>)>) -> Result<Tensor> {
+    /// attn(ln_1(x)) for x: (B, T, C), mask: (B, 1, T, Tk) additive; ln_1 runs inside c_attn's node.
+    fn forward(&self, x: &Tensor, ln_1: &LayerNorm, mask: &Tensor, cache: Option<&mut (Option<Tensor>, Option<Tensor>)>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let hd = c / self.n_head;
-        let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
+        let qkv = self.c_attn.forward_pre(x, Some(&ln_1.op))?; // (B, T, 3C)
         if cache.is_none() {
             // Training and full-sequence passes: one fused node (ops/attention.rs).
             let y = ops::attention::packed_self_attention(&qkv, self.n_head, mask, self.scale)?; // (B, T, C)
@@ -145,9 +144,11 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // The tanh approximation, i.e. HF's gelu_new, with its own backward (ops/act.rs).
-        self.c_proj.forward(&ops::act::gelu(&self.c_fc.forward(x)?)?)
+    /// mlp(ln_2(x)): ln_2 runs inside c_fc's node and GELU (the tanh approximation, HF's
+    /// gelu_new, `ops/act.rs`) inside c_proj's, so neither output is kept for the backward.
+    fn forward(&self, x: &Tensor, ln_2: &LayerNorm) -> Result<Tensor> {
+        let h = self.c_fc.forward_pre(x, Some(&ln_2.op))?; // (B, T, F)
+        self.c_proj.forward_pre(&h, Some(&ops::act::gelu_pre()))
     }
 }
 
@@ -170,8 +171,8 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut (Option<Tensor>, Option<Tensor>)>) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, cache)?)?;
-        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
+        let x = (x + self.attn.forward(x, &self.ln_1, mask, cache)?)?;
+        Ok((&x + self.mlp.forward(&x, &self.ln_2)?)?)
     }
 }
 

@@ -103,19 +103,19 @@ impl Config {
 }
 
 /// RMSNorm with a frozen weight, (C,).
+/// A frozen RMSNorm: a node of its own (`model.norm`) or the `pre` op of the linears after it.
 struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
+    op: ops::Pre,
 }
 
 impl RmsNorm {
     fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         let weight = vb.get(dim, "weight").with_context(|| format!("loading {}.weight", vb.prefix()))?;
-        Ok(Self { weight, eps })
+        Ok(Self { op: ops::rms_norm_pre(&weight, eps)? })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::rms_norm(x, &self.weight, self.eps)?)
+        Ok(self.op.apply("rms_norm", x)?)
     }
 }
 
@@ -170,10 +170,12 @@ impl SelfAttn {
         })
     }
 
-    /// x: (B, T, C); cos/sin: (B, T, D/2); mask: (B, 1, T, Tk).
+    /// attn(norm(x)) for x: (B, T, C); cos/sin: (B, T, D/2); mask: (B, 1, T, Tk). The norm runs
+    /// inside the q/k/v projections' nodes (recomputed there, its output never kept).
     fn forward(
         &self,
         x: &Tensor,
+        norm: &RmsNorm,
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
@@ -184,9 +186,10 @@ impl SelfAttn {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) // (B, n, T, D)
         };
-        let q = ops::rope(&heads(self.q_proj.forward(x)?, self.n_head)?, cos, sin)?;
-        let k = ops::rope(&heads(self.k_proj.forward(x)?, self.n_kv)?, cos, sin)?;
-        let v = heads(self.v_proj.forward(x)?, self.n_kv)?;
+        let pre = Some(&norm.op);
+        let q = ops::rope(&heads(self.q_proj.forward_pre(x, pre)?, self.n_head)?, cos, sin)?;
+        let k = ops::rope(&heads(self.k_proj.forward_pre(x, pre)?, self.n_kv)?, cos, sin)?;
+        let v = heads(self.v_proj.forward_pre(x, pre)?, self.n_kv)?;
         let scale = 1.0 / (hd as f64).sqrt();
         if cache.is_none() {
             // Training and full-sequence passes: one fused node (ops/attention.rs).
@@ -212,8 +215,10 @@ impl Mlp {
         Ok(Self { gate_proj: lin("gate_proj", c, f)?, up_proj: lin("up_proj", c, f)?, down_proj: lin("down_proj", f, c)? })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (ops::act::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
+    /// mlp(norm(x)); the norm runs inside gate_proj's and up_proj's nodes.
+    fn forward(&self, x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
+        let pre = Some(&norm.op);
+        let h = (ops::act::silu(&self.gate_proj.forward_pre(x, pre)?)? * self.up_proj.forward_pre(x, pre)?)?;
         self.down_proj.forward(&h)
     }
 }
@@ -244,8 +249,8 @@ impl Layer {
         mask: &Tensor,
         cache: Option<&mut (Option<Tensor>, Option<Tensor>)>,
     ) -> Result<Tensor> {
-        let x = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?)?;
-        Ok((&x + self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?)?)
+        let x = (x + self.self_attn.forward(x, &self.input_layernorm, cos, sin, mask, cache)?)?;
+        Ok((&x + self.mlp.forward(&x, &self.post_attention_layernorm)?)?)
     }
 }
 

@@ -154,42 +154,60 @@ impl CustomOp2 for ActGrad {
     }
 }
 
+/// f(x) without a graph.
+fn act_fwd(x: &Tensor, kind: Kind) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1_no_bwd(&Act(kind));
+    }
+    match kind {
+        Kind::Gelu => x.gelu(),
+        Kind::Silu => x.silu(),
+    }
+}
+
+/// dx = g f'(x) without a graph.
+fn act_bwd(x: &Tensor, g: &Tensor, kind: Kind) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && g.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &ActGrad(kind));
+    }
+    // Other devices / dtypes: the same formula as tensor ops in f32.
+    let dt = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let d = match kind {
+        Kind::Gelu => {
+            let x2 = x.sqr()?;
+            let t = ((&x * ((&x2 * C as f64)? + 1.0)?)? * K as f64)?.tanh()?;
+            let a = ((&t + 1.0)? * 0.5)?;
+            let b = ((&x * 0.5)? * (t.sqr()?.neg()? + 1.0)?)?;
+            (a + (b * ((x2 * (3.0 * C as f64 * K as f64))? + K as f64)?)?)?
+        }
+        Kind::Silu => {
+            let s = candle_nn::ops::sigmoid(&x)?;
+            (&s * ((x * (s.neg()? + 1.0)?)? + 1.0)?)?
+        }
+    };
+    (d * g.to_dtype(DType::F32)?)?.to_dtype(dt)
+}
+
 fn act(x: &Tensor, kind: Kind) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(Act(kind));
     }
-    // Other devices / dtypes: candle's forward, the analytic backward as tensor ops in f32.
-    super::input_grad_op(
-        kind.name(),
-        x,
-        move |x| match kind {
-            Kind::Gelu => x.gelu(),
-            Kind::Silu => x.silu(),
-        },
-        move |x, _y, g| {
-            let dt = x.dtype();
-            let x = x.to_dtype(DType::F32)?;
-            let d = match kind {
-                Kind::Gelu => {
-                    let x2 = x.sqr()?;
-                    let t = ((&x * ((&x2 * C as f64)? + 1.0)?)? * K as f64)?.tanh()?;
-                    let a = ((&t + 1.0)? * 0.5)?;
-                    let b = ((x * 0.5)? * (t.sqr()?.neg()? + 1.0)?)?;
-                    (a + (b * ((x2 * (3.0 * C as f64 * K as f64))? + K as f64)?)?)?
-                }
-                Kind::Silu => {
-                    let s = candle_nn::ops::sigmoid(&x)?;
-                    (&s * ((x * (s.neg()? + 1.0)?)? + 1.0)?)?
-                }
-            };
-            (d * g.to_dtype(DType::F32)?)?.to_dtype(dt)
-        },
-    )
+    pre(kind).apply(kind.name(), x)
+}
+
+fn pre(kind: Kind) -> super::Pre {
+    super::Pre { fwd: std::sync::Arc::new(move |x| act_fwd(x, kind)), bwd: std::sync::Arc::new(move |x, g| act_bwd(x, g, kind)) }
 }
 
 /// GPT-2's `gelu_new` (tanh approximation). x: any shape.
 pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     act(x, Kind::Gelu)
+}
+
+/// [`gelu`] as a [`super::Pre`] of the layer that consumes it.
+pub fn gelu_pre() -> super::Pre {
+    pre(Kind::Gelu)
 }
 
 /// SiLU `x σ(x)`. x: any shape.

@@ -180,6 +180,25 @@ pub fn input_grad_op(
     x.apply_op1_arc(Arc::new(Box::new(op)))
 }
 
+/// A row-wise or elementwise op applied to a linear layer's input inside the layer's fused node
+/// (`lora/fused.rs`) and recomputed in the backward instead of kept: the LayerNorm before
+/// `c_attn` / `c_fc`, GELU before the MLP's `c_proj`, LLaMA's RMSNorms. Per token this saves
+/// the op's output (C or F values) for as long as the graph lives.
+#[derive(Clone)]
+pub struct Pre {
+    pub fwd: Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>,
+    /// (x, dL/d pre(x)) -> dL/dx.
+    pub bwd: Arc<dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync>,
+}
+
+impl Pre {
+    /// The op as a graph node of its own (its output is then kept by the next node).
+    pub fn apply(&self, name: &'static str, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (fwd, bwd) = (self.fwd.clone(), self.bwd.clone());
+        input_grad_op(name, x, move |x| fwd(x), move |x, _y, g| bwd(x, g))
+    }
+}
+
 /// `softplus(x) = log(1 + e^x)`, written stably as `relu(x) + log(1 + e^-|x|)`; with
 /// `x = -d` it is the pairwise reward loss `-log σ(d)`.
 pub fn softplus(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -228,18 +247,20 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core:
 
 /// LayerNorm over the last dim with frozen `gamma`, `beta` (computed in f32, returned in x's dtype).
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let gamma_bwd = gamma.to_dtype(DType::F32)?;
-    let (gamma, beta) = (gamma.clone(), beta.clone());
-    input_grad_op(
-        "layer_norm",
-        x,
-        move |x| {
+    layer_norm_pre(gamma, beta, eps)?.apply("layer_norm", x)
+}
+
+/// [`layer_norm`] as a [`Pre`].
+pub fn layer_norm_pre(gamma: &Tensor, beta: &Tensor, eps: f64) -> candle_core::Result<Pre> {
+    let (g32, b32) = (gamma.to_dtype(DType::F32)?, beta.to_dtype(DType::F32)?);
+    let gamma_bwd = g32.clone();
+    Ok(Pre {
+        fwd: Arc::new(move |x| {
             let dt = x.dtype();
             let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-            let y = candle_nn::ops::layer_norm(&x32, &gamma.to_dtype(DType::F32)?, &beta.to_dtype(DType::F32)?, eps as f32)?;
-            y.to_dtype(dt)
-        },
-        move |x, _y, g| {
+            candle_nn::ops::layer_norm(&x32, &g32, &b32, eps as f32)?.to_dtype(dt)
+        }),
+        bwd: Arc::new(move |x, g| {
             let dt = x.dtype();
             let x = x.to_dtype(DType::F32)?;
             let g = g.to_dtype(DType::F32)?;
@@ -252,25 +273,27 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> candle
             let m2 = (&gh * &xhat)?.mean_keepdim(D::Minus1)?;
             let dx = gh.broadcast_sub(&m1)?.sub(&xhat.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?;
             dx.to_dtype(dt)
-        },
-    )
+        }),
+    })
 }
 
 /// RMSNorm over the last dim with a frozen `gamma`, LLaMA-style: normalise in f32, cast back
 /// to x's dtype, then scale by gamma.
 pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let gamma_bwd = gamma.to_dtype(DType::F32)?;
-    let gamma = gamma.clone();
-    input_grad_op(
-        "rms_norm",
-        x,
-        move |x| {
+    rms_norm_pre(gamma, eps)?.apply("rms_norm", x)
+}
+
+/// [`rms_norm`] as a [`Pre`].
+pub fn rms_norm_pre(gamma: &Tensor, eps: f64) -> candle_core::Result<Pre> {
+    let g32 = gamma.to_dtype(DType::F32)?;
+    let gamma_bwd = g32.clone();
+    Ok(Pre {
+        fwd: Arc::new(move |x| {
             let dt = x.dtype();
             let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-            let y = candle_nn::ops::rms_norm(&x32, &gamma.to_dtype(DType::F32)?, eps as f32)?;
-            y.to_dtype(dt)
-        },
-        move |x, _y, g| {
+            candle_nn::ops::rms_norm(&x32, &g32, eps as f32)?.to_dtype(dt)
+        }),
+        bwd: Arc::new(move |x, g| {
             let dt = x.dtype();
             let x = x.to_dtype(DType::F32)?;
             let gh = g.to_dtype(DType::F32)?.broadcast_mul(&gamma_bwd)?;
@@ -278,8 +301,8 @@ pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> candle_core::Result<Ten
             let m = (&gh * &x)?.mean_keepdim(D::Minus1)?;
             let dx = gh.broadcast_mul(&r)?.sub(&x.broadcast_mul(&(r.powf(3.0)? * m)?)?)?;
             dx.to_dtype(dt)
-        },
-    )
+        }),
+    })
 }
 
 /// `softmax(scores + mask)` over the last dim, computed in f32 and returned in the scores'
