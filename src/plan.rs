@@ -29,6 +29,8 @@
 //!   steps (mb sequences, mb·new labels), with the entropy's full logits when `ent_coef` > 0;
 //!   all roles share one base.
 //! - NF4: + (12 + e)·in·out for the largest linear, dequantized per pass (`quant.rs`).
+//! - bf16 on the CPU: candle widens each matmul's operands to f32; the LM head's (4·V·C +
+//!   4·rows·V) is added to the loss's working set.
 //! - RSS (CPU) = the above + RUNTIME + 2 % of the activations (+ 0.2 block with checkpointing):
 //!   glibc keeps freed heap pages. Calibrated against `bench sft` peak RSS (see tests/plan.rs).
 use std::path::PathBuf;
@@ -209,6 +211,14 @@ impl Run<'_> {
             (12.0 * rows * s.v, rows * s.v * if e == 4.0 { 16.0 } else { 24.0 + e })
         } else {
             (rows * s.v * if e == 4.0 { 12.0 } else { 12.0 + e }, 0.0)
+        };
+        // candle has no bf16 GEMM on the CPU: it widens both operands to f32 (the whole weight,
+        // 4 B per value) and the product too, per matmul. The LM head's is the largest.
+        let (head_f, head_b) = if self.dtype == "bf16" && !self.gpu {
+            let widen = 4.0 * s.v * s.c + 4.0 * rows * s.v;
+            (head_f + widen, if head_b > 0.0 { head_b + widen } else { 0.0 })
+        } else {
+            (head_f, head_b)
         };
         let kept_dh = if head_lora { 0.0 } else { p.labels * s.c * e };
         let (mask, tail) = (4.0 * p.b * p.t * p.t, n * s.c * e + p.labels * s.c * e + kept_dh);
