@@ -232,23 +232,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
         //    change earlier positions under the causal mask) and kept for values and the update.
         let _no_grad = model.adapters.no_grad();
         roles.activate(&roles.reward_names);
-        let scored: Vec<Vec<u32>> = ex.iter().map(|e| {
-            let mut s = e.ids.clone();
-            if s.last() != Some(&eos) && s.len() < arch.max_positions() {
-                s.push(eos);
-            }
-            s
-        }).collect();
-        let (mut raw, mut feats) = (vec![], vec![]);
-        let bs = t.batch_size.max(1);
-        for (chunk, exs) in scored.chunks(bs).zip(ex.chunks(bs)) {
-            let (ids, pos, mask, last) = crate::reward::pad_batch(chunk, pad, &device)?;
-            let h = model.hidden(&ids, &pos, &mask, None)?; // (B, T', C)
-            raw.extend(roles.reward_head.rewards(&h, &last)?.to_vec1::<f32>()?);
-            if !p.critic_adapter {
-                feats.push(response_features(&h, exs)?);
-            }
-        }
+        let (raw, critic_feats) = roles.score(&ex, eos, pad, t.batch_size, !p.critic_adapter)?;
         let mut scores = raw.clone();
         if p.reward_clip > 0.0 {
             scores.iter_mut().for_each(|s| *s = s.clamp(-p.reward_clip as f32, p.reward_clip as f32));
@@ -258,8 +242,6 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
             whiten(&mut v);
             scores = v.pop().unwrap();
         }
-        // (N, C) f32 critic features, one row per response token, in `ex` order.
-        let critic_feats = if p.critic_adapter { None } else { Some(Tensor::cat(&feats, 0)?) };
         lap("score", &mut timing);
 
         // 3. Reference log-probs and values (the old log-probs came with the samples); no graph.
@@ -457,17 +439,4 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
         run.out.display()
     );
     Ok(summary)
-}
-
-/// The hidden states at the positions that predict each response token, f32, detached:
-/// h: (B, T', C) of sequences that start with `exs` (and may be longer) -> (N, C).
-fn response_features(h: &Tensor, exs: &[SftExample]) -> Result<Tensor> {
-    let (b, t, c) = h.dims3()?;
-    let idx: Vec<u32> = exs
-        .iter()
-        .enumerate()
-        .flat_map(|(r, e)| (e.prompt_len.max(1)..e.ids.len()).map(move |j| (r * t + j - 1) as u32))
-        .collect();
-    let idx = Tensor::new(idx.as_slice(), h.device())?;
-    Ok(h.reshape((b * t, c))?.index_select(&idx, 0)?.to_dtype(candle_core::DType::F32)?.detach())
 }

@@ -61,6 +61,35 @@ impl Roles<'_> {
         Ok(hs.matmul(&self.v_head.weight.t()?)?.squeeze(1)?)
     }
 
+    /// Reward-model scores of `prompt + response (+ eos if the response was cut)` at the last
+    /// token, in batches of `bs`, under the active (reward) adapters; with `keep_features`, also
+    /// the hidden states at the positions predicting each response token, (N, C) f32 in `ex`
+    /// order: the critic's features when it has no adapter of its own (the appended eos cannot
+    /// change earlier positions under the causal mask).
+    pub fn score(&self, ex: &[SftExample], eos: u32, pad: u32, bs: usize, keep_features: bool) -> Result<(Vec<f32>, Option<Tensor>)> {
+        let max = self.model.arch.max_positions();
+        let scored: Vec<Vec<u32>> = ex
+            .iter()
+            .map(|e| {
+                let mut s = e.ids.clone();
+                if s.last() != Some(&eos) && s.len() < max {
+                    s.push(eos);
+                }
+                s
+            })
+            .collect();
+        let (mut raw, mut feats) = (vec![], vec![]);
+        for (chunk, exs) in scored.chunks(bs.max(1)).zip(ex.chunks(bs.max(1))) {
+            let (ids, pos, mask, last) = crate::reward::pad_batch(chunk, pad, &self.model.device)?;
+            let h = self.model.hidden(&ids, &pos, &mask, None)?; // (B, T', C)
+            raw.extend(self.reward_head.rewards(&h, &last)?.to_vec1::<f32>()?);
+            if keep_features {
+                feats.push(response_features(&h, exs)?);
+            }
+        }
+        Ok((raw, if keep_features { Some(Tensor::cat(&feats, 0)?) } else { None }))
+    }
+
     /// Splits a flat (N,) vector of a batch into per-sequence response vectors.
     pub fn split(flat: Vec<f32>, ex: &[&SftExample]) -> Vec<Vec<f32>> {
         let mut out = vec![];
@@ -98,3 +127,15 @@ pub fn whiten(xs: &mut [Vec<f32>]) {
     xs.iter_mut().flatten().for_each(|x| *x = ((*x as f64 - mean) / std) as f32);
 }
 
+/// The hidden states at the positions that predict each response token, f32, detached:
+/// h: (B, T', C) of sequences that start with `exs` (and may be longer) -> (N, C).
+fn response_features(h: &Tensor, exs: &[SftExample]) -> Result<Tensor> {
+    let (b, t, c) = h.dims3()?;
+    let idx: Vec<u32> = exs
+        .iter()
+        .enumerate()
+        .flat_map(|(r, e)| (e.prompt_len.max(1)..e.ids.len()).map(move |j| (r * t + j - 1) as u32))
+        .collect();
+    let idx = Tensor::new(idx.as_slice(), h.device())?;
+    Ok(h.reshape((b * t, c))?.index_select(&idx, 0)?.to_dtype(DType::F32)?.detach())
+}
