@@ -215,3 +215,22 @@ fn gqa_self_attention_matches_composed() {
         assert!(diff(f, s) < 1e-4, "gradient of {name} differs by {}", diff(f, s));
     }
 }
+
+/// One-row products (batch-1 decoding) take a hand-written path (`ops/gemv.rs`): equal to
+/// candle's matmul for both weight layouts, odd sizes included.
+#[test]
+fn one_row_matmul_matches_gemm() {
+    let mut rng = SeededRng::new(11);
+    for (k, n) in [(70, 33), (768, 5), (3, 1000), (96, 2304)] {
+        let x = rand(&mut rng, &[1, 1, k]);
+        let w = rand(&mut rng, &[k, n]);
+        let wt = rand(&mut rng, &[n, k]);
+        for (name, w) in [("(k, n)", w), ("(n, k) transposed", wt.t().unwrap())] {
+            let fast = ops::matmul_rows(&x, &w).unwrap();
+            let slow = x.reshape((1, k)).unwrap().matmul(&w).unwrap().reshape((1, 1, n)).unwrap();
+            let scale = slow.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let d = (&fast - &slow).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d <= 1e-5 * scale.max(1.0), "{k}x{n} {name}: differs by {d}");
+        }
+    }
+}

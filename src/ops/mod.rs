@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 
 pub mod act;
 pub mod attention;
+mod gemv;
 
 use candle_core::{backend::BackendStorage, CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 
@@ -213,7 +214,9 @@ pub fn matmul_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let k = *dims.last().unwrap_or(&1);
     let rows = x.elem_count() / k.max(1);
     let x2 = x.contiguous()?.reshape((rows, k))?;
-    let y = if rows <= 16 && !w.is_contiguous() && w.t()?.is_contiguous() {
+    let y = if let Some(y) = if rows == 1 { gemv::gemv(&x2, w)? } else { None } {
+        y // one row, no graph: a streaming matrix-vector product (ops/gemv.rs)
+    } else if rows <= 16 && !w.is_contiguous() && w.t()?.is_contiguous() {
         // Decoding (a few rows) against a transposed weight (the tied LM head, LLaMA's (out, in)
         // linears): gemm's small-M kernels on a transposed right-hand side run 2-5x slower than
         // the same product swapped, (W xᵀ)ᵀ, with the weight as a row-major left-hand side.
