@@ -8,8 +8,9 @@
 //! - Parameters: GPT-2 `V·C + P·C + L·(4C² + 2C·F + 9C + F) + 2C` (+V·C untied); LLaMA
 //!   `V·C + L·(C·(2Q + 2K) + 3C·F + 2C) + C` (+ biases, + V·C untied). Base bytes = params·e,
 //!   or 0.5625 B/param (NF4: 4 bits + an f32 absmax per 64) for the block linears.
-//! - Load (`stream_load.rs`): tensors are read one by one into a byte buffer, converted, kept:
-//!   peak = max over tensors in load order of (kept so far + buffer + tensor [+ dtype copy]).
+//! - Load (`stream_load.rs`): tensors are read one by one, straight into the tensor when the file
+//!   has the wanted dtype, else into a byte buffer and converted: peak = max over tensors in load
+//!   order of (kept so far + tensor [+ buffer + dtype copy]).
 //! - LoRA, per targeted linear in→out: r·(in+out) params; params, grads, AdamW m and v: 16 B each.
 //! - Activations kept for backward per block (candle keeps every op input of the graph):
 //!   GPT-2 `e·N·(7C + F) + S·e` (attention is one node keeping qkv and the probabilities,
@@ -161,7 +162,8 @@ impl Run<'_> {
         let (mut kept, mut peak) = (0.0, 0.0f64);
         for &(n, lin) in &self.s.tensors {
             let n = n as f64;
-            let mut during = n * if sf == e { 2.0 * sf } else { (2.0 * sf).max(sf + e) };
+            // Stored as wanted: read straight into the tensor; else a byte buffer, then converted.
+            let mut during = n * if sf == e { sf } else { (2.0 * sf).max(sf + e) };
             let mut keep = n * e;
             if lin && self.nf4 {
                 during = during.max(n * (e + 6.0)); // dense + f32 copy + codes + packed (quant.rs)

@@ -2,6 +2,8 @@
 //! mapping whole files: the process then holds the loaded weights plus one tensor in flight,
 //! not the weights plus every mapped page of the file (which doubled the load peak: 957 MiB
 //! for KoGPT2's 477 MiB, docs/BENCHMARKS.md). The page cache still serves repeated loads.
+//! A tensor stored in the wanted dtype is read straight into its own buffer (one copy); others
+//! go through a byte buffer and a conversion.
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -62,9 +64,22 @@ impl StreamingSafetensors {
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let e = self.entries.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
         let (path, f) = &self.files[e.file];
+        let read_err = |err: std::io::Error| candle_core::Error::Msg(format!("{}: reading tensor {name}: {err} (is the file truncated?)", path.display()));
+        // Stored as wanted: read straight into the tensor's own buffer (one copy, no staging).
+        if cfg!(target_endian = "little") && DType::try_from(e.dtype).ok() == Some(dtype) {
+            let n: usize = e.shape.iter().product();
+            if (e.end - e.start) as usize == n * dtype.size_in_bytes() {
+                let at = e.start;
+                match dtype {
+                    DType::F32 => return read_direct::<f32>(f, at, &e.shape, dev).map_err(read_err)?,
+                    DType::F16 => return read_direct::<half::f16>(f, at, &e.shape, dev).map_err(read_err)?,
+                    DType::BF16 => return read_direct::<half::bf16>(f, at, &e.shape, dev).map_err(read_err)?,
+                    _ => {}
+                }
+            }
+        }
         let mut bytes = vec![0u8; (e.end - e.start) as usize];
-        f.read_exact_at(&mut bytes, e.start)
-            .map_err(|err| candle_core::Error::Msg(format!("{}: reading tensor {name}: {err} (is the file truncated?)", path.display())))?;
+        f.read_exact_at(&mut bytes, e.start).map_err(read_err)?;
         let view = safetensors::tensor::TensorView::new(e.dtype, e.shape.clone(), &bytes)
             .map_err(|err| candle_core::Error::Msg(format!("{}: tensor {name}: {err}", path.display())))?;
         let t = view.load(&Device::Cpu)?;
@@ -94,4 +109,16 @@ impl candle_nn::var_builder::SimpleBackend for StreamingSafetensors {
     fn contains_tensor(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }
+}
+
+/// A tensor of `shape` whose little-endian T values are at byte offset `at`, read straight into
+/// the tensor's own buffer.
+fn read_direct<T: candle_core::WithDType>(f: &std::fs::File, at: u64, shape: &[usize], dev: &Device) -> std::io::Result<candle_core::Result<Tensor>> {
+    let n: usize = shape.iter().product();
+    let mut v = vec![T::zero(); n];
+    // SAFETY: T is a plain number type (f32, f16, bf16) for which every bit pattern is a value,
+    // and the slice covers exactly v's n elements.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>()) };
+    f.read_exact_at(bytes, at)?;
+    Ok(Tensor::from_vec(v, shape, dev))
 }
