@@ -4,7 +4,7 @@
 //! - [`ops`]: training ops whose backward gives input gradients only (no `dW` for frozen weights),
 //!   and fused attention / activation nodes with written-out backwards.
 //! - [`lora`]: PEFT-semantics LoRA attached at construction; the frozen [`lora::Linear`], which runs
-//!   with its active adapters as one graph node (`lora/fused.rs`).
+//!   with its active adapters as one graph node (`ops/linear.rs`).
 //! - [`model`]: GPT-2 and LLaMA, numerically equal to transformers; [`model::Model`] is the entry point.
 //! - [`weights`], [`builtin`], [`tokenizer`]: finding and reading model folders.
 //! - [`peft`], [`io`]: adapter folders in PEFT's format, crash-safe writes.

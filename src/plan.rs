@@ -16,7 +16,7 @@
 //!   GPT-2 `e·N·(7C + F) + S·e` (attention is one node keeping qkv and the probabilities,
 //!   `ops/attention.rs`; LayerNorm and GELU run inside the next linear's node, `ops::Pre`);
 //!   LLaMA `e·N·(4C + 4Q + 4K + 4F) + S·e`; plus per LoRA linear
-//!   (one fused node, `lora/fused.rs`) `N·(4r [+ in, the u8 mask, with dropout])`. Plus the
+//!   (one fused node, `ops/linear.rs`) `N·(4r [+ in, the u8 mask, with dropout])`. Plus the
 //!   mask 4·B·T², the embeddings, the final norm and the labelled rows.
 //! - Transients (measured, one op at a time): the activation's backward 4 (gelu) / 6 (silu)
 //!   ·N·F·e on f32 CPU tensors (`ops/act.rs`), 21.5 / 18 ·N·F·e where it falls back to composed
@@ -193,7 +193,7 @@ impl Run<'_> {
         blk += sc * e;
         for (path, i, _) in s.linears.iter().filter(|x| self.lora.targets(&x.0)) {
             let r = self.lora.rank_and_scaling(path).0 as f64;
-            // The fused LoRA node (lora/fused.rs) keeps z = u Aᵀ (f32) and a u8 dropout mask.
+            // The fused LoRA node (ops/linear.rs) keeps z = u Aᵀ (f32) and a u8 dropout mask.
             blk += p.active * n * (4.0 * r + if p.dropout { *i } else { 0.0 });
         }
         let f32_act = e == 4.0; // ops/act.rs: one-pass backward on f32 CPU tensors

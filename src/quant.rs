@@ -99,6 +99,16 @@ impl Nf4 {
         w.narrow(0, 0, n)?.reshape(self.shape.as_slice())?.to_dtype(dtype)
     }
 
+    /// The weight as (in, out) for `ops::linear`, dequantized per use (never kept).
+    /// `transpose`: the stored weight is (out, in) (nn.Linear) rather than (in, out) (Conv1D).
+    pub fn frozen_weight(&self, transpose: bool) -> crate::ops::linear::FrozenWeight {
+        let q = self.clone();
+        std::sync::Arc::new(move |dt| {
+            let d = q.dequantize(dt)?;
+            if transpose { d.t() } else { Ok(d) }
+        })
+    }
+
     /// Bytes held (codes + scales).
     pub fn nbytes(&self) -> usize {
         self.packed.elem_count() + 4 * self.scales.elem_count()
@@ -109,27 +119,7 @@ impl Nf4 {
 /// dequantized for the product and again in backward, which gives the input gradient only.
 /// `transpose`: the stored weight is (out, in) (nn.Linear) rather than (in, out) (Conv1D).
 pub fn nf4_linear(x: &Tensor, w: &Nf4, transpose: bool, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let dequant = {
-        let w = w.clone();
-        move |dt: DType| -> candle_core::Result<Tensor> {
-            let d = w.dequantize(dt)?;
-            if transpose { d.t() } else { Ok(d) }
-        }
-    };
-    let dq_b = dequant.clone();
-    let bias = bias.cloned();
-    crate::ops::input_grad_op(
-        "nf4_linear",
-        x,
-        move |x| {
-            let y = crate::ops::matmul_rows(x, &dequant(x.dtype())?)?;
-            match &bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            }
-        },
-        move |_x, _y, g| crate::ops::matmul_rows(g, &dq_b(g.dtype())?.t()?),
-    )
+    crate::ops::linear::lora_linear(x, None, w.frozen_weight(transpose), bias.cloned(), vec![], None)
 }
 
 /// Which base quantization a model is built with.

@@ -73,12 +73,26 @@ pub fn pad_batch(seqs: &[Vec<u32>], pad: u32, dev: &Device) -> Result<(Tensor, T
 
 /// Rewards of token sequences, in batches of `batch` (no update).
 pub fn score(model: &Model, head: &RewardHead, seqs: &[Vec<u32>], pad: u32, batch: usize) -> Result<Vec<f32>> {
+    score_with(model, head, seqs, pad, batch, |_, _| Ok(()))
+}
+
+/// [`score`], also handing each batch's final hidden states (B, T, C) and the index of its
+/// first sequence to `each` (PPO keeps the critic's features from them).
+pub fn score_with(
+    model: &Model,
+    head: &RewardHead,
+    seqs: &[Vec<u32>],
+    pad: u32,
+    batch: usize,
+    mut each: impl FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<Vec<f32>> {
     let _no_grad = model.adapters.no_grad();
     let mut out = Vec::with_capacity(seqs.len());
-    for chunk in seqs.chunks(batch.max(1)) {
+    for (i, chunk) in seqs.chunks(batch.max(1)).enumerate() {
         let (ids, pos, mask, last) = pad_batch(chunk, pad, &model.device)?;
         let h = model.hidden(&ids, &pos, &mask, None)?;
         out.extend(head.rewards(&h, &last)?.detach().to_vec1::<f32>()?);
+        each(i * batch.max(1), &h)?;
     }
     Ok(out)
 }

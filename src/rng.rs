@@ -58,16 +58,8 @@ impl SeededRng {
         Tensor::from_vec(v, shape, dev)
     }
 
-    /// Inverted-dropout mask: 0 with probability p, else 1/(1-p). f32.
-    pub fn dropout_mask(&mut self, shape: &[usize], p: f32, dev: &Device) -> Result<Tensor> {
-        let n = shape.iter().product();
-        let keep = 1.0 / (1.0 - p);
-        let v: Vec<f32> = (0..n).map(|_| if self.uniform_f32() < p { 0.0 } else { keep }).collect();
-        Tensor::from_vec(v, shape, dev)
-    }
-
-    /// The same draws as [`Self::dropout_mask`], as a u8 keep mask (1 = keep, 0 = drop): a
-    /// quarter of the memory where the mask is held until the backward.
+    /// A dropout keep mask: u8, 1 = keep (probability 1 - p), 0 = drop; one uniform draw per
+    /// value. A byte per value, since the mask is held until the backward (`ops/linear.rs`).
     pub fn dropout_keep(&mut self, shape: &[usize], p: f32, dev: &Device) -> Result<Tensor> {
         let n = shape.iter().product();
         let v: Vec<u8> = (0..n).map(|_| u8::from(self.uniform_f32() >= p)).collect();

@@ -8,14 +8,16 @@ fn rand(rng: &mut SeededRng, shape: &[usize]) -> Tensor {
     rng.normal(shape, 1.0, &Device::Cpu).unwrap()
 }
 
+/// max |a - b| over all elements.
+fn diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
 /// Checks f(x) == g(x) and d/dx sum(f(x) * r) == d/dx sum(g(x) * r) for a random r.
 fn check(name: &str, x: Tensor, fast: impl Fn(&Tensor) -> Tensor, slow: impl Fn(&Tensor) -> Tensor) {
     let mut rng = SeededRng::new(99);
     let xv = Var::from_tensor(&x).unwrap();
     let (yf, ys) = (fast(xv.as_tensor()), slow(xv.as_tensor()));
-    let diff = |a: &Tensor, b: &Tensor| -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    };
     assert!(diff(&yf, &ys) < 1e-5, "{name}: forward differs by {}", diff(&yf, &ys));
     let r = rand(&mut rng, yf.dims());
     let gf = (&yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -144,7 +146,7 @@ fn packed_attention_matches_composed() {
 /// the gradients of x, A, B.
 #[test]
 fn fused_lora_linear_matches_composed() {
-    use lorafit::lora::fused::{lora_linear, FrozenWeight, Term};
+    use lorafit::ops::linear::{lora_linear, FrozenWeight, Term};
     use std::sync::Arc;
     let mut rng = SeededRng::new(9);
     let (n, i, o, r) = (6, 10, 7, 3);
@@ -175,7 +177,6 @@ fn fused_lora_linear_matches_composed() {
     let delta = |u: Tensor, a: &Tensor, b: &Tensor, s: f64| (u.broadcast_matmul(&a.t().unwrap()).unwrap().broadcast_matmul(&b.t().unwrap()).unwrap() * s).unwrap();
     let slow = (xn.broadcast_matmul(&w).unwrap().broadcast_add(&bias).unwrap() + delta(drop(&m2), &a2, &b2, 0.5)).unwrap();
     let slow = (slow + delta(drop(&m1), a.as_tensor(), bm.as_tensor(), 2.0)).unwrap();
-    let diff = |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(diff(&fast, &slow) < 1e-4, "forward differs by {}", diff(&fast, &slow));
     let rr = rand(&mut rng, fast.dims());
     let gf = (&fast * &rr).unwrap().sum_all().unwrap().backward().unwrap();
@@ -205,7 +206,6 @@ fn gqa_self_attention_matches_composed() {
     let s = (q.as_tensor().matmul(&rep(k.as_tensor()).t().unwrap()).unwrap() * scale).unwrap().broadcast_add(&mask).unwrap();
     let slow = candle_nn::ops::softmax(&s, D::Minus1).unwrap().matmul(&rep(v.as_tensor())).unwrap();
     let slow = slow.transpose(1, 2).unwrap().reshape((b, t, h * d)).unwrap();
-    let diff = |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(diff(&fast, &slow) < 1e-5, "forward differs by {}", diff(&fast, &slow));
     let r = rand(&mut rng, fast.dims());
     let gf = (&fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -229,7 +229,7 @@ fn one_row_matmul_matches_gemm() {
             let fast = ops::matmul_rows(&x, &w).unwrap();
             let slow = x.reshape((1, k)).unwrap().matmul(&w).unwrap().reshape((1, 1, n)).unwrap();
             let scale = slow.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            let d = (&fast - &slow).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let d = diff(&fast, &slow);
             assert!(d <= 1e-5 * scale.max(1.0), "{k}x{n} {name}: differs by {d}");
         }
     }

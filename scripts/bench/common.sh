@@ -1,4 +1,4 @@
-# Shared by scripts/bench/{sft,rm,ppo}.sh (sourced, not run): settings, the lorafit binary, the
+# Shared by scripts/bench/{foundation,sft,rm,ppo,merge}.sh (sourced, not run): settings, the lorafit binary, the
 # builtin model's folder, and one-JSON-line-per-process recording. See docs/BENCHMARKS.md.
 #
 # Environment: ROUNDS, THREADS (2), PYTHON (/root/venv-ref/bin/python: torch + transformers + peft,

@@ -17,49 +17,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+BENCH=foundation
 ROUNDS=${ROUNDS:-3}
 REPEATS=${REPEATS:-3}
-THREADS=${THREADS:-2}
-PYTHON=${PYTHON:-/root/venv-ref/bin/python}
-ATTN=${ATTN:-sdpa}
-OUT_DIR=${OUT_DIR:-target/bench}
 PROMPT_LEN=16
 NEW_TOKENS=64
 MODEL=builtin:kogpt2-shape
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-mkdir -p "$OUT_DIR"
-RAW="$OUT_DIR/foundation-$STAMP.jsonl"
-MD="$OUT_DIR/foundation-$STAMP.md"
-: >"$RAW"
-
-log() { echo "[foundation] $*" >&2; }
-
-export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
-export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
-T_START=$(date +%s)
-
-# The commit the measured lorafit was built from (+dirty: with uncommitted changes), taken now.
-GIT_DESC="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo +dirty)"
-if [[ -n "${LORAFIT_BIN:-}" ]]; then
-  LORAFIT=$LORAFIT_BIN # e.g. a build of another checkout, to compare against the same reference
-  GIT_DESC="not this checkout: $LORAFIT_BIN"
-else
-  log "building lorafit (release)"
-  cargo build --release --quiet
-  LORAFIT=target/release/lorafit
-fi
-
-# Write the builtin model once (outside any timed process), then find its folder as lorafit does.
-log "materialising $MODEL"
-"$LORAFIT" bench generate --model "$MODEL" --new-tokens 1 --repeats 1 --json >/dev/null
-if [[ -n "${LORAFIT_CACHE:-}" ]]; then CACHE=$LORAFIT_CACHE
-elif [[ -n "${XDG_CACHE_HOME:-}" ]]; then CACHE=$XDG_CACHE_HOME/lorafit
-else CACHE=$HOME/.cache/lorafit; fi
-DIR=$CACHE/builtin/kogpt2-shape-v1
-[[ -f $DIR/model.safetensors ]] || { echo "no model at $DIR" >&2; exit 1; }
-# Both tools then read the weights from a warm page cache: load time is parse + copy, not disk.
-cat "$DIR/model.safetensors" >/dev/null
-"$PYTHON" -c 'import torch, transformers' || { echo "$PYTHON cannot import torch + transformers" >&2; exit 1; }
+source scripts/bench/common.sh
 
 run_one() { # tool dtype batch round -> appends one JSON line to $RAW
   local tool=$1 dtype=$2 batch=$3 round=$4 out rc=0 load0 t0 t1

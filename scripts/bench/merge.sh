@@ -28,46 +28,9 @@ cd "$(dirname "$0")/../.."
 
 BENCH=merge
 ROUNDS=${ROUNDS:-3}
-THREADS=${THREADS:-2}
-PYTHON=${PYTHON:-/root/venv-ref/bin/python}
-OUT_DIR=${OUT_DIR:-target/bench}
-MODEL=builtin:kogpt2-shape
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-mkdir -p "$OUT_DIR"
-RAW="$OUT_DIR/$BENCH-$STAMP.jsonl"
-MD="$OUT_DIR/$BENCH-$STAMP.md"
+source scripts/bench/common.sh
 ERR="$OUT_DIR/$BENCH-$STAMP.stderr"
 WORK="$OUT_DIR/merge-work"
-: >"$RAW"
-
-log() { echo "[$BENCH] $*" >&2; }
-
-export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
-export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
-T_START=$(date +%s)
-
-# The lorafit binary: a copy of this checkout's release build (edits others make to the tree
-# while the benchmark runs cannot change what is measured), or $LORAFIT_BIN.
-GIT_DESC="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo +dirty)"
-if [[ -n "${LORAFIT_BIN:-}" ]]; then
-  LORAFIT=$LORAFIT_BIN
-  GIT_DESC=${LORAFIT_GIT:-"not this checkout: $LORAFIT_BIN"}
-else
-  log "building lorafit (release)"
-  cargo build --release --quiet
-  LORAFIT=$OUT_DIR/lorafit-$STAMP
-  cp target/release/lorafit "$LORAFIT"
-fi
-
-# Write the builtin model once (outside any timed process), then find its folder as lorafit does.
-log "materialising $MODEL"
-"$LORAFIT" bench generate --model "$MODEL" --new-tokens 1 --repeats 1 --json >/dev/null
-if [[ -n "${LORAFIT_CACHE:-}" ]]; then CACHE=$LORAFIT_CACHE
-elif [[ -n "${XDG_CACHE_HOME:-}" ]]; then CACHE=$XDG_CACHE_HOME/lorafit
-else CACHE=$HOME/.cache/lorafit; fi
-DIR=$CACHE/builtin/kogpt2-shape-v1
-[[ -f $DIR/model.safetensors ]] || { echo "no model at $DIR" >&2; exit 1; }
-"$PYTHON" -c 'import torch, transformers, peft' || { echo "$PYTHON cannot import torch + transformers + peft" >&2; exit 1; }
 
 log "making the adapter"
 mkdir -p "$WORK"

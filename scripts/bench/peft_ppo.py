@@ -34,14 +34,10 @@ the two models' memory-mapped weights are shared pages).
 Usage: peft_ppo.py --model DIR [--prompts 4] [--prompt-len 64] [--new-tokens 32]
                    [--iterations 2] [--threads 2] [--attn sdpa|eager]
 """
-import argparse
 import json
-import resource
 import time
 
-
-def maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+from peft_common import maxrss_bytes, parser, setup_torch, versions
 
 
 def smaps_rollup() -> dict:
@@ -58,27 +54,18 @@ def smaps_rollup() -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a Hugging Face GPT-2 folder")
+    ap = parser(__doc__)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
-    ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
 
-    import torch
+    torch, rss_import = setup_torch(a)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    rss_import = maxrss_bytes()
     kl_coef, clip_range, value_clip, vf_coef, gamma, lam, reward_clip, temp = 0.1, 0.2, 0.4, 0.5, 1.0, 0.95, 10.0, 1.0
 
     lora = dict(r=a.r, lora_alpha=2 * a.r, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.05)
@@ -181,14 +168,12 @@ def main() -> None:
         t["entropy"] = ent.item()
         iters.append(t)
 
-    import peft
-    import transformers
     print(json.dumps({
         "tool": "peft", "model": a.model, "prompts": a.prompts, "prompt_len": P, "new_tokens": N,
         "iterations": iters, "peak_rss_bytes": maxrss_bytes(), "rss_after_load_bytes": rss_load,
         "peak_rss_before_load_bytes": rss_import, **{"end_" + k: v for k, v in smaps_rollup().items()},
         "critic": "value head on the frozen reward model's hidden states", "threads": a.threads, "attn": a.attn,
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        **versions(),
     }))
 
 

@@ -33,6 +33,20 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {mem}, Linux {platform.release()}"
 
 
+def add_run_args(ap, command_default=None) -> None:
+    """What every summary's header says about the run (passed by the bench scripts)."""
+    if command_default is None:
+        ap.add_argument("--command", required=True)
+    else:
+        ap.add_argument("--command", default=command_default)
+    ap.add_argument("--threads", default="2")
+    ap.add_argument("--elapsed-s", type=int, default=0)
+    ap.add_argument("--lorafit-version", default="lorafit ?")
+    ap.add_argument("--git", default="?")
+    ap.add_argument("--rustc", default="?")
+    ap.add_argument("--candle", default="?")
+
+
 def mib(b: float) -> str:
     return f"{b / 2**20:,.0f}"
 
@@ -55,14 +69,8 @@ def ratio(a, b) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("raw")
-    ap.add_argument("--command", default="scripts/bench/foundation.sh")
+    add_run_args(ap, "scripts/bench/foundation.sh")
     ap.add_argument("--attn", default="sdpa")
-    ap.add_argument("--threads", default="2")
-    ap.add_argument("--elapsed-s", type=int, default=0)
-    ap.add_argument("--lorafit-version", default="lorafit ?")
-    ap.add_argument("--git", default="?")
-    ap.add_argument("--rustc", default="?")
-    ap.add_argument("--candle", default="?")
     a = ap.parse_args()
 
     rows = [json.loads(l) for l in open(a.raw) if l.strip()]

@@ -15,19 +15,13 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from summarize import cell, machine, mib, ratio  # noqa: E402
+from summarize import add_run_args, cell, machine, mib, ratio  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("raw")
-    ap.add_argument("--command", default="scripts/bench/merge.sh")
-    ap.add_argument("--threads", default="2")
-    ap.add_argument("--elapsed-s", type=int, default=0)
-    ap.add_argument("--lorafit-version", default="lorafit ?")
-    ap.add_argument("--git", default="?")
-    ap.add_argument("--rustc", default="?")
-    ap.add_argument("--candle", default="?")
+    add_run_args(ap, "scripts/bench/merge.sh")
     a = ap.parse_args()
 
     rows = [json.loads(l) for l in open(a.raw) if l.strip()]

@@ -16,7 +16,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from summarize import add_run_args, machine, mib  # noqa: E402
 
 # KoGPT2's shape (builtin:kogpt2-shape).
 L, C, V = 12, 768, 51200
@@ -46,26 +49,6 @@ def flops_sft(targets, batch, seq):
 def flops_rm(targets, pairs, seq):
     tokens = 2 * pairs * seq
     return 2 * (2 * tokens * LIN) + 3 * attn_fwd(2 * pairs, seq) + 3 * lora_fwd(targets, tokens)
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    mem = "?"
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB RAM"
-    return f"{model}, {os.cpu_count()} cores, {mem}, Linux {platform.release()}"
-
-
-def mib(b):
-    return f"{b / 2**20:,.0f}"
 
 
 def secs(x):
@@ -266,14 +249,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("kind", choices=["sft", "rm", "ppo"])
     ap.add_argument("raw")
-    ap.add_argument("--command", required=True)
+    add_run_args(ap)
     ap.add_argument("--attn", default="sdpa")
-    ap.add_argument("--threads", default="2")
-    ap.add_argument("--elapsed-s", type=int, default=0)
-    ap.add_argument("--lorafit-version", default="lorafit ?")
-    ap.add_argument("--git", default="?")
-    ap.add_argument("--rustc", default="?")
-    ap.add_argument("--candle", default="?")
     a = ap.parse_args()
     rows = [json.loads(l) for l in open(a.raw) if l.strip()]
     n = next((len(r["result"]["step_s_all"]) for r in rows if r["result"] and "step_s_all" in r["result"]), "?")

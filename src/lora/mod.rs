@@ -7,7 +7,7 @@
 //!
 //! Every LoRA-capable layer is a [`Linear`] built with [`Linear::load`], which asks each
 //! [`Adapter`] in the [`AdapterSet`] whether it targets the layer's HF module path. The
-//! frozen weight stays a plain tensor and goes through [`ops::frozen_linear`] (no `dW`); the
+//! frozen weight stays a plain tensor and goes through [`ops::linear`] (no `dW`); the
 //! adapter tensors are f32 (Vars when trainable), whatever the base dtype.
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,9 +18,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 
 mod config;
-pub mod fused;
 
-use crate::ops;
+use crate::ops::{self, linear};
 use crate::quant::{BaseQuant, Nf4};
 use crate::rng::SeededRng;
 
@@ -428,7 +427,7 @@ impl Linear {
     }
 
     /// x: (..., in) in the base dtype -> (..., out): the frozen layer and every active adapter
-    /// as one graph node (`fused.rs`).
+    /// as one graph node (`ops/linear.rs`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_pre(x, None)
     }
@@ -438,12 +437,6 @@ impl Linear {
     pub fn forward_pre(&self, x: &Tensor, pre: Option<&ops::Pre>) -> Result<Tensor> {
         let enabled = self.enabled.load(Ordering::Relaxed);
         let active: Vec<&LoraLayer> = self.lora.iter().filter(|l| enabled && l.adapter.is_active()).collect();
-        if active.is_empty() && pre.is_none() {
-            return Ok(match &self.weight {
-                Frozen::Dense(_) => ops::frozen_linear(x, &self.w_in_out()?, self.bias.as_ref())?,
-                Frozen::Nf4(q) => crate::quant::nf4_linear(x, q, self.layout == WeightLayout::Linear, self.bias.as_ref())?,
-            });
-        }
         let grad = self.grad.load(Ordering::Relaxed);
         let (mut terms, mut trainable, mut extra) = (vec![], None, vec![]);
         for l in active {
@@ -454,7 +447,7 @@ impl Linear {
             } else {
                 None
             };
-            let term = fused::Term { a: l.t.a.detach(), b: l.t.b.detach(), scale: l.t.scaling * l.adapter.weight, dropout };
+            let term = linear::Term { a: l.t.a.detach(), b: l.t.b.detach(), scale: l.t.scaling * l.adapter.weight, dropout };
             if grad && l.t.a.track_op() {
                 if trainable.is_none() {
                     trainable = Some((terms.len(), l.t.a.clone(), l.t.b.clone()));
@@ -465,24 +458,14 @@ impl Linear {
             }
             terms.push(term);
         }
-        let w: fused::FrozenWeight = match (&self.weight, self.layout) {
-            (Frozen::Dense(w), WeightLayout::Linear) => {
-                let w = w.t()?;
+        let w: linear::FrozenWeight = match &self.weight {
+            Frozen::Dense(_) => {
+                let w = self.w_in_out()?; // a view
                 Arc::new(move |_| Ok(w.clone()))
             }
-            (Frozen::Dense(w), WeightLayout::Conv1D) => {
-                let w = w.clone();
-                Arc::new(move |_| Ok(w.clone()))
-            }
-            (Frozen::Nf4(q), layout) => {
-                let q = q.clone();
-                Arc::new(move |dt| {
-                    let d = q.dequantize(dt)?;
-                    if layout == WeightLayout::Linear { d.t() } else { Ok(d) }
-                })
-            }
+            Frozen::Nf4(q) => q.frozen_weight(self.layout == WeightLayout::Linear),
         };
-        let mut y = fused::lora_linear(x, pre.cloned(), w, self.bias.clone(), terms, trainable)?;
+        let mut y = linear::lora_linear(x, pre.cloned(), w, self.bias.clone(), terms, trainable)?;
         // A second trainable adapter on the same layer (unusual): one more node, on top.
         let xin = match pre {
             Some(p) if !extra.is_empty() => p.apply("pre", x)?,

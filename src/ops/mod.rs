@@ -22,40 +22,35 @@
 //! | `attention::packed_self_attention` | GPT-2 attention from the packed qkv | SDPA's backward (`attention.rs`) |
 //!
 //! [`grad3_op`] does the same for a node with three inputs (the fused LoRA linear,
-//! `lora/fused.rs`). `tests/ops.rs` checks every op against candle's composed ops; the model
+//! `linear.rs`). `tests/ops.rs` checks every op against candle's composed ops; the model
 //! and LoRA gradients are checked against torch (`tests/reference.rs`).
 use std::sync::{Arc, Mutex};
 
 pub mod act;
 pub mod attention;
 mod gemv;
+pub mod linear;
 
 use candle_core::{backend::BackendStorage, CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 
-type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
-
-/// Attaches a precomputed output `y = f(x)` to the graph as a node with input `x`, whose
-/// backward is `bwd(x, y, g)`. The output is held only until the forward copies it in.
-struct InputGrad {
+/// An op's output computed before the op is applied, handed over once by its forward.
+struct Precomputed {
     name: &'static str,
     out: Mutex<Option<Tensor>>,
-    bwd: Backward,
 }
 
-impl InputGrad {
+impl Precomputed {
+    fn new(name: &'static str, y: Tensor) -> Self {
+        Self { name, out: Mutex::new(Some(y)) }
+    }
+
     fn take(&self) -> candle_core::Result<Tensor> {
         let out = self.out.lock().unwrap().take();
         let out = out.ok_or_else(|| candle_core::Error::Msg(format!("{}: forward run twice", self.name)))?;
         out.contiguous()
     }
-}
 
-impl CustomOp1 for InputGrad {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
         let y = self.take()?;
         let (storage, layout) = y.storage_and_layout();
         match &*storage {
@@ -64,13 +59,36 @@ impl CustomOp1 for InputGrad {
         }
     }
 
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+    fn cuda(&self) -> candle_core::Result<(CudaStorage, Shape)> {
         let y = self.take()?;
         let (storage, layout) = y.storage_and_layout();
         match &*storage {
             Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
             _ => candle_core::bail!("{}: output is not on the gpu", self.name),
         }
+    }
+}
+
+type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// Attaches a precomputed output `y = f(x)` to the graph as a node with input `x`, whose
+/// backward is `bwd(x, y, g)`. The output is held only until the forward copies it in.
+struct InputGrad {
+    y: Precomputed,
+    bwd: Backward,
+}
+
+impl CustomOp1 for InputGrad {
+    fn name(&self) -> &'static str {
+        self.y.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.y.cpu()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.y.cuda()
     }
 
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -86,56 +104,21 @@ type Backward3 = Box<
 
 /// [`InputGrad`] for a node with three inputs (e.g. x and the two LoRA matrices).
 struct Grad3 {
-    name: &'static str,
-    out: Mutex<Option<Tensor>>,
+    y: Precomputed,
     bwd: Backward3,
-}
-
-impl Grad3 {
-    fn take(&self) -> candle_core::Result<Tensor> {
-        let out = self.out.lock().unwrap().take();
-        let out = out.ok_or_else(|| candle_core::Error::Msg(format!("{}: forward run twice", self.name)))?;
-        out.contiguous()
-    }
 }
 
 impl CustomOp3 for Grad3 {
     fn name(&self) -> &'static str {
-        self.name
+        self.y.name
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
-            _ => candle_core::bail!("{}: output is not on the cpu", self.name),
-        }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.y.cpu()
     }
 
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
-            _ => candle_core::bail!("{}: output is not on the gpu", self.name),
-        }
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.y.cuda()
     }
 
     fn bwd(
@@ -161,7 +144,7 @@ pub fn grad3_op(
         + Sync
         + 'static,
 ) -> candle_core::Result<Tensor> {
-    let op = Grad3 { name, out: Mutex::new(Some(y)), bwd: Box::new(bwd) };
+    let op = Grad3 { y: Precomputed::new(name, y), bwd: Box::new(bwd) };
     args.0.apply_op3_arc(args.1, args.2, Arc::new(Box::new(op)))
 }
 
@@ -177,12 +160,12 @@ pub fn input_grad_op(
     if !x.track_op() {
         return Ok(y);
     }
-    let op = InputGrad { name, out: Mutex::new(Some(y)), bwd: Box::new(bwd) };
+    let op = InputGrad { y: Precomputed::new(name, y), bwd: Box::new(bwd) };
     x.apply_op1_arc(Arc::new(Box::new(op)))
 }
 
 /// A row-wise or elementwise op applied to a linear layer's input inside the layer's fused node
-/// (`lora/fused.rs`) and recomputed in the backward instead of kept: the LayerNorm before
+/// (`linear.rs`) and recomputed in the backward instead of kept: the LayerNorm before
 /// `c_attn` / `c_fc`, GELU before the MLP's `c_proj`, LLaMA's RMSNorms. Per token this saves
 /// the op's output (C or F values) for as long as the graph lives.
 #[derive(Clone)]
@@ -232,20 +215,8 @@ pub fn matmul_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// `y = x @ w + b` for a frozen weight `w` of shape (in, out) (a transposed view is fine).
 /// x: (..., in) -> y: (..., out). No gradient is computed or kept for `w` or `b`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let (w, b) = (w.clone(), b.cloned());
-    let w_bwd = w.clone();
-    input_grad_op(
-        "frozen_linear",
-        x,
-        move |x| {
-            let y = matmul_rows(x, &w)?;
-            match &b {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            }
-        },
-        move |_x, _y, g| matmul_rows(g, &w_bwd.t()?),
-    )
+    let w = w.clone();
+    linear::lora_linear(x, None, Arc::new(move |_| Ok(w.clone())), b.cloned(), vec![], None)
 }
 
 /// LayerNorm over the last dim with frozen `gamma`, `beta` (computed in f32, returned in x's dtype).

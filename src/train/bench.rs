@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use candle_core::Tensor;
 use serde::Serialize;
 
 use super::optim::AdamW;
@@ -70,18 +71,8 @@ pub fn bench_sft(
         .collect();
     let b = make_batch(&ex.iter().collect::<Vec<_>>(), 0, &device)?;
     let denom = b.targets.dim(0)? as f64;
-    let mut times = vec![];
-    for _ in 0..steps + 1 {
-        let t0 = Instant::now();
-        let mut acc = GradAccum::new(opt.vars.len());
-        let f = |h: &candle_core::Tensor| -> Result<candle_core::Tensor> { Ok((label_nll_sum(&model, h, &b, crate::train::config::TrainConfig::default().train.loss_chunk)? / denom)?) };
-        forward_backward(&model, &b.ids, &b.pos, b.mask.clone(), grad_checkpointing, &f, &opt.vars, &mut acc)?;
-        let grads = acc.finish(&opt.vars)?;
-        opt.step(&grads, 1e-4)?;
-        device.synchronize()?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    let (all, median) = median_after_warmup(&times);
+    let f = |h: &Tensor| -> Result<Tensor> { Ok((label_nll_sum(&model, h, &b, train.loss_chunk)? / denom)?) };
+    let (all, median) = timed_steps(&model, (&b.ids, &b.pos, &b.mask), grad_checkpointing, &f, &mut opt, steps)?;
     Ok(SftBench {
         tool: "lorafit",
         model: model_name.into(),
@@ -108,6 +99,29 @@ fn bench_lora(targets: &[String], r: usize) -> LoraConfig {
 /// `n` seeded random token ids below `vocab`.
 fn random_ids(rng: &mut SeededRng, n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| (rng.uniform_f32() * vocab as f32) as u32 % vocab as u32).collect()
+}
+
+/// `steps + 1` optimizer steps of `loss` on one batch (ids, pos, mask), each timed: returns the
+/// times after the warm-up (first) step and their median.
+fn timed_steps(
+    model: &Model,
+    (ids, pos, mask): (&Tensor, &Tensor, &Tensor),
+    checkpointing: bool,
+    loss: &dyn Fn(&Tensor) -> Result<Tensor>,
+    opt: &mut AdamW,
+    steps: usize,
+) -> Result<(Vec<f64>, f64)> {
+    let mut times = vec![];
+    for _ in 0..steps + 1 {
+        let t0 = Instant::now();
+        let mut acc = GradAccum::new(opt.vars.len());
+        forward_backward(model, ids, pos, mask.clone(), checkpointing, loss, &opt.vars, &mut acc)?;
+        let grads = acc.finish(&opt.vars)?;
+        opt.step(&grads, 1e-4)?;
+        model.device.synchronize()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(median_after_warmup(&times))
 }
 
 /// Drops the warm-up (first) time; returns the others and their median (upper middle).
@@ -175,23 +189,13 @@ pub fn bench_rm(
         .map(|_| random_ids(&mut rng, seq, vocab))
         .collect();
     let (ids, pos, mask, last) = pad_batch(&seqs, 0, &device)?;
-    let mut times = vec![];
-    for _ in 0..steps + 1 {
-        let t0 = Instant::now();
-        let mut acc = GradAccum::new(opt.vars.len());
-        let f = |h: &candle_core::Tensor| -> Result<candle_core::Tensor> {
-            let rw = head.rewards(h, &last)?;
-            let diff = (rw.narrow(0, 0, pairs)? - rw.narrow(0, pairs, pairs)?)?;
-            // -log σ(d) = softplus(-d), as `lorafit rm`.
-            Ok(crate::ops::softplus(&diff.neg()?)?.mean_all()?)
-        };
-        forward_backward(&model, &ids, &pos, mask.clone(), grad_checkpointing, &f, &opt.vars, &mut acc)?;
-        let grads = acc.finish(&opt.vars)?;
-        opt.step(&grads, 1e-4)?;
-        device.synchronize()?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    let (all, median) = median_after_warmup(&times);
+    let f = |h: &Tensor| -> Result<Tensor> {
+        let rw = head.rewards(h, &last)?;
+        let diff = (rw.narrow(0, 0, pairs)? - rw.narrow(0, pairs, pairs)?)?;
+        // -log σ(d) = softplus(-d), as `lorafit rm`.
+        Ok(crate::ops::softplus(&diff.neg()?)?.mean_all()?)
+    };
+    let (all, median) = timed_steps(&model, (&ids, &pos, &mask), grad_checkpointing, &f, &mut opt, steps)?;
     Ok(RmBench {
         tool: "lorafit",
         model: model_name.into(),

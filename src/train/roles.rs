@@ -78,15 +78,13 @@ impl Roles<'_> {
                 s
             })
             .collect();
-        let (mut raw, mut feats) = (vec![], vec![]);
-        for (chunk, exs) in scored.chunks(bs.max(1)).zip(ex.chunks(bs.max(1))) {
-            let (ids, pos, mask, last) = crate::reward::pad_batch(chunk, pad, &self.model.device)?;
-            let h = self.model.hidden(&ids, &pos, &mask, None)?; // (B, T', C)
-            raw.extend(self.reward_head.rewards(&h, &last)?.to_vec1::<f32>()?);
+        let mut feats = vec![];
+        let raw = crate::reward::score_with(self.model, &self.reward_head, &scored, pad, bs, |first, h| {
             if keep_features {
-                feats.push(response_features(&h, exs)?);
+                feats.push(response_features(h, &ex[first..(first + h.dim(0)?)])?);
             }
-        }
+            Ok(())
+        })?;
         Ok((raw, if keep_features { Some(Tensor::cat(&feats, 0)?) } else { None }))
     }
 

@@ -1,4 +1,5 @@
-//! A frozen linear layer plus its active LoRA adapters as ONE graph node.
+//! A frozen linear layer plus its active LoRA adapters (none for a plain frozen layer) as ONE
+//! graph node: `ops::frozen_linear`, `quant::nf4_linear` and `lora::Linear` all run through it.
 //!
 //! Forward (x: (..., in) after the optional `pre` op (LayerNorm, GELU), W: (in, out) frozen, per adapter i: A_i (r, in), B_i (out, r),
 //! s_i = scaling × stacking weight, m_i a dropout keep mask scaled by 1/(1-p)):
@@ -16,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 
-use crate::ops::{self, matmul_rows, Pre};
+use super::{grad3_op, input_grad_op, matmul_rows, Pre};
 
 /// The frozen weight as (in, out) in a given dtype: a view for a dense layer, a dequantized
 /// copy for NF4 (made per pass, never kept).
@@ -66,7 +67,10 @@ impl Fused {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        let h = x.to_dtype(DType::F32)?;
+        if self.terms.is_empty() {
+            return Ok(y);
+        }
+        let h = x.to_dtype(DType::F32)?; // the LoRA path runs in f32
         for (i, t) in self.terms.iter().enumerate() {
             let z = matmul_rows(&t.drop(&h)?, &t.a.t()?)?; // (..., in) -> (..., r)
             let delta = (matmul_rows(&z, &t.b.t()?)? * t.scale)?; // (..., out)
@@ -151,11 +155,11 @@ pub fn lora_linear(
     match trainable {
         Some((_, a, b)) => {
             let y = fused.forward(&x.detach())?;
-            ops::grad3_op("lora_linear", (x, &a, &b), y, move |x, _a, _b, g| fused.backward(x, g, x_tracks))
+            grad3_op("lora_linear", (x, &a, &b), y, move |x, _a, _b, g| fused.backward(x, g, x_tracks))
         }
         None => {
             let f = fused.clone();
-            ops::input_grad_op("lora_linear", x, move |x| f.forward(x), move |x, _y, g| {
+            input_grad_op("lora_linear", x, move |x| f.forward(x), move |x, _y, g| {
                 fused.backward(x, g, true)?.0.ok_or_else(|| candle_core::Error::Msg("lora_linear: no input gradient".into()))
             })
         }
