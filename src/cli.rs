@@ -444,7 +444,7 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
     };
     let ctx = crate::model::Arch::from_file(&files.config)?.max_positions();
     if let Some((n, s)) = labels.iter().zip(&seqs).find(|(_, s)| s.len() > ctx) {
-        anyhow::bail!("{}: entry {n} has {} tokens, more than the model's context of {ctx}", a.data.display(), s.len())
+        crate::bail_kind!(crate::error::Kind::ScoreContextOverflow, "{}: entry {n} has {} tokens, more than the model's context of {ctx}", a.data.display(), s.len())
     }
     let (adapters, head) = crate::reward::load_reward_adapter(&a.adapter, "rm", false)?;
     let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters))?;

@@ -30,7 +30,7 @@ pub fn read_records(path: &Path) -> Result<Vec<(Loc, Value)>> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
-        anyhow::anyhow!("{file}: line {line} is not valid UTF-8")
+        crate::error::tagged(crate::error::Kind::NotUtf8, format!("{file}: line {line} is not valid UTF-8"))
     })?;
     let trimmed = text.trim_start();
     if trimmed.is_empty() {

@@ -5,7 +5,7 @@
 //! `exp(Σ_lines Σ_t nll / Σ_lines (n - 1))`. Lines with fewer than 2 tokens have no NLL.
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::model::Model;
@@ -28,7 +28,7 @@ pub fn read_lines(path: &Path) -> Result<Vec<String>> {
         Ok(text) => Ok(text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l).to_string()).collect()),
         Err(e) => {
             let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
-            bail!("{}: line {line} is not valid UTF-8 (byte {})", path.display(), e.valid_up_to())
+            crate::bail_kind!(crate::error::Kind::NotUtf8, "{}: line {line} is not valid UTF-8 (byte {})", path.display(), e.valid_up_to())
         }
     }
 }
@@ -40,7 +40,7 @@ pub fn eval_lines(model: &Model, tok: &Tokenizer, lines: &[String], source: &str
     for (i, text) in lines.iter().enumerate() {
         let ids = tok.encode(text)?;
         if ids.len() > ctx {
-            bail!("{source}: line {} has {} tokens, more than the model's context of {ctx}", i + 1, ids.len())
+            crate::bail_kind!(crate::error::Kind::EvalContextOverflow, "{source}: line {} has {} tokens, more than the model's context of {ctx}", i + 1, ids.len())
         }
         let nll = if ids.len() >= 2 {
             let loss = model.sequence_nll(&ids)?.detach();

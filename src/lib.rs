@@ -13,11 +13,14 @@
 //! - [`data`], [`template`], [`train`]: training data, the shared prompt template, and the
 //!   training methods (`train/sft.rs`) over shared pieces (optimizer, checkpoints, metrics).
 //! - [`plan`]: a training run's peak memory predicted from config.json (`lorafit plan`).
+//! - [`outdir`]: output folders: locks, lorafit's marker, inputs never overwritten, stale temps.
+//! - [`error`]: error kinds with known fixes (the binary prints their hints).
 //! - [`cli`]: the `lorafit` command line.
 pub mod builtin;
 pub mod chat;
 pub mod cli;
 pub mod data;
+pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
@@ -25,6 +28,7 @@ pub mod io;
 pub mod lora;
 pub mod merge;
 pub mod model;
+pub mod outdir;
 pub mod ops;
 pub mod peft;
 pub mod plan;

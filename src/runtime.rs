@@ -12,7 +12,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 None => 0,
             };
             if !cfg!(feature = "cuda") {
-                bail!("--device {s}: this lorafit was built without CUDA; rebuild with `cargo build --release --features cuda` (see README) or use --device cpu")
+                crate::bail_kind!(crate::error::Kind::NoCuda, "--device {s}: this lorafit was built without CUDA; rebuild with `cargo build --release --features cuda` (see README) or use --device cpu")
             }
             Device::new_cuda(ordinal).with_context(|| format!("--device {s}: cannot open the GPU (is the NVIDIA driver installed?)"))
         }

@@ -10,6 +10,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use crate::error::{Kind, KindExt};
+
 /// How the weights are stored.
 #[derive(Clone, Debug)]
 pub enum WeightFiles {
@@ -120,15 +122,15 @@ impl ModelFiles {
             let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build()?;
             Ok(api.model(id.to_string()).get(file)?)
         };
-        let config = fetch("config.json").context(hint.clone())?;
-        let tokenizer = fetch("tokenizer.json").context(hint.clone())?;
+        let config = fetch("config.json").kind(Kind::Offline, hint.clone())?;
+        let tokenizer = fetch("tokenizer.json").kind(Kind::Offline, hint.clone())?;
         let weights = if let Ok(p) = fetch("model.safetensors") {
             WeightFiles::Safetensors(vec![p])
         } else if let Ok(index) = fetch("model.safetensors.index.json") {
             let names = shard_names(&index)?;
-            WeightFiles::Safetensors(names.iter().map(|n| fetch(n)).collect::<Result<_>>().context(hint.clone())?)
+            WeightFiles::Safetensors(names.iter().map(|n| fetch(n)).collect::<Result<_>>().kind(Kind::Offline, hint.clone())?)
         } else {
-            WeightFiles::Pth(fetch("pytorch_model.bin").context(hint)?)
+            WeightFiles::Pth(fetch("pytorch_model.bin").kind(Kind::Offline, hint)?)
         };
         let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(Self { name: id.to_string(), dir, config, tokenizer, weights })

@@ -13,12 +13,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 
 mod config;
 
+use crate::error::Kind;
 use crate::ops::{self, linear};
 use crate::quant::{BaseQuant, Nf4};
 use crate::rng::SeededRng;
@@ -178,11 +179,12 @@ impl Adapter {
             Init::Loaded(map) => {
                 let get = |which: &str, want: (usize, usize)| -> Result<Tensor> {
                     let key = peft_key(path, which);
-                    let t = map.get(&key).with_context(|| {
-                        format!("adapter {:?} targets {path} but has no tensor {key}", self.name)
-                    })?;
+                    let Some(t) = map.get(&key) else {
+                        crate::bail_kind!(Kind::AdapterModelMismatch, "adapter {:?} targets {path} but has no tensor {key}", self.name)
+                    };
                     if t.dims() != [want.0, want.1] {
-                        bail!(
+                        crate::bail_kind!(
+                            Kind::AdapterModelMismatch,
                             "adapter {:?}: tensor {key} has shape {:?}, the model needs [{}, {}] \
                              (was the adapter trained on another base model?)",
                             self.name,
@@ -214,7 +216,9 @@ impl Adapter {
     /// must have attached somewhere. Loud errors here replace PEFT's silent no-op adapters.
     fn check_complete(&self) -> Result<()> {
         if self.modules.lock().unwrap().is_empty() {
-            bail!(
+            let kind = if matches!(self.init, Init::Loaded(_)) { Kind::AdapterModelMismatch } else { Kind::TargetsMatchNothing };
+            crate::bail_kind!(
+                kind,
                 "adapter {:?}: target_modules {} match no layer of this model (it was made for {}; was that another architecture?)",
                 self.name,
                 serde_json::to_string(&self.config.target_modules).unwrap_or_default(),
@@ -226,7 +230,8 @@ impl Adapter {
             let mut unused: Vec<&String> = map.keys().filter(|k| !used.contains(*k)).collect();
             unused.sort();
             if let Some(k) = unused.first() {
-                bail!(
+                crate::bail_kind!(
+                    Kind::AdapterModelMismatch,
                     "adapter {:?}: tensor {k} matches no LoRA layer of this model ({} unmatched keys in all); \
                      check that the adapter was trained on this base model and that target_modules lists its module",
                     self.name,

@@ -7,6 +7,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::error::KindExt;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
@@ -328,9 +330,14 @@ impl TrainConfig {
 
     /// A config from a TOML table; `where_` names its source in errors.
     pub fn from_table(table: toml::Table, where_: &str) -> Result<Self> {
-        let cfg: TrainConfig = toml::Value::Table(table)
-            .try_into()
-            .with_context(|| format!("{where_}: invalid config (sections: model, data, lora, train, out, rm, ppo)"))?;
+        let is_pipeline = table.contains_key("stages");
+        let cfg: std::result::Result<TrainConfig, _> = toml::Value::Table(table).try_into();
+        let msg = format!("{where_}: invalid config (sections: model, data, lora, train, out, rm, ppo)");
+        let cfg = if is_pipeline {
+            cfg.kind(crate::error::Kind::PipelineConfigToStage, msg)?
+        } else {
+            cfg.with_context(|| msg)?
+        };
         cfg.validate()?;
         Ok(cfg)
     }
