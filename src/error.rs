@@ -37,6 +37,10 @@ pub enum Kind {
     NoCuda,
     /// A reward model given where a plain (policy/SFT) adapter is expected.
     RewardModelAsAdapter,
+    /// An adapter file holding NaN or Inf values.
+    NonFiniteAdapter,
+    /// A tokenizer whose token ids do not fit the model's embedding.
+    TokenizerModelMismatch,
 }
 
 impl Kind {
@@ -70,6 +74,12 @@ impl Kind {
             }
             Kind::NoCuda => return None,
             Kind::RewardModelAsAdapter => "a reward model from `lorafit rm` belongs in --reward-adapter (ppo) or `lorafit score --adapter`",
+            Kind::NonFiniteAdapter => {
+                "the adapter is damaged or comes from a run that diverged: use an earlier checkpoint (checkpoints/step-*), download it again, or train again with a lower train.lr"
+            }
+            Kind::TokenizerModelMismatch => {
+                "use the tokenizer.json that came with this model (the tokenizer and the weights must come from the same model)"
+            }
         })
     }
 }

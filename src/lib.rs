@@ -32,6 +32,7 @@ pub mod outdir;
 pub mod ops;
 pub mod peft;
 pub mod plan;
+pub mod pth;
 pub mod quant;
 pub mod reward;
 pub mod rng;

@@ -22,6 +22,27 @@ fn first_id(v: Option<&serde_json::Value>) -> Option<u32> {
     }
 }
 
+/// Every id the tokenizer can produce (its vocabulary and added tokens) must be a row of the
+/// model's embedding: otherwise the first such token fails deep in the model
+/// ("index-select invalid index"). Checked at load, naming both numbers.
+fn check_fits_model(inner: &tokenizers::Tokenizer, tokenizer_json: &Path, config_json: &Path) -> Result<()> {
+    let Ok(arch) = crate::model::Arch::from_file(config_json) else {
+        return Ok(()); // config.json's own errors are reported where the model is loaded
+    };
+    let vocab = arch.vocab_size();
+    let top = inner.get_vocab(true).into_iter().max_by_key(|(_, id)| *id);
+    if let Some((token, id)) = top.filter(|(_, id)| *id as usize >= vocab) {
+        crate::bail_kind!(
+            crate::error::Kind::TokenizerModelMismatch,
+            "{}: token {token:?} has id {id}, but the model's embedding has {vocab} rows (vocab_size {vocab} in {}): \
+             the largest token id must be below vocab_size",
+            tokenizer_json.display(),
+            config_json.display()
+        )
+    }
+    Ok(())
+}
+
 impl Tokenizer {
     /// Loads `tokenizer.json`; special ids come from `config.json` first, then the vocab.
     pub fn load(tokenizer_json: &Path, config_json: &Path) -> Result<Self> {
@@ -42,6 +63,7 @@ impl Tokenizer {
         let eos_id = first_id(cfg.get("eos_token_id")).or_else(|| vocab_id(&["</s>", "<|endoftext|>", "<eos>", "<|eot_id|>"]));
         let bos_id = first_id(cfg.get("bos_token_id")).or_else(|| vocab_id(&["<s>", "<bos>", "<|begin_of_text|>"]));
         let pad_id = first_id(cfg.get("pad_token_id")).or_else(|| vocab_id(&["<pad>", "[PAD]", "<|pad|>"]));
+        check_fits_model(&inner, tokenizer_json, config_json)?;
         Ok(Self { inner, eos_id, bos_id, pad_id })
     }
 
