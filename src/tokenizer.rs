@@ -52,8 +52,8 @@ impl Tokenizer {
                 tokenizer_json.display()
             )
         }
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
-            .map_err(|e| anyhow!("{e}"))
+        let what = || format!("cannot load {} (the tokenizers library failed on it; is the file damaged?)", tokenizer_json.display());
+        let inner = crate::error::catch_panic(what, || tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| anyhow!("{e}")))
             .with_context(|| format!("cannot load {}", tokenizer_json.display()))?;
         let cfg: serde_json::Value = std::fs::read_to_string(config_json)
             .ok()
@@ -69,19 +69,19 @@ impl Tokenizer {
 
     /// Token ids of `text` under the tokenizer's own rules (nothing else added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, true).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
+        let enc = crate::error::catch_panic(|| format!("tokenizing {text:?}"), || self.inner.encode(text, true).map_err(|e| anyhow!("tokenizing {text:?}: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Token ids of `text` with no special tokens at all (a completion appended to a prompt).
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
+        let enc = crate::error::catch_panic(|| format!("tokenizing {text:?}"), || self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing {text:?}: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`, special tokens kept (KoGPT2's emoji are special tokens).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow!("decoding {ids:?}: {e}"))
+        crate::error::catch_panic(|| format!("decoding {ids:?}"), || self.inner.decode(ids, false).map_err(|e| anyhow!("decoding {ids:?}: {e}")))
     }
 
     pub fn vocab_size(&self) -> usize {
