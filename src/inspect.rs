@@ -26,7 +26,14 @@ fn describe_adapter(dir: &Path) -> Result<String> {
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| serde_json::from_value(v["copied_from"].clone()).ok())
         .unwrap_or_default();
-    for (i, below) in crate::peft::read_stack(dir)?.iter().enumerate() {
+    let stack = match crate::peft::read_stack(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            writeln!(s, "stacked on:     cannot be used: {e:#}")?;
+            vec![]
+        }
+    };
+    for (i, below) in stack.iter().enumerate() {
         let shown = below.strip_prefix(&root).unwrap_or(below).display().to_string();
         let origin = from.get(i).map(|f| format!(", copied from {f}")).unwrap_or_default();
         writeln!(s, "stacked on:     {shown} (inside this folder{origin}; applied under this adapter)")?;

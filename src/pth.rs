@@ -145,7 +145,7 @@ impl<'a> Unpickler<'a> {
         if depth > MAX_DEPTH {
             return Err(self.err(format!("containers nested more than {MAX_DEPTH} deep (a state dict needs about 5)")));
         }
-        if dict && items.len() % 2 != 0 {
+        if dict && !items.len().is_multiple_of(2) {
             return Err(self.err(format!("SETITEMS with an odd number ({}) of keys and values", items.len())));
         }
         let (pos, what) = (self.pos, self.what);

@@ -218,7 +218,7 @@ pub fn check_safetensors_header(path: &Path) -> Result<Vec<SafetensorsEntry>> {
     if header > len - 8 {
         bail!("{file} is truncated or not a safetensors file (header of {header} bytes, file of {len}); if it was downloaded, download it again")
     }
-    if header > MAX_HEADER || header < 2 {
+    if !(2..=MAX_HEADER).contains(&header) {
         bail!("{file} is not a safetensors file (a header of {header} bytes; a valid one has 2 to {MAX_HEADER})")
     }
     let mut text = vec![0u8; header as usize];

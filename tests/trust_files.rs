@@ -520,12 +520,13 @@ fn crafted_pytorch_checkpoints_are_errors_not_aborts() {
     edit_pickle(&m.join("pytorch_model.bin"), |b| b);
     assert!(eval(&m).status.success(), "{}", String::from_utf8_lossy(&eval(&m).stderr));
 
-    // wte's size (400, 36) -> (2^31, 36): 309 GB claimed from a 57,600-byte storage.
-    let m = fresh("huge");
-    edit_pickle(&m.join("pytorch_model.bin"), |b| {
-        replace(&b, b"M\x90\x01K$\x86", b"\x8a\x05\x00\x00\x00\x80\x00K$\x86") // BININT2 400 -> LONG1 2^31
-    });
-    fails(&eval(&m), &[&s(&m.join("pytorch_model.bin")), "transformer.wte.weight", "[2147483648, 36]", "reaches past its storage"]);
+    // wte's size (400, 36) -> (2^31 - 1, 36): 309 GB claimed from a 57,600-byte storage (an
+    // abort before: the reader allocated it), and the same with 2^31 as a LONG1.
+    for (arg, shown) in [(&b"J\xff\xff\xff\x7f"[..], "[2147483647, 36]"), (&b"\x8a\x05\x00\x00\x00\x80\x00"[..], "[2147483648, 36]")] {
+        let m = fresh(&format!("huge-{}", arg.len()));
+        edit_pickle(&m.join("pytorch_model.bin"), |b| replace(&b, b"M\x90\x01K$\x86", &[arg, b"K$\x86"].concat())); // BININT2 400 -> ...
+        fails(&eval(&m), &[&s(&m.join("pytorch_model.bin")), "transformer.wte.weight", shown, "reaches past its storage of 14400 elements"]);
+    }
 
     // The storage claims more elements than its zip entry holds.
     let m = fresh("storage");
