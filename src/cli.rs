@@ -122,9 +122,10 @@ impl RmArgs {
         self.train.start()
     }
 
-    pub fn resolve(&self, stage: &str) -> Result<crate::train::config::TrainConfig> {
+    /// The config, as [`TrainArgs::resolve`], with `--sft-adapter` (`stage` is always "rm").
+    pub fn resolve(&self, _stage: &str) -> Result<crate::train::config::TrainConfig> {
         let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
-        let sets: Vec<String> = self.sft_adapter.iter().map(|a| format!("{stage}.sft_adapter={}", quote(a))).collect();
+        let sets: Vec<String> = self.sft_adapter.iter().map(|a| format!("rm.sft_adapter={}", quote(a))).collect();
         self.train.resolve_with(&sets)
     }
 }
@@ -147,10 +148,11 @@ impl PpoArgs {
         self.train.start()
     }
 
-    pub fn resolve(&self, stage: &str) -> Result<crate::train::config::TrainConfig> {
+    /// The config, as [`TrainArgs::resolve`], with the adapter flags (`stage` is always "ppo").
+    pub fn resolve(&self, _stage: &str) -> Result<crate::train::config::TrainConfig> {
         let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
-        let mut sets: Vec<String> = self.sft_adapter.iter().map(|a| format!("{stage}.sft_adapter={}", quote(a))).collect();
-        sets.extend(self.reward_adapter.iter().map(|a| format!("{stage}.reward_adapter={}", quote(a))));
+        let mut sets: Vec<String> = self.sft_adapter.iter().map(|a| format!("ppo.sft_adapter={}", quote(a))).collect();
+        sets.extend(self.reward_adapter.iter().map(|a| format!("ppo.reward_adapter={}", quote(a))));
         self.train.resolve_with(&sets)
     }
 }

@@ -38,6 +38,7 @@
 //!   4·rows·V) is added to the loss's working set.
 //! - RSS (CPU) = the above + RUNTIME + 2 % of the activations (+ 0.2 block with checkpointing):
 //!   glibc keeps freed heap pages. Calibrated against `bench sft` peak RSS (see tests/plan.rs).
+//!
 //! Sizes are f64 (estimates) and parameter counts u128 (exact), so an absurd config.json cannot
 //! overflow; a plan past [`MAX_BYTES`] is an error.
 use std::path::PathBuf;
@@ -425,8 +426,8 @@ fn plan_config(base: &Base, cfg: &TrainConfig, stage: &str, data: &data::Measure
     let (dtype, params) = (run.dtype.clone(), base.shape.params());
     let (components, phase, load_peak) = run.phases();
     let peak: f64 = components.iter().map(|c| c.1).sum();
-    // `!(x <= MAX)` also catches NaN (e.g. 0 · inf from an absurd size).
-    if !(peak <= MAX_BYTES) {
+    // NaN (e.g. 0 · inf from an absurd size) is past the limit too.
+    if peak.is_nan() || peak > MAX_BYTES {
         bail!(
             "{}: the {stage} run of this model ({params} parameters, micro-batches of {} sequences of up to {} tokens) needs {:.3e} bytes, \
              more than any machine holds (1 PiB): check the sizes in {} (hidden size, layers, heads, vocab_size, intermediate size) \
