@@ -46,7 +46,9 @@ impl Kind {
             Kind::AdapterModelMismatch => {
                 "pass the same --model the adapter was trained on (`lorafit inspect DIR` shows it)"
             }
-            Kind::TargetsMatchNothing => "set lora.target_modules to module names this model has (listed above)",
+            Kind::TargetsMatchNothing => {
+                "set lora.target_modules (`bench`: --targets) to some of the layer names listed above, or leave it out for PEFT's default for this architecture"
+            }
             Kind::PipelineConfigToStage => "this is a pipeline config: run it with `lorafit pipeline --config FILE`",
             Kind::NotUtf8 => {
                 "convert the file to UTF-8, e.g. `iconv -f cp949 -t utf-8 in.txt > out.txt` for Korean text"
