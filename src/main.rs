@@ -18,6 +18,11 @@ fn message(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn main() {
+    // Like every Unix tool, end quietly when the reader of stdout goes away (`lorafit plan | head`)
+    // instead of panicking in println!.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     lorafit::runtime::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
