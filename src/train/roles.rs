@@ -1,11 +1,11 @@
-//! PPO's pieces: the four roles over one base (which adapters each activates, and the
+//! PPO's roles: the four roles over one base (which adapters each activates, and the
 //! quantities read from a pass: response log-probs at the sampling temperature, entropy,
-//! values), and the advantage math (GAE, whitening). The loop is in `ppo.rs`.
+//! values, reward-model scores). The advantage math is in `ppo_math.rs`, the loop in `ppo.rs`.
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
 use super::config::TrainConfig;
-use super::sft::{Batch, SftExample};
+use super::batch::{Batch, SftExample};
 use crate::model::Model;
 use crate::reward::RewardHead;
 
@@ -93,36 +93,12 @@ impl Roles<'_> {
         let mut out = vec![];
         let mut at = 0;
         for e in ex {
-            let n = e.ids.len() - e.prompt_len;
+            let n = e.ids.len() - e.prompt_len();
             out.push(flat[at..at + n].to_vec());
             at += n;
         }
         out
     }
-}
-
-/// GAE over one response: returns (advantages, returns).
-pub fn gae(rewards: &[f32], values: &[f32], gamma: f64, lam: f64) -> (Vec<f32>, Vec<f32>) {
-    let n = rewards.len();
-    let mut adv = vec![0f32; n];
-    let mut last = 0f64;
-    for t in (0..n).rev() {
-        let next = if t + 1 < n { values[t + 1] as f64 } else { 0.0 };
-        let delta = rewards[t] as f64 + gamma * next - values[t] as f64;
-        last = delta + gamma * lam * last;
-        adv[t] = last as f32;
-    }
-    let ret = adv.iter().zip(values).map(|(a, v)| a + v).collect();
-    (adv, ret)
-}
-
-pub fn whiten(xs: &mut [Vec<f32>]) {
-    let all: Vec<f32> = xs.iter().flatten().copied().collect();
-    let n = all.len().max(1) as f64;
-    let mean = all.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let var = all.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
-    let std = var.sqrt() + 1e-8;
-    xs.iter_mut().flatten().for_each(|x| *x = ((*x as f64 - mean) / std) as f32);
 }
 
 /// The hidden states at the positions that predict each response token, f32, detached:
@@ -132,7 +108,7 @@ fn response_features(h: &Tensor, exs: &[SftExample]) -> Result<Tensor> {
     let idx: Vec<u32> = exs
         .iter()
         .enumerate()
-        .flat_map(|(r, e)| (e.prompt_len.max(1)..e.ids.len()).map(move |j| (r * t + j - 1) as u32))
+        .flat_map(|(r, e)| e.targets().map(move |j| (r * t + j - 1) as u32))
         .collect();
     let idx = Tensor::new(idx.as_slice(), h.device())?;
     Ok(h.reshape((b * t, c))?.index_select(&idx, 0)?.to_dtype(DType::F32)?.detach())
