@@ -335,6 +335,10 @@ impl Method for Ppo<'_> {
         Ok(StepOut { metrics, show, tokens })
     }
 
+    fn logs_throughput(&self) -> bool {
+        false
+    }
+
     fn aux_tensors(&self) -> Vec<(String, Tensor)> {
         let mut aux = vec![(V_HEAD_KEY.to_string(), self.roles.v_head.weight.clone())];
         if let Some(c) = self.roles.model.adapters.get(CRITIC) {

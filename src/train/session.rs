@@ -322,6 +322,11 @@ pub trait Method {
     fn restore(&mut self, _state: &Value) -> Result<()> {
         Ok(())
     }
+    /// Whether the metrics lines get `tokens_per_s` and `elapsed_s` (PPO logs its per-phase
+    /// times `time_*_s` instead).
+    fn logs_throughput(&self) -> bool {
+        true
+    }
     /// The plot written at the end: file name and panels.
     fn plot(&self) -> (&'static str, Vec<PanelSpec>) {
         ("loss.png", vec![PanelSpec { y_label: "loss", line: ("loss", "train loss"), dots: Some(("eval_loss", "eval loss")) }])
@@ -365,7 +370,11 @@ impl<'c> Session<'c> {
         let dir = OutDir::lock(&out)?;
         let ckpts = checkpoint::list(&out)?;
         let has_run = RUN_FILES.iter().any(|f| out.join(f).exists());
-        let finished = out.join("summary.json").is_file();
+        // Finished: the summary and adapter are written and the last checkpoint is the final step.
+        let last_state = ckpts.last().map(|c| checkpoint::read_state(c)).transpose()?;
+        let finished = out.join("summary.json").is_file()
+            && out.join(crate::peft::WEIGHTS_FILE).is_file()
+            && last_state.as_ref().is_some_and(|s| s.extra["total_steps"].as_u64().is_some_and(|t| s.step as u64 >= t));
         let shown = out.display();
         let mut ckpt = None;
         match start {
@@ -376,7 +385,7 @@ impl<'c> Session<'c> {
                     }
                     bail!("--resume: {shown} holds no run to resume (start one without --resume)")
                 };
-                let state = checkpoint::read_state(last)?;
+                let state = last_state.expect("read with the list");
                 let diffs = super::config::differences(&state.config, cfg)?;
                 if !diffs.is_empty() {
                     bail_kind!(
@@ -394,7 +403,7 @@ impl<'c> Session<'c> {
                         bail_kind!(Kind::NotLorafitOutput, "{shown} holds lorafit {} output, not a training run", m.kind)
                     }
                 }
-                if finished {
+                if out.join("summary.json").is_file() {
                     bail_kind!(Kind::RunFinished, "output folder {shown} already holds a finished run")
                 } else if let Some(last) = ckpts.last() {
                     bail_kind!(Kind::OutputHasRun, "output folder {shown} already holds an unfinished run (last checkpoint {})", last.display())
@@ -495,8 +504,10 @@ impl<'c> Session<'c> {
             line.insert("step".into(), step.into());
             line.insert("epoch".into(), cursor.epoch.into());
             line.extend(s.metrics);
-            line.insert("tokens_per_s".into(), tps.into());
-            line.insert("elapsed_s".into(), started.elapsed().as_secs_f64().into());
+            if method.logs_throughput() {
+                line.insert("tokens_per_s".into(), tps.into());
+                line.insert("elapsed_s".into(), started.elapsed().as_secs_f64().into());
+            }
             if tr.scaler.enabled || tr.skipped_now > 0 {
                 line.insert("loss_scale".into(), tr.scaler.scale.into());
                 line.insert("skipped_steps".into(), tr.skipped.into());
@@ -522,6 +533,7 @@ impl<'c> Session<'c> {
                 let mut extra = method.state();
                 extra.insert("loss_scaler".into(), serde_json::to_value(&tr.scaler)?);
                 extra.insert("skipped_steps".into(), tr.skipped.into());
+                extra.insert("total_steps".into(), total.into());
                 extra.insert("first".into(), first.clone().map(Value::Object).unwrap_or(Value::Null));
                 extra.insert("last".into(), last.clone().map(Value::Object).unwrap_or(Value::Null));
                 let state = TrainState {
