@@ -120,6 +120,22 @@ pub fn evaluating<T>(model: &Model, f: impl FnOnce() -> Result<T>) -> Result<T> 
     out
 }
 
+/// Prompts through the template, each cut from the left to `max_len` tokens (the end of a
+/// prompt is what the answer follows). Returns the ids and how many were cut.
+pub fn tokenize_prompts(prompts: &[String], tok: &crate::tokenizer::Tokenizer, template: &crate::template::Template, max_len: usize) -> Result<(Vec<Vec<u32>>, usize)> {
+    let mut cut = 0;
+    let mut out = Vec::with_capacity(prompts.len());
+    for pr in prompts {
+        let mut ids = tok.encode(&template.render(pr))?;
+        if ids.len() > max_len {
+            cut += 1;
+            ids.drain(..ids.len() - max_len);
+        }
+        out.push(ids);
+    }
+    Ok((out, cut))
+}
+
 /// Indices of the `fraction` of `n` items held out for evaluation (seeded).
 pub fn held_out(n: usize, fraction: f64, seed: u64) -> HashSet<usize> {
     let k = ((n as f64) * fraction).round() as usize;

@@ -399,6 +399,13 @@ impl TrainConfig {
         if !(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite()) {
             bail!("train.max_grad_norm = {} must be above 0, or 0 to turn clipping off; e.g. --set train.max_grad_norm=1.0", t.max_grad_norm)
         }
+        let p = &self.ppo;
+        if !matches!(p.reward_normalize.as_str(), "none" | "batch") {
+            bail!("ppo.reward_normalize = {:?}: expected none or batch", p.reward_normalize)
+        }
+        if p.minibatch_size == 0 || p.ppo_epochs == 0 || p.max_new_tokens == 0 {
+            bail!("ppo.minibatch_size, ppo.ppo_epochs and ppo.max_new_tokens must be at least 1")
+        }
         if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
             bail!("train.weight_decay = {} must be 0 or more; e.g. --set train.weight_decay=0.0", t.weight_decay)
         }

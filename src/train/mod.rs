@@ -8,6 +8,8 @@
 //!   eval split, the LoRA config of a new adapter;
 //! - this file: the setup of the model and tokenizer, gradient accumulation, and the
 //!   forward/backward of one micro-batch (with optional activation checkpointing);
+//! - [`trainer`]: what a method's step updates through (AdamW, schedule, clipping, the f16
+//!   loss scaler, the non-finite guard, accumulation of micro-batches);
 //! - `optim.rs` (AdamW, schedule, clipping, loss scaler), `checkpoint.rs`, `plot.rs`, and
 //!   PPO's `roles.rs` and `ppo_math.rs`.
 pub mod batch;
@@ -23,6 +25,7 @@ pub mod rm;
 pub mod roles;
 pub mod session;
 pub mod sft;
+pub mod trainer;
 
 pub use batch::held_out;
 

@@ -6,46 +6,38 @@
 //! adapters it was stacked on) and its head, frozen; critic = a trainable value head (and
 //! optionally a trainable copy of the RM adapter), initialised from the reward model.
 //!
-//! One iteration (Ouyang et al. 2022; Ziegler et al. 2019; TRL's `PPOTrainer`), in three steps
-//! as torchtune's PPO recipe:
-//! - `rollout`: (1) generate responses to the prompts (KV-cached, batched, left-padded); the
-//!   old log-probs (and the logged entropy) come from the sampler's own logits, not a second
-//!   policy forward; (2) score `template(prompt) + response (+ eos)` at its last token, clip /
-//!   whiten; without a critic adapter the critic's features (the reward model's hidden
-//!   states) are kept from this pass, so values and the value-head update need no forward of
-//!   their own; (3) log-probs under the reference, and values; (4) per-token rewards
-//!   `-β (log π - log π_ref)` plus the score at the last token, GAE (γ, λ), whitened
-//!   advantages (the formulas are in `ppo_math.rs`);
-//! - `update`: `ppo_epochs` passes over minibatches: clipped policy loss, clipped value loss,
-//!   optional entropy bonus, one optimizer update each (f16: loss-scaled); a minibatch whose
-//!   mean ratio explodes is skipped;
+//! One iteration (Ouyang et al. 2022; Ziegler et al. 2019; TRL's `PPOTrainer`) is three steps,
+//! as in torchtune's PPO recipe:
+//! - `rollout`: generate responses (KV-cached, batched; the old log-probs and the logged
+//!   entropy come from the sampler's own logits); score `template(prompt) + response (+ eos)`
+//!   with the reward model (without a critic adapter, the critic's features are kept from this
+//!   pass); reference log-probs and values; per-token rewards `-β (log π - log π_ref)` plus the
+//!   score on the last token; GAE and whitened advantages;
+//! - `update`: `ppo_epochs` passes over minibatches: clipped policy loss (+ entropy bonus),
+//!   clipped value loss, one update each; a minibatch whose mean ratio explodes is skipped;
 //! - `log`: the adaptive KL coefficient, the metrics line, sample responses.
-//! Log-probs use the sampling temperature and LoRA dropout is off throughout; the old
-//! log-probs are those of the distribution sampled from: the logged KL (the k3 estimator,
-//! `r - 1 - log r` with `r = π_ref/π`) cannot go negative by construction.
-//! The output folder, the data cursor, checkpoints, the optimizer and the export are the
-//! session's (`session.rs`).
+//! Log-probs use the sampling temperature and LoRA dropout is off throughout, so the logged KL
+//! (k3, `r - 1 - log r` with `r = π_ref/π`) cannot go negative. The roles are built in
+//! `roles.rs`, the formulas are in `ppo_math.rs`; the output folder, data cursor, checkpoints,
+//! optimizer (with the f16 loss scaler) and export are the session's (`session.rs`).
 use std::cell::RefCell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::batch::{lora_config, make_batch, SftExample};
+use super::batch::{make_batch, tokenize_prompts, SftExample};
 use super::config::TrainConfig;
 use super::plot::PanelSpec;
-use super::ppo_math::{adapt_kl_coef, gae, kl_rewards, shape_scores, whiten};
-use super::roles::{Roles, CRITIC, POLICY, REFERENCE, REWARD, V_HEAD_KEY};
-use super::session::{shell_word, Method, Session, StepOut, Trainer};
+use super::ppo_math::{adapt_kl_coef, clipped_policy_loss, clipped_value_loss, gae, kl_rewards, shape_scores, whiten};
+use super::roles::{self, Roles, POLICY};
+use super::session::{Method, PhaseTimes, Session, StepOut, Trainer};
 use super::{epoch_batches, forward_backward, GradAccum, Setup, Start};
 use crate::generate::{generate_with_logprobs, SamplingConfig};
-use crate::lora::Adapter;
-use crate::reward::{load_reward_adapter, RewardHead};
-use crate::runtime::{fmt_bytes, peak_rss_bytes};
+use crate::runtime::fmt_bytes;
 use crate::tokenizer::Tokenizer;
 
 /// One rollout: sequences (prompt ++ response) and per-response-token quantities.
@@ -87,26 +79,6 @@ pub struct PpoSummary {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Per-phase wall time and the process's peak memory after each phase (which phase sets the peak).
-struct Laps {
-    clock: Instant,
-    timing: Map<String, Value>,
-}
-
-impl Laps {
-    fn new() -> Self {
-        Self { clock: Instant::now(), timing: Map::new() }
-    }
-
-    fn lap(&mut self, name: &str) {
-        self.timing.insert(format!("time_{name}_s"), self.clock.elapsed().as_secs_f64().into());
-        if let Some(b) = peak_rss_bytes() {
-            self.timing.insert(format!("peak_rss_after_{name}_mib"), (b as f64 / 1048576.0).round().into());
-        }
-        self.clock = Instant::now();
-    }
-}
-
 /// PPO as a [`Method`] of the training session.
 struct Ppo<'a> {
     cfg: &'a TrainConfig,
@@ -120,7 +92,7 @@ struct Ppo<'a> {
     /// The KL coefficient β (adaptive when `ppo.target_kl` > 0; resumable state).
     kl_coef: f64,
     out: PathBuf,
-    laps: Laps,
+    laps: PhaseTimes,
 }
 
 impl Ppo<'_> {
@@ -160,22 +132,8 @@ impl Ppo<'_> {
 
         // 3. Reference log-probs and values (the old log-probs came with the samples); no graph.
         let b = make_batch(&refs, self.pad, &self.device)?;
-        let reference = if roles.has_reference {
-            roles.activate(&[REFERENCE.into()]);
-            roles.logp(&model.hidden(&b.ids, &b.pos, &b.mask, None)?, &b)?
-        } else {
-            let _off = model.adapters.disabled();
-            roles.logp(&model.hidden(&b.ids, &b.pos, &b.mask, None)?, &b)?
-        }
-        .to_vec1::<f32>()?;
-        let values = match &critic_feats {
-            Some(f) => f.matmul(&roles.v_head.weight.t()?)?.squeeze(1)?,
-            None => {
-                roles.activate(&roles.critic_names);
-                roles.values(&model.hidden(&b.ids, &b.pos, &b.mask, None)?, &b)?
-            }
-        }
-        .to_vec1::<f32>()?;
+        let reference = roles.reference_logp(&b)?.to_vec1::<f32>()?;
+        let values = roles.rollout_values(&b, critic_feats.as_ref())?.to_vec1::<f32>()?;
         drop(_no_grad);
         self.laps.lap("logprobs");
 
@@ -220,14 +178,7 @@ impl Ppo<'_> {
                 // a. Policy: clipped surrogate (+ entropy bonus).
                 roles.activate(&[POLICY.into()]);
                 let policy_loss = |h: &Tensor| -> Result<Tensor> {
-                    let logp = roles.logp(h, &mbb)?;
-                    let ratio = (&logp - &old_t)?.exp()?;
-                    let pg1 = (adv_t.neg()? * &ratio)?;
-                    let pg2 = (adv_t.neg()? * ratio.clamp(1.0 - p.clip_range, 1.0 + p.clip_range)?)?;
-                    let mut loss = pg1.maximum(&pg2)?.mean_all()?;
-                    let r: Vec<f32> = ratio.detach().to_vec1()?;
-                    let clipfrac = r.iter().filter(|&&x| (x as f64 - 1.0).abs() > p.clip_range).count() as f64 / r.len() as f64;
-                    let mean_ratio = r.iter().map(|&x| x as f64).sum::<f64>() / r.len() as f64;
+                    let (mut loss, clipfrac, mean_ratio) = clipped_policy_loss(&roles.logp(h, &mbb)?, &old_t, &adv_t, p.clip_range)?;
                     let ent = if p.ent_coef > 0.0 {
                         let ent = roles.entropy(h, &mbb)?;
                         loss = (loss - (&ent * p.ent_coef)?)?;
@@ -235,8 +186,7 @@ impl Ppo<'_> {
                     } else {
                         ro.entropy
                     };
-                    let pl = loss.detach().to_scalar::<f32>()? as f64;
-                    *stats.borrow_mut() = (pl, clipfrac, mean_ratio, ent);
+                    *stats.borrow_mut() = (loss.detach().to_scalar::<f32>()? as f64, clipfrac, mean_ratio, ent);
                     scaled(loss)
                 };
                 forward_backward(model, &mbb.ids, &mbb.pos, mbb.mask.clone(), t.grad_checkpointing, &policy_loss, tr.vars(), &mut acc)?;
@@ -251,10 +201,7 @@ impl Ppo<'_> {
                 roles.activate(&roles.critic_names);
                 let vl_cell = RefCell::new(0.0);
                 let value_loss = |v: &Tensor| -> Result<Tensor> {
-                    let vc = (&val_t + (v - &val_t)?.clamp(-p.value_clip, p.value_clip)?)?;
-                    let l1 = (v - &ret_t)?.sqr()?;
-                    let l2 = (&vc - &ret_t)?.sqr()?;
-                    let loss = (l1.maximum(&l2)?.mean_all()? * 0.5)?;
+                    let loss = clipped_value_loss(v, &val_t, &ret_t, p.value_clip)?;
                     *vl_cell.borrow_mut() = loss.detach().to_scalar::<f32>()? as f64;
                     scaled((loss * p.vf_coef)?)
                 };
@@ -298,7 +245,7 @@ impl Ppo<'_> {
             "policy_loss": st.policy_loss / nmb, "value_loss": st.value_loss / nmb, "clipfrac": st.clipfrac / nmb,
             "entropy": st.entropy / nmb, "response_len": resp_len, "skipped_minibatches": st.skipped});
         let mut line = std::mem::take(line.as_object_mut().unwrap());
-        line.extend(std::mem::take(&mut self.laps.timing));
+        line.extend(std::mem::take(&mut self.laps.fields));
         if p.sample_every > 0 && (step % p.sample_every == 0 || step == 1) {
             let e = &ro.ex[0];
             let text = self.tok.decode(&e.ids[e.prompt_len()..])?;
@@ -325,7 +272,7 @@ impl Method for Ppo<'_> {
     }
 
     fn step(&mut self, tr: &mut Trainer, batches: &[Vec<usize>]) -> Result<StepOut> {
-        self.laps = Laps::new();
+        self.laps = PhaseTimes::start();
         let prompts: Vec<Vec<u32>> = batches[0].iter().map(|&i| self.prompts[i].clone()).collect();
         let ro = self.rollout(&prompts, tr.step)?;
         let st = self.update(&ro, tr)?;
@@ -340,11 +287,7 @@ impl Method for Ppo<'_> {
     }
 
     fn aux_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut aux = vec![(V_HEAD_KEY.to_string(), self.roles.v_head.weight.clone())];
-        if let Some(c) = self.roles.model.adapters.get(CRITIC) {
-            aux.extend(c.vars().into_iter().map(|(k, v)| (format!("critic.{k}"), v.as_tensor().clone())));
-        }
-        aux
+        self.roles.critic_tensors()
     }
 
     fn state(&self) -> Map<String, Value> {
@@ -366,9 +309,9 @@ impl Method for Ppo<'_> {
     }
 }
 
-/// Checks the `[ppo]` settings and reads the prompts (tokenized, cut from the left) and the
-/// stop tokens.
-fn load_data(cfg: &TrainConfig, setup: &Setup) -> Result<(Vec<Vec<u32>>, Vec<u32>)> {
+/// The prompts (through the template, cut from the left to `ppo.max_prompt_len`), the stop
+/// tokens and eos.
+fn load_data(cfg: &TrainConfig, setup: &Setup) -> Result<(Vec<Vec<u32>>, Vec<u32>, u32)> {
     let (p, tok) = (&cfg.ppo, &setup.tok);
     let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token")?;
     if p.max_prompt_len + p.max_new_tokens > setup.arch.max_positions() {
@@ -378,16 +321,7 @@ fn load_data(cfg: &TrainConfig, setup: &Setup) -> Result<(Vec<Vec<u32>>, Vec<u32
         )
     }
     let (prompts, skipped) = crate::data::read_prompts(Path::new(&cfg.data.path), cfg.data.skip_bad_rows)?;
-    let mut cut = 0;
-    let mut ids = vec![];
-    for pr in &prompts {
-        let mut p_ids = tok.encode(&setup.template.render(pr))?;
-        if p_ids.len() > p.max_prompt_len {
-            cut += 1;
-            p_ids.drain(..p_ids.len() - p.max_prompt_len);
-        }
-        ids.push(p_ids);
-    }
+    let (ids, cut) = tokenize_prompts(&prompts, tok, &setup.template, p.max_prompt_len)?;
     let mut stop = vec![eos];
     for s in &p.stop {
         match tok.encode_plain(s)?.as_slice() {
@@ -396,7 +330,7 @@ fn load_data(cfg: &TrainConfig, setup: &Setup) -> Result<(Vec<Vec<u32>>, Vec<u32
         }
     }
     tracing::info!("data: {} prompts ({cut} cut to {} tokens, {skipped} bad rows skipped)", prompts.len(), p.max_prompt_len);
-    Ok((ids, stop))
+    Ok((ids, stop, eos))
 }
 
 /// Runs (or resumes) PPO as configured.
@@ -404,7 +338,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
     let _span = tracing::info_span!("ppo").entered();
     // 1. Claim the output folder and check everything before any rollout or output.
     let cfg = &cfg.for_stage("ppo");
-    let (p, t) = (&cfg.ppo, &cfg.train);
+    let p = &cfg.ppo;
     let inputs = [
         ("--model", cfg.model.name.as_str()),
         ("--data", &cfg.data.path),
@@ -418,75 +352,22 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
     if p.reward_adapter.is_empty() {
         bail!("ppo.reward_adapter is not set: pass --reward-adapter DIR (a folder written by `lorafit rm`)")
     }
-    if !matches!(p.reward_normalize.as_str(), "none" | "batch") {
-        bail!("ppo.reward_normalize = {:?}: expected none or batch", p.reward_normalize)
-    }
-    if p.minibatch_size == 0 || p.ppo_epochs == 0 || p.max_new_tokens == 0 {
-        bail!("ppo.minibatch_size, ppo.ppo_epochs and ppo.max_new_tokens must be at least 1")
-    }
     let setup = Setup::new(cfg)?;
-    let (device, arch, tok) = (setup.device.clone(), &setup.arch, &setup.tok);
+    let (device, tok) = (setup.device.clone(), &setup.tok);
 
     // 2. Data: the prompts through the template, cut to max_prompt_len; the stop tokens.
-    let (prompts, stop) = load_data(cfg, &setup)?;
+    let (prompts, stop, eos) = load_data(cfg, &setup)?;
 
     // 3. The roles: adapters over the one base, loaded once; on --resume, the checkpoint's.
-    let mut adapters: Vec<std::sync::Arc<Adapter>> = vec![];
-    let resume = session.resume_dir().map(Path::to_path_buf);
-    let has_reference = !p.sft_adapter.is_empty();
-    if has_reference {
-        adapters.push(crate::peft::load_adapter(Path::new(&p.sft_adapter), REFERENCE, 1.0, false)?);
-    }
-    let policy = match (&resume, has_reference) {
-        (Some(dir), _) => crate::peft::load_adapter(dir, POLICY, 1.0, true)?,
-        (None, true) => crate::peft::load_adapter(Path::new(&p.sft_adapter), POLICY, 1.0, true)?,
-        (None, false) => Adapter::fresh(POLICY, lora_config(cfg, arch), t.seed)?,
-    };
-    adapters.push(policy.clone());
-    let rm_dir = Path::new(&p.reward_adapter);
-    let (rm_adapters, rm_head) = load_reward_adapter(rm_dir, REWARD, false).with_context(|| format!("ppo.reward_adapter {}", rm_dir.display()))?;
-    let reward_names: Vec<String> = rm_adapters.iter().map(|a| a.name.clone()).collect();
-    adapters.extend(rm_adapters);
-    let aux = resume.as_ref().map(|d| candle_core::safetensors::load(d.join(super::checkpoint::AUX_FILE), &Device::Cpu)).transpose()?;
-    let mut critic_names = reward_names.clone();
-    if p.critic_adapter {
-        let (mut c, _) = load_reward_adapter(rm_dir, CRITIC, true)?;
-        critic_names.pop();
-        critic_names.push(CRITIC.into());
-        adapters.push(c.pop().unwrap());
-    }
-    let model = setup.load_model(adapters)?;
-    let hidden = arch.hidden_size();
-    let v_head_init = match &aux {
-        Some(a) => a.get(V_HEAD_KEY).context("checkpoint has no value head")?.clone(),
-        None => rm_head.clone(),
-    };
-    let roles = Roles {
-        model: &model,
-        reward_head: RewardHead::from_tensor(rm_head, false, hidden, &device)?,
-        v_head: RewardHead::from_tensor(v_head_init, true, hidden, &device)?,
-        reward_names,
-        critic_names,
-        has_reference,
-        cfg,
-    };
-    if let (Some(a), Some(critic)) = (&aux, model.adapters.get(CRITIC)) {
-        for (k, v) in critic.vars() {
-            v.set(&a.get(&format!("critic.{k}")).with_context(|| format!("checkpoint has no critic tensor {k}"))?.to_device(&device)?)?;
-        }
-    }
+    let (model, policy, parts) = roles::load(&setup, cfg, session.resume_dir())?;
+    let roles = Roles::new(&model, parts, cfg);
     model.adapters.set_training(false); // no LoRA dropout in PPO: old and new log-probs must agree
-    let mut vars = policy.vars();
-    if let Some(c) = model.adapters.get(CRITIC) {
-        vars.extend(c.vars().into_iter().map(|(k, v)| (format!("critic.{k}"), v)));
-    }
-    vars.push((V_HEAD_KEY.into(), roles.v_head.var.clone().unwrap()));
+    let vars = roles.trainables(&policy);
 
     // 4. The session's loop: rollout, update and log per iteration; checkpoints; the export.
-    let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token")?;
     let out = session.out().to_path_buf();
     let mut method =
-        Ppo { cfg, roles, tok, prompts, stop, eos, pad: tok.padding_id(), device, kl_coef: p.kl_coef, out, laps: Laps::new() };
+        Ppo { cfg, roles, tok, prompts, stop, eos, pad: tok.padding_id(), device, kl_coef: p.kl_coef, out, laps: PhaseTimes::start() };
     let s = session.train(&model, &policy, vars, &mut method)?;
 
     // 5. The run's record, and what to do with the policy.
@@ -506,11 +387,6 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
         summary.last_kl_mean.unwrap_or(f64::NAN),
         s.peak_rss_bytes.map(fmt_bytes).unwrap_or("n/a".into()),
     );
-    let (m, o) = (shell_word(&cfg.model.name), shell_word(&session.out().display().to_string()));
-    let next = [
-        format!("lorafit generate --model {m} --adapter {o} --prompt \"...\""),
-        format!("lorafit merge --model {m} --adapter {o} --out {}", shell_word(&format!("{}-merged", session.out().display()))),
-    ];
-    session.finish(&summary, &headline, &next)?;
+    session.finish(&summary, &headline, &session.try_adapter())?;
     Ok(summary)
 }

@@ -1,6 +1,6 @@
-//! PPO's arithmetic on plain vectors, one response at a time: the KL penalty and per-token
-//! rewards, GAE, whitening and the adaptive KL controller. No tensors, no model: each function
-//! is a formula from the papers, testable on its own.
+//! PPO's arithmetic, each function a formula from the papers, testable on its own: on plain
+//! vectors, one response at a time, the KL penalty and per-token rewards, GAE, whitening and
+//! the adaptive KL controller; on tensors, the clipped policy and value losses.
 //!
 //! - Per-token reward (Ziegler et al. 2019, InstructGPT): `r_t = -β (log π(y_t) - log π_ref(y_t))`,
 //!   plus the reward model's score on the last token.
@@ -9,6 +9,10 @@
 //! - GAE (Schulman et al. 2016): `δ_t = r_t + γ V_{t+1} - V_t`, `A_t = δ_t + γ λ A_{t+1}`,
 //!   returns `A_t + V_t`, with V after the last token = 0.
 //! - Adaptive KL (Ziegler et al. 2019 §2.2): `β <- β (1 + clip(KL / target - 1, ±0.2) n / horizon)`.
+//! - Clipped surrogate (Schulman et al. 2017): `mean max(-A ρ, -A clip(ρ, 1 ± ε))`, ρ = π / π_old;
+//!   clipped value loss `0.5 mean max((V - R)², (V_old + clip(V - V_old, ±c) - R)²)`.
+use anyhow::Result;
+use candle_core::Tensor;
 
 /// The KL of one response against the reference, and its per-token rewards.
 pub struct KlRewards {
@@ -82,6 +86,27 @@ pub fn adapt_kl_coef(kl_coef: f64, kl_mean: f64, target: f64, n: usize, horizon:
     }
     let err = (kl_mean / target - 1.0).clamp(-0.2, 0.2);
     kl_coef * (1.0 + err * n as f64 / horizon)
+}
+
+/// The clipped surrogate loss of log-probs `logp` (N,) against `old` (N,) with advantages `adv`
+/// (N,); also the share of ratios outside the clip range and the mean ratio.
+pub fn clipped_policy_loss(logp: &Tensor, old: &Tensor, adv: &Tensor, clip: f64) -> Result<(Tensor, f64, f64)> {
+    let ratio = (logp - old)?.exp()?;
+    let pg1 = (adv.neg()? * &ratio)?;
+    let pg2 = (adv.neg()? * ratio.clamp(1.0 - clip, 1.0 + clip)?)?;
+    let loss = pg1.maximum(&pg2)?.mean_all()?;
+    let r: Vec<f32> = ratio.detach().to_vec1()?;
+    let clipfrac = r.iter().filter(|&&x| (x as f64 - 1.0).abs() > clip).count() as f64 / r.len() as f64;
+    let mean_ratio = r.iter().map(|&x| x as f64).sum::<f64>() / r.len() as f64;
+    Ok((loss, clipfrac, mean_ratio))
+}
+
+/// The clipped value loss of values `v` (N,) against the rollout's values `old` and returns `ret`.
+pub fn clipped_value_loss(v: &Tensor, old: &Tensor, ret: &Tensor, clip: f64) -> Result<Tensor> {
+    let vc = (old + (v - old)?.clamp(-clip, clip)?)?;
+    let l1 = (v - ret)?.sqr()?;
+    let l2 = (&vc - ret)?.sqr()?;
+    Ok((l1.maximum(&l2)?.mean_all()? * 0.5)?)
 }
 
 #[cfg(test)]

@@ -211,12 +211,9 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<SftSummary> {
         eval_loss.map(|e| format!("{e:.4} (ppl {:.2})", e.exp())).unwrap_or("-".into()),
         s.peak_rss_bytes.map(fmt_bytes).unwrap_or("n/a".into()),
     );
+    let mut next = session.try_adapter();
     let (m, o) = (shell_word(&cfg.model.name), shell_word(&session.out().display().to_string()));
-    let next = [
-        format!("lorafit generate --model {m} --adapter {o} --prompt \"...\""),
-        format!("lorafit merge --model {m} --adapter {o} --out {}", shell_word(&format!("{}-merged", session.out().display()))),
-        format!("lorafit rm --model {m} --sft-adapter {o} --data RANKINGS.jsonl   (a reward model on top)"),
-    ];
+    next.push(format!("lorafit rm --model {m} --sft-adapter {o} --data RANKINGS.jsonl   (a reward model on top)"));
     session.finish(&summary, &headline, &next)?;
     Ok(summary)
 }
