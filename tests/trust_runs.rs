@@ -94,7 +94,7 @@ fn read(p: &Path) -> Vec<u8> {
 fn a_second_run_into_the_same_folder_fails_at_once_naming_the_first() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let args = sft_args(&out, &["train.max_steps=60", "train.save_every=20"]);
+    let args = sft_args(&out, &["train.max_steps=200", "train.save_every=50"]);
     let mut first = bin().args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     wait_for(&out.join(".lorafit.lock"), &format!("pid {}", first.id()), &mut first);
     let t0 = Instant::now();
@@ -103,7 +103,7 @@ fn a_second_run_into_the_same_folder_fails_at_once_naming_the_first() {
     assert!(t0.elapsed() < Duration::from_secs(10), "the second run failed at once");
     assert!(first.wait().unwrap().success(), "the first run is undisturbed");
     let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count();
-    assert_eq!(lines, 60, "one run's metrics, not two interleaved");
+    assert_eq!(lines, 200, "one run's metrics, not two interleaved");
 
     // Two pipelines into one root: the root is locked too.
     let cfg = pipeline_config(dir.path(), "pipe", 30);

@@ -252,13 +252,8 @@ impl<'c> Session<'c> {
         let dir = OutDir::lock(&out)?;
         let ckpts = checkpoint::list(&out)?;
         let has_run = RUN_FILES.iter().any(|f| out.join(f).exists());
-        // Finished: the summary and adapter are written and the last checkpoint is the final step.
-        let last_state = ckpts.last().map(|c| checkpoint::read_state(c)).transpose()?;
-        let finished = out.join("summary.json").is_file()
-            && out.join(crate::peft::WEIGHTS_FILE).is_file()
-            && last_state.as_ref().is_some_and(|s| s.extra["total_steps"].as_u64().is_some_and(|t| s.step as u64 >= t));
         let shown = out.display();
-        let mut ckpt = None;
+        let (mut ckpt, mut finished) = (None, false);
         match start {
             Start::Resume => {
                 let Some(last) = ckpts.last() else {
@@ -267,7 +262,11 @@ impl<'c> Session<'c> {
                     }
                     bail!("--resume: {shown} holds no run to resume (start one without --resume)")
                 };
-                let state = last_state.expect("read with the list");
+                let state = checkpoint::read_state(last)?;
+                // Finished: summary and adapter written, and the last checkpoint is the final step.
+                finished = out.join("summary.json").is_file()
+                    && out.join(crate::peft::WEIGHTS_FILE).is_file()
+                    && state.extra["total_steps"].as_u64().is_some_and(|t| state.step as u64 >= t);
                 let diffs = super::config::differences(&state.config, cfg)?;
                 if !diffs.is_empty() {
                     bail_kind!(
@@ -295,7 +294,7 @@ impl<'c> Session<'c> {
             }
             Start::Force => dir.check_replaceable(stage)?,
         }
-        Ok(Self { cfg, stage, dir, start, ckpt, finished: finished && start == Start::Resume })
+        Ok(Self { cfg, stage, dir, start, ckpt, finished })
     }
 
     /// The output folder.
