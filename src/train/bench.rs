@@ -15,7 +15,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use super::optim::AdamW;
-use super::sft::{label_nll_sum, make_batch, SftExample};
+use super::batch::{label_nll_sum, make_batch, SftExample};
 use super::{forward_backward, GradAccum};
 use crate::reward::{pad_batch, RewardHead, SCORE_KEY};
 use crate::lora::{Adapter, AdapterSet, LoraConfig, TargetModules};
@@ -193,7 +193,7 @@ pub fn bench_sft(b: &StepBench) -> Result<SftBench> {
     let vocab = model.arch.vocab_size();
     let mut rng = SeededRng::new(1);
     let ex: Vec<SftExample> = (0..batch)
-        .map(|_| SftExample { ids: random_ids(&mut rng, seq, vocab), prompt_len: 1 })
+        .map(|_| SftExample::completion(random_ids(&mut rng, seq, vocab), 1))
         .collect();
     let mb = make_batch(&ex.iter().collect::<Vec<_>>(), 0, &device)?;
     let denom = mb.targets.dim(0)? as f64;
