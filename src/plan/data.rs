@@ -92,7 +92,7 @@ impl Measured {
                 let (rows, _, _) = crate::data::read_sft(path, d.skip_bad_rows)?;
                 if let Some(tok) = &tok {
                     let (exs, _) = crate::train::sft::prepare(&rows, tok, &template, max_len, d.strip_leading_quote)?;
-                    m.lens = Some(exs.iter().map(|e| (e.ids.len(), e.ids.len() - e.prompt_len)).collect());
+                    m.lens = Some(exs.iter().map(|e| (e.ids.len(), e.ids.len() - e.prompt_len())).collect());
                 }
                 rows.len()
             }
