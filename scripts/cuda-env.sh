@@ -127,4 +127,9 @@ fi
 # cudart is real (from the wheel): candle-kernels links libmoe.a against it. The link-time name
 # libcudart.so points at the wheel's libcudart.so.13, whose soname is what the binary records.
 ln -sfn "$CUDART_REAL" "$STUBS/libcudart.so"
-export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-L native=$STUBS"
+# Exactly once (check-cuda.sh --build sources this twice): other flags would change every crate's
+# hash and rebuild everything, candle-kernels' nvcc work included.
+case " ${RUSTFLAGS:-} " in
+  *" -L native=$STUBS "*) ;;
+  *) export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-L native=$STUBS" ;;
+esac
