@@ -6,15 +6,18 @@
 //! - [`lora`]: PEFT-semantics LoRA attached at construction; the frozen [`lora::Linear`], which runs
 //!   with its active adapters as one graph node (`ops/linear.rs`).
 //! - [`model`]: GPT-2 and LLaMA, numerically equal to transformers; [`model::Model`] is the entry point.
-//! - [`weights`], [`builtin`], [`tokenizer`]: finding and reading model folders.
+//! - [`weights`], [`builtin`], [`tokenizer`]: finding and reading model folders; [`pth`]:
+//!   `pytorch_model.bin` read by a bounded pickle reader, [`stream_load`]: safetensors.
 //! - [`peft`], [`io`]: adapter folders in PEFT's format, crash-safe writes.
 //! - [`merge`]: adapters folded into the base, written as a Hugging Face model folder.
 //! - [`generate`], [`eval`]: the KV-cached batched sampler and per-line NLL.
 //! - [`data`], [`template`], [`train`]: training data, the shared prompt template, and the
-//!   training methods (`train/sft.rs`) over shared pieces (optimizer, checkpoints, metrics).
+//!   training methods (`train/sft.rs`, `rm.rs`, `ppo.rs`) on one training session
+//!   (`train/session.rs`: output folder, checkpoints, loss scaling, metrics, export).
 //! - [`plan`]: a training run's peak memory predicted from config.json (`lorafit plan`).
 //! - [`outdir`]: output folders: locks, lorafit's marker, inputs never overwritten, stale temps.
 //! - [`error`]: error kinds with known fixes (the binary prints their hints).
+//! - [`progress`]: log lines and training progress on stderr (a bar, or plain lines in logs).
 //! - [`cli`]: the `lorafit` command line.
 pub mod builtin;
 pub mod chat;
@@ -32,6 +35,7 @@ pub mod outdir;
 pub mod ops;
 pub mod peft;
 pub mod plan;
+pub mod progress;
 pub mod pth;
 pub mod quant;
 pub mod reward;
