@@ -37,6 +37,10 @@ pub enum Kind {
     NoCuda,
     /// A reward model given where a plain (policy/SFT) adapter is expected.
     RewardModelAsAdapter,
+    /// An output file that exists (no --force).
+    OutputExists,
+    /// `--force` on a file lorafit did not write.
+    NotLorafitFile,
 }
 
 impl Kind {
@@ -70,6 +74,10 @@ impl Kind {
             }
             Kind::NoCuda => return None,
             Kind::RewardModelAsAdapter => "a reward model from `lorafit rm` belongs in --reward-adapter (ppo) or `lorafit score --adapter`",
+            Kind::OutputExists => "pass --force to replace it (lorafit replaces only files it wrote), or choose another --out",
+            Kind::NotLorafitFile => {
+                "lorafit only replaces files it wrote itself (a GGUF with lorafit.* metadata, a Modelfile with its first line): choose another --out, or move that file away yourself"
+            }
         })
     }
 }

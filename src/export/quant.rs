@@ -1,0 +1,567 @@
+//! GGML tensor types, the `--quant` choices (llama.cpp's file types), which type each tensor gets
+//! (llama.cpp's mix), and quantization of f32 rows into GGML blocks.
+//!
+//! Types per tensor follow what llama.cpp itself produces from the same model:
+//! - f32 / f16 / bf16 / q8_0: `convert_hf_to_gguf.py --outtype X` (`ModelBase.prepare_tensors`):
+//!   1-D tensors, norms and position embeddings stay f32; a q8_0 tensor whose rows are not a
+//!   multiple of 32 falls back to f16.
+//! - q4_0 / q4_k_m / q5_k_m / q6_k: that f16 file through `llama-quantize`
+//!   (`src/llama-quant.cpp`: `tensor_allows_quantization`, `llama_tensor_get_type_impl`,
+//!   `tensor_type_fallback`): `output` (and a tied `token_embd`) in q6_k, `attn_v` / `attn_qkv`
+//!   and `ffn_down` of the layers `use_more_bits` picks in q6_k for the `_m` mixes, and a tensor
+//!   whose row length is not a multiple of the block falls back (q4_k -> q5_0, q5_k -> q5_1,
+//!   q6_k -> q8_0, then f16).
+//!
+//! Blocks are candle's GGML formats (`candle_core::quantized::k_quants`); q4_k and q5_k are
+//! computed here with ggml's current reference (`quantize_row_q4_K_ref`: `make_qkx2_quants`,
+//! weighted search of scale and min) because candle's `from_float` still uses the older
+//! `make_qkx1_quants`, whose blocks differ from llama-quantize's and are less accurate.
+use anyhow::{bail, ensure, Result};
+use candle_core::quantized::k_quants;
+use rayon::prelude::*;
+
+/// A GGML tensor type, by its id in ggml.h.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GgmlType(pub u32);
+
+/// (id, name, block size, bytes per block) of ggml's types.
+const TYPES: &[(u32, &str, usize, usize)] = &[
+    (0, "F32", 1, 4), (1, "F16", 1, 2), (2, "Q4_0", 32, 18), (3, "Q4_1", 32, 20), (6, "Q5_0", 32, 22),
+    (7, "Q5_1", 32, 24), (8, "Q8_0", 32, 34), (9, "Q8_1", 32, 36), (10, "Q2_K", 256, 84), (11, "Q3_K", 256, 110),
+    (12, "Q4_K", 256, 144), (13, "Q5_K", 256, 176), (14, "Q6_K", 256, 210), (15, "Q8_K", 256, 292),
+    (16, "IQ2_XXS", 256, 66), (17, "IQ2_XS", 256, 74), (18, "IQ3_XXS", 256, 98), (19, "IQ1_S", 256, 50),
+    (20, "IQ4_NL", 32, 18), (21, "IQ3_S", 256, 110), (22, "IQ2_S", 256, 82), (23, "IQ4_XS", 256, 136),
+    (24, "I8", 1, 1), (25, "I16", 1, 2), (26, "I32", 1, 4), (27, "I64", 1, 8), (28, "F64", 1, 8),
+    (29, "IQ1_M", 256, 56), (30, "BF16", 1, 2), (34, "TQ1_0", 256, 54), (35, "TQ2_0", 256, 66), (39, "MXFP4", 32, 17),
+];
+
+impl GgmlType {
+    pub const F32: Self = Self(0);
+    pub const F16: Self = Self(1);
+    pub const Q4_0: Self = Self(2);
+    pub const Q5_0: Self = Self(6);
+    pub const Q5_1: Self = Self(7);
+    pub const Q8_0: Self = Self(8);
+    pub const Q4_K: Self = Self(12);
+    pub const Q5_K: Self = Self(13);
+    pub const Q6_K: Self = Self(14);
+    pub const BF16: Self = Self(30);
+
+    pub fn from_id(id: u32) -> Result<Self> {
+        ensure!(TYPES.iter().any(|t| t.0 == id), "unknown GGML type {id}");
+        Ok(Self(id))
+    }
+
+    fn row(self) -> (u32, &'static str, usize, usize) {
+        *TYPES.iter().find(|t| t.0 == self.0).expect("GgmlType holds a known id")
+    }
+
+    pub fn id(self) -> u32 {
+        self.0
+    }
+
+    /// ggml's name: `Q4_K`, `F16`, ...
+    pub fn name(self) -> &'static str {
+        self.row().1
+    }
+
+    /// Values per block (1 for plain floats).
+    pub fn block(self) -> usize {
+        self.row().2
+    }
+
+    /// Bytes of `n` values (`n` a multiple of the block).
+    pub fn bytes(self, n: usize) -> usize {
+        n / self.block() * self.row().3
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self.block() > 1
+    }
+}
+
+/// `--quant`: a llama.cpp file type (`general.file_type`, `llama_ftype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quant {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q4KM,
+    Q5KM,
+    Q6K,
+}
+
+impl Quant {
+    pub const NAMES: &'static str = "f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k";
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" => Quant::F32,
+            "f16" => Quant::F16,
+            "bf16" => Quant::Bf16,
+            "q8_0" => Quant::Q8_0,
+            "q4_0" => Quant::Q4_0,
+            "q4_k_m" => Quant::Q4KM,
+            "q5_k_m" => Quant::Q5KM,
+            "q6_k" => Quant::Q6K,
+            other => bail!("--quant {other}: not a type lorafit writes; choose one of {}", Self::NAMES),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Quant::F32 => "f32",
+            Quant::F16 => "f16",
+            Quant::Bf16 => "bf16",
+            Quant::Q8_0 => "q8_0",
+            Quant::Q4_0 => "q4_0",
+            Quant::Q4KM => "q4_k_m",
+            Quant::Q5KM => "q5_k_m",
+            Quant::Q6K => "q6_k",
+        }
+    }
+
+    /// `general.file_type` (llama.h `llama_ftype`).
+    pub fn file_type(self) -> u32 {
+        match self {
+            Quant::F32 => 0,
+            Quant::F16 => 1,
+            Quant::Q4_0 => 2,
+            Quant::Q8_0 => 7,
+            Quant::Q4KM => 15,
+            Quant::Q5KM => 17,
+            Quant::Q6K => 18,
+            Quant::Bf16 => 32,
+        }
+    }
+
+    /// The type most tensors get.
+    pub fn default_type(self) -> GgmlType {
+        match self {
+            Quant::F32 => GgmlType::F32,
+            Quant::F16 => GgmlType::F16,
+            Quant::Bf16 => GgmlType::BF16,
+            Quant::Q8_0 => GgmlType::Q8_0,
+            Quant::Q4_0 => GgmlType::Q4_0,
+            Quant::Q4KM => GgmlType::Q4_K,
+            Quant::Q5KM => GgmlType::Q5_K,
+            Quant::Q6K => GgmlType::Q6_K,
+        }
+    }
+
+    /// Written by llama.cpp's converter itself (else: its f16 output through llama-quantize).
+    fn by_converter(self) -> bool {
+        matches!(self, Quant::F32 | Quant::F16 | Quant::Bf16 | Quant::Q8_0)
+    }
+}
+
+/// A tensor type that differs from what was asked, and why (printed as a note).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fallback {
+    pub tensor: String,
+    pub wanted: GgmlType,
+    pub got: GgmlType,
+    pub row: usize,
+}
+
+/// The type of every tensor of one export, in the order the tensors are written: llama.cpp's
+/// choice for the same model and file type (see the module docs).
+pub struct Mix {
+    quant: Quant,
+    /// The model has no separate `output.weight` (the head is `token_embd`).
+    tied: bool,
+    n_layer: usize,
+    n_attn_v: usize,
+    i_attn_v: usize,
+    i_ffn_down: usize,
+    pub fallbacks: Vec<Fallback>,
+}
+
+/// llama-quantize's `use_more_bits`: the first and last eighth of the layers and every third between.
+fn use_more_bits(i: usize, n: usize) -> bool {
+    let (i, n) = (i as i64, n as i64);
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
+}
+
+impl Mix {
+    /// `names`: every tensor name of the file (for llama-quantize's counts).
+    pub fn new(quant: Quant, names: &[&str], n_layer: usize) -> Self {
+        let tied = !names.contains(&"output.weight");
+        let n_attn_v = names.iter().filter(|n| n.contains("attn_v.weight") || n.contains("attn_qkv.weight")).count();
+        Self { quant, tied, n_layer, n_attn_v, i_attn_v: 0, i_ffn_down: 0, fallbacks: vec![] }
+    }
+
+    /// The type of tensor `name` of `shape` (PyTorch order: the row length is the last dim).
+    /// Call in the file's tensor order (counters as llama-quantize's).
+    pub fn type_of(&mut self, name: &str, shape: &[usize]) -> GgmlType {
+        let row = *shape.last().unwrap_or(&1);
+        // The converter: 1-D tensors, norms, biases and position embeddings in f32.
+        let forced_f32 = shape.len() <= 1 || name.ends_with("_norm.weight") || name == "position_embd.weight" || !name.ends_with(".weight");
+        if forced_f32 {
+            return GgmlType::F32;
+        }
+        if self.quant.by_converter() {
+            let t = self.quant.default_type();
+            if t.is_quantized() && row % t.block() != 0 {
+                self.fallbacks.push(Fallback { tensor: name.into(), wanted: t, got: GgmlType::F16, row });
+                return GgmlType::F16;
+            }
+            return t;
+        }
+        // llama-quantize on the converter's f16 file.
+        if name == "position_embd.weight" || name == "token_types.weight" {
+            return GgmlType::F16;
+        }
+        let default = self.quant.default_type();
+        let mut t = default;
+        let is_attn_v = name.contains("attn_v.weight") || name.contains("attn_qkv.weight");
+        if name == "output.weight" || (self.tied && name == "token_embd.weight") {
+            if row % default.block() != 0 {
+                t = GgmlType::Q8_0;
+            } else if t != GgmlType::Q8_0 {
+                t = GgmlType::Q6_K;
+            }
+        } else if name == "token_embd.weight" {
+            // the default type
+        } else if is_attn_v {
+            if matches!(self.quant, Quant::Q4KM | Quant::Q5KM) && use_more_bits(self.i_attn_v, self.n_attn_v) {
+                t = GgmlType::Q6_K;
+            }
+            self.i_attn_v += 1;
+        } else if name.contains("ffn_down") {
+            if matches!(self.quant, Quant::Q4KM | Quant::Q5KM) && use_more_bits(self.i_ffn_down, self.n_layer) {
+                t = GgmlType::Q6_K;
+            }
+            self.i_ffn_down += 1;
+        }
+        // tensor_type_fallback: rows not a multiple of the block.
+        if row % t.block() != 0 {
+            let wanted = t;
+            t = match t {
+                GgmlType::Q4_K => GgmlType::Q5_0,
+                GgmlType::Q5_K => GgmlType::Q5_1,
+                GgmlType::Q6_K => GgmlType::Q8_0,
+                other => other,
+            };
+            if row % t.block() != 0 {
+                t = GgmlType::F16;
+            }
+            self.fallbacks.push(Fallback { tensor: name.into(), wanted, got: t, row });
+        }
+        t
+    }
+}
+
+/// Reinterprets candle's `#[repr(C)]` blocks as their bytes (the GGML layout).
+fn block_bytes<B>(blocks: &[B]) -> &[u8] {
+    // SAFETY: candle's block types are #[repr(C)] structs of f16/u8/i8 arrays without padding
+    // (candle asserts their sizes against ggml's), so every byte is initialised.
+    unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks)) }
+}
+
+fn with_candle<B: k_quants::GgmlType>(xs: &[f32], out: &mut [u8]) {
+    let mut blocks = vec![B::zeros(); xs.len() / B::BLCK_SIZE];
+    B::from_float(xs, &mut blocks);
+    out.copy_from_slice(block_bytes(&blocks));
+}
+
+/// Quantizes rows of f32 values (`xs.len()` a multiple of `row`, `row` of the type's block)
+/// into `ty`'s bytes, rows in parallel.
+pub fn quantize(ty: GgmlType, xs: &[f32], row: usize) -> Result<Vec<u8>> {
+    ensure!(row > 0 && xs.len() % row == 0 && row % ty.block() == 0, "cannot write rows of {row} values as {}", ty.name());
+    let row_bytes = ty.bytes(row);
+    let mut out = vec![0u8; ty.bytes(xs.len())];
+    // Chunks of whole rows, about 64k values each.
+    let rows_per_chunk = (65536 / row).max(1);
+    out.par_chunks_mut(row_bytes * rows_per_chunk).zip(xs.par_chunks(row * rows_per_chunk)).try_for_each(|(o, x)| quantize_chunk(ty, x, o))?;
+    Ok(out)
+}
+
+fn quantize_chunk(ty: GgmlType, xs: &[f32], out: &mut [u8]) -> Result<()> {
+    match ty {
+        GgmlType::F32 => out.iter_mut().zip(xs.iter().flat_map(|x| x.to_le_bytes())).for_each(|(o, b)| *o = b),
+        GgmlType::F16 => out.chunks_exact_mut(2).zip(xs).for_each(|(o, x)| o.copy_from_slice(&half::f16::from_f32(*x).to_le_bytes())),
+        GgmlType::BF16 => out.chunks_exact_mut(2).zip(xs).for_each(|(o, x)| o.copy_from_slice(&half::bf16::from_f32(*x).to_le_bytes())),
+        GgmlType::Q8_0 => with_candle::<k_quants::BlockQ8_0>(xs, out),
+        GgmlType::Q4_0 => with_candle::<k_quants::BlockQ4_0>(xs, out),
+        GgmlType::Q5_0 => with_candle::<k_quants::BlockQ5_0>(xs, out),
+        GgmlType::Q5_1 => with_candle::<k_quants::BlockQ5_1>(xs, out),
+        GgmlType::Q6_K => with_candle::<k_quants::BlockQ6K>(xs, out),
+        GgmlType::Q4_K => xs.chunks_exact(256).zip(out.chunks_exact_mut(144)).for_each(|(x, o)| q4k_block(x, o)),
+        GgmlType::Q5_K => xs.chunks_exact(256).zip(out.chunks_exact_mut(176)).for_each(|(x, o)| q5k_block(x, o)),
+        t => bail!("lorafit does not write {} tensors", t.name()),
+    }
+    Ok(())
+}
+
+/// Values of `bytes` of type `ty` (candle's dequantization).
+pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
+    fn go<B: k_quants::GgmlType>(bytes: &[u8]) -> Vec<f32> {
+        let n = bytes.len() / std::mem::size_of::<B>();
+        let mut blocks = vec![B::zeros(); n];
+        // SAFETY: as in block_bytes; blocks is a fresh, exactly sized buffer.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), blocks.as_mut_ptr() as *mut u8, bytes.len()) };
+        let mut ys = vec![0f32; n * B::BLCK_SIZE];
+        B::to_float(&blocks, &mut ys);
+        ys
+    }
+    ensure!(bytes.len() % ty.bytes(ty.block()) == 0, "{} bytes are not whole {} blocks", bytes.len(), ty.name());
+    Ok(match ty {
+        GgmlType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        GgmlType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        GgmlType::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        GgmlType::Q8_0 => go::<k_quants::BlockQ8_0>(bytes),
+        GgmlType::Q4_0 => go::<k_quants::BlockQ4_0>(bytes),
+        GgmlType::Q5_0 => go::<k_quants::BlockQ5_0>(bytes),
+        GgmlType::Q5_1 => go::<k_quants::BlockQ5_1>(bytes),
+        GgmlType::Q4_K => go::<k_quants::BlockQ4K>(bytes),
+        GgmlType::Q5_K => go::<k_quants::BlockQ5K>(bytes),
+        GgmlType::Q6_K => go::<k_quants::BlockQ6K>(bytes),
+        t => bail!("lorafit does not read {} tensors", t.name()),
+    })
+}
+
+/// ggml's `nearest_int`: round half to even through the float's mantissa.
+fn nearest_int(v: f32) -> i32 {
+    let bits = (v + 12582912.0).to_bits() as i32;
+    (bits & 0x007f_ffff) - 0x0040_0000
+}
+
+/// ggml's `make_qkx2_quants`: the scale and (negated) min of `x` for levels 0..=nmax that
+/// minimise the weighted squared error, searching `nstep` scales around the min/max one.
+#[allow(clippy::too_many_arguments)]
+fn make_qkx2_quants(nmax: i32, x: &[f32], w: &[f32], l: &mut [u8], rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
+    let n = x.len();
+    let (mut min, mut max) = (x[0], x[0]);
+    let (mut sum_w, mut sum_x) = (w[0], w[0] * x[0]);
+    for i in 1..n {
+        min = min.min(x[i]);
+        max = max.max(x[i]);
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l.iter_mut().for_each(|v| *v = 0);
+        return (0.0, -min);
+    }
+    let mut iscale = nmax as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best = 0f32;
+    for i in 0..n {
+        l[i] = nearest_int(iscale * (x[i] - min)).clamp(0, nmax) as u8;
+        let diff = scale * l[i] as f32 + min - x[i];
+        best += w[i] * diff * diff;
+    }
+    let mut laux = [0u8; 32];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..n {
+            let li = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            laux[i] = li as u8;
+            let lf = li as f32;
+            sum_l += w[i] * lf;
+            sum_l2 += w[i] * lf * lf;
+            sum_xl += w[i] * lf * x[i];
+        }
+        let d = sum_w * sum_l2 - sum_l * sum_l;
+        if d > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur = 0f32;
+            for i in 0..n {
+                let diff = this_scale * laux[i] as f32 + this_min - x[i];
+                cur += w[i] * diff * diff;
+            }
+            if cur < best {
+                l[..n].copy_from_slice(&laux[..n]);
+                best = cur;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// The 6-bit scales and mins of a q4_K / q5_K block, levels `L` (0..=nmax) of its 256 values,
+/// `d` and `dmin`: ggml's `quantize_row_q{4,5}_K_ref` up to the packing of the levels.
+fn kquant_scales(x: &[f32], nmax: i32, rmin: f32, nstep: i32, scales_out: &mut [u8; 12], l: &mut [u8; 256]) -> (half::f16, half::f16) {
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    let mut w = [0f32; 32];
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    for j in 0..8 {
+        let xs = &x[32 * j..32 * j + 32];
+        let sum_x2: f32 = xs.iter().fold(0.0, |s, v| s + v * v);
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (wi, v) in w.iter_mut().zip(xs) {
+            *wi = av_x + v.abs();
+        }
+        (scales[j], mins[j]) = make_qkx2_quants(nmax, xs, &w, &mut l[32 * j..32 * j + 32], rmin, 0.1, nstep);
+        max_scale = max_scale.max(scales[j]);
+        max_min = max_min.max(mins[j]);
+    }
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    *scales_out = [0; 12];
+    for j in 0..8 {
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            scales_out[j] = ls;
+            scales_out[j + 4] = lm;
+        } else {
+            scales_out[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            scales_out[j - 4] |= (ls >> 4) << 6;
+            scales_out[j] |= (lm >> 4) << 6;
+        }
+    }
+    let d = half::f16::from_f32(max_scale / 63.0);
+    let dmin = half::f16::from_f32(max_min / 63.0);
+    for j in 0..8 {
+        let (sc, m) = get_scale_min_k4(j, scales_out);
+        let dj = d.to_f32() * sc as f32;
+        if dj == 0.0 {
+            continue;
+        }
+        let dm = dmin.to_f32() * m as f32;
+        for ii in 0..32 {
+            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / dj).clamp(0, nmax) as u8;
+        }
+    }
+    (d, dmin)
+}
+
+/// One q4_K block (256 values -> 144 bytes: d, dmin, 12 bytes of scales, 128 of 4-bit levels).
+fn q4k_block(x: &[f32], out: &mut [u8]) {
+    let (mut scales, mut l) = ([0u8; 12], [0u8; 256]);
+    let (d, dmin) = kquant_scales(x, 15, -1.0, 20, &mut scales, &mut l);
+    out[0..2].copy_from_slice(&d.to_le_bytes());
+    out[2..4].copy_from_slice(&dmin.to_le_bytes());
+    out[4..16].copy_from_slice(&scales);
+    let q = &mut out[16..144];
+    for (c, j) in (0..256).step_by(64).enumerate() {
+        for i in 0..32 {
+            q[32 * c + i] = l[j + i] | (l[j + i + 32] << 4);
+        }
+    }
+}
+
+/// One q5_K block (256 values -> 176 bytes: d, dmin, scales, 32 bytes of high bits, 128 of low 4 bits).
+fn q5k_block(x: &[f32], out: &mut [u8]) {
+    let (mut scales, mut l) = ([0u8; 12], [0u8; 256]);
+    let (d, dmin) = kquant_scales(x, 31, -0.5, 15, &mut scales, &mut l);
+    out[0..2].copy_from_slice(&d.to_le_bytes());
+    out[2..4].copy_from_slice(&dmin.to_le_bytes());
+    out[4..16].copy_from_slice(&scales);
+    let (qh, ql) = out[16..176].split_at_mut(32);
+    qh.iter_mut().for_each(|b| *b = 0);
+    let (mut m1, mut m2) = (1u8, 2u8);
+    for (c, n) in (0..256).step_by(64).enumerate() {
+        for j in 0..32 {
+            let mut l1 = l[n + j];
+            if l1 > 15 {
+                l1 -= 16;
+                qh[j] |= m1;
+            }
+            let mut l2 = l[n + j + 32];
+            if l2 > 15 {
+                l2 -= 16;
+                qh[j] |= m2;
+            }
+            ql[32 * c + j] = l1 | (l2 << 4);
+        }
+        m1 <<= 2;
+        m2 <<= 2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::k_quants::GgmlType as _;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::rng::SeededRng::new(seed);
+        (0..n).map(|_| (r.uniform_f32() - 0.5) * 2.0 + if r.uniform_f32() < 0.01 { 4.0 } else { 0.0 }).collect()
+    }
+
+    #[test]
+    fn blocks_round_trip_within_their_error() {
+        // Relative RMS error bounds of each format on uniform-ish data (ggml's test-quantize-fns
+        // uses absolute bounds of the same order: 0.002 q8_0 .. 0.02 for 4 bits).
+        let xs = data(256 * 16, 3);
+        let rms = (xs.iter().map(|v| v * v).sum::<f32>() / xs.len() as f32).sqrt();
+        for (ty, bound) in [
+            (GgmlType::F16, 1e-3),
+            (GgmlType::BF16, 5e-3),
+            (GgmlType::Q8_0, 0.01),
+            (GgmlType::Q6_K, 0.03),
+            (GgmlType::Q5_K, 0.05),
+            (GgmlType::Q5_0, 0.07),
+            (GgmlType::Q5_1, 0.07),
+            (GgmlType::Q4_K, 0.1),
+            (GgmlType::Q4_0, 0.14),
+        ] {
+            let q = quantize(ty, &xs, 512).unwrap();
+            assert_eq!(q.len(), ty.bytes(xs.len()));
+            let back = dequantize(ty, &q).unwrap();
+            let err = (xs.iter().zip(&back).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / xs.len() as f32).sqrt() / rms;
+            assert!(err < bound, "{}: relative RMS error {err} >= {bound}", ty.name());
+        }
+    }
+
+    #[test]
+    fn q4k_is_better_than_candles_older_search() {
+        let xs = data(256 * 64, 5);
+        let ours = dequantize(GgmlType::Q4_K, &quantize(GgmlType::Q4_K, &xs, 256).unwrap()).unwrap();
+        let mut blocks = vec![k_quants::BlockQ4K::zeros(); xs.len() / 256];
+        k_quants::BlockQ4K::from_float(&xs, &mut blocks);
+        let candle = dequantize(GgmlType::Q4_K, block_bytes(&blocks)).unwrap();
+        let sq = |v: &[f32]| xs.iter().zip(v).map(|(a, b)| (a - b) * (a - b)).sum::<f32>();
+        assert!(sq(&ours) < sq(&candle), "{} vs {}", sq(&ours), sq(&candle));
+    }
+
+    #[test]
+    fn mix_follows_llama_quantize() {
+        // 8 layers, hidden 512: attn_v / ffn_down of layers 0, 2, 5, 6, 7 in q6_k (use_more_bits).
+        let mut names = vec!["output.weight".to_string(), "token_embd.weight".into()];
+        for i in 0..8 {
+            names.push(format!("blk.{i}.attn_v.weight"));
+            names.push(format!("blk.{i}.ffn_down.weight"));
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut mix = Mix::new(Quant::Q4KM, &refs, 8);
+        let types: Vec<&str> = names.iter().map(|n| mix.type_of(n, &[512, 512]).name()).collect();
+        assert_eq!(types[..2], ["Q6_K", "Q4_K"]);
+        let v: Vec<usize> = (0..8).filter(|i| types[2 + 2 * i] == "Q6_K").collect();
+        assert_eq!(v, [0, 2, 5, 6, 7]);
+        // Rows of 96: q4_k -> q5_0, q6_k -> q8_0; rows of 88: f16.
+        let mut mix = Mix::new(Quant::Q4KM, &["blk.0.attn_q.weight", "blk.0.ffn_down.weight"], 1);
+        assert_eq!(mix.type_of("blk.0.attn_q.weight", &[96, 96]), GgmlType::Q5_0);
+        assert_eq!(mix.type_of("blk.0.ffn_down.weight", &[96, 88]), GgmlType::F16);
+        assert_eq!(mix.fallbacks.len(), 2);
+        // Tied embeddings take the output's type; norms stay f32.
+        let mut mix = Mix::new(Quant::Q4_0, &["token_embd.weight"], 1);
+        assert_eq!(mix.type_of("token_embd.weight", &[100, 256]), GgmlType::Q6_K);
+        assert_eq!(mix.type_of("blk.0.attn_norm.weight", &[256]), GgmlType::F32);
+    }
+}
