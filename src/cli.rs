@@ -509,6 +509,7 @@ fn cmd_export(a: ExportArgs) -> Result<()> {
         quant: crate::export::quant::Quant::parse(&a.quant)?,
         force: a.force,
         ollama: a.ollama,
+        slice_values: crate::export::SLICE,
     };
     let r = crate::export::export(&opts)?;
     for f in &r.fallbacks {

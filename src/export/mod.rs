@@ -71,6 +71,8 @@ pub struct ExportOptions {
     pub force: bool,
     /// Also write an Ollama Modelfile beside the file.
     pub ollama: bool,
+    /// Values per slice of rows when a large tensor is processed in pieces ([`SLICE`]).
+    pub slice_values: usize,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -92,8 +94,9 @@ pub struct ExportReport {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Values per slice when a tensor is processed in pieces (16 MiB of f32).
-const SLICE: usize = 4 << 20;
+/// Values per slice when a tensor is processed in pieces (16 MiB of f32): the peak memory is a
+/// few slices, whatever the model.
+pub const SLICE: usize = 4 << 20;
 
 /// One tensor to write.
 struct Item {
@@ -267,7 +270,7 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport> {
         let f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut w = gguf::Writer::new(std::io::BufWriter::with_capacity(1 << 20, f), &kvs, shapes.clone())?;
         match o.format {
-            Format::Gguf => items.iter().try_for_each(|it| write_model_tensor(&folded, it, &mut w))?,
+            Format::Gguf => items.iter().try_for_each(|it| write_model_tensor(&folded, it, o.slice_values.max(1), &mut w))?,
             Format::GgufLora => write_lora_tensors(&folded, &items, &mut w)?,
         }
         let f = w.finish()?.into_inner().map_err(|e| e.into_error())?;
@@ -388,13 +391,13 @@ fn model_name(folded: &Folded) -> String {
 
 /// One tensor of the merged model: read (in slices of rows when it is large), fold, transform,
 /// check finite, quantize, write.
-fn write_model_tensor<W: Write>(folded: &Folded, it: &Item, w: &mut gguf::Writer<W>) -> Result<()> {
+fn write_model_tensor<W: Write>(folded: &Folded, it: &Item, slice: usize, w: &mut gguf::Writer<W>) -> Result<()> {
     let rows = it.shape.first().copied().unwrap_or(1);
     let row = it.shape.iter().skip(1).product::<usize>().max(1);
     let n = rows * row;
     let f32_of = |t: candle_core::Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
     let mut bytes = Vec::with_capacity(it.ty.bytes(n));
-    if it.transform == Transform::Transpose || n <= SLICE || it.shape.len() < 2 {
+    if it.transform == Transform::Transpose || n <= slice || it.shape.len() < 2 {
         let mut t = folded.tensor(&it.src)?;
         if it.transform == Transform::Transpose {
             t = t.t()?.contiguous()?;
@@ -408,7 +411,7 @@ fn write_model_tensor<W: Write>(folded: &Folded, it: &Item, w: &mut gguf::Writer
     } else {
         // Slices of whole rows; for q/k, of whole heads (the permutation stays within a head).
         let group = if matches!(it.transform, Transform::PermuteQ | Transform::PermuteK) { rows / it.heads } else { 1 };
-        let step = ((SLICE / row).max(1) / group).max(1) * group;
+        let step = ((slice / row).max(1) / group).max(1) * group;
         let mut start = 0;
         while start < rows {
             let k = step.min(rows - start);

@@ -12,10 +12,12 @@
 //!   whose row length is not a multiple of the block falls back (q4_k -> q5_0, q5_k -> q5_1,
 //!   q6_k -> q8_0, then f16).
 //!
-//! Blocks are candle's GGML formats (`candle_core::quantized::k_quants`); q4_k and q5_k are
-//! computed here with ggml's current reference (`quantize_row_q4_K_ref`: `make_qkx2_quants`,
-//! weighted search of scale and min) because candle's `from_float` still uses the older
-//! `make_qkx1_quants`, whose blocks differ from llama-quantize's and are less accurate.
+//! Blocks are candle's GGML formats (`candle_core::quantized::k_quants`; q8_0, q4_0, q5_0, q5_1
+//! quantized by candle, every type dequantized by candle). q4_k, q5_k and q6_k are quantized here
+//! with ggml's current reference (`quantize_row_q{4,5,6}_K_ref`: `make_qkx2_quants`, a weighted
+//! search of scale and min; `make_qx_quants`) because candle's `from_float` ports older versions
+//! (`make_qkx1_quants`) whose blocks differ from llama-quantize's and are less accurate. Every
+//! type gives ggml's bytes exactly (tests/gguf_export.rs, against `ggml_quantize_chunk`).
 use anyhow::{bail, ensure, Result};
 use candle_core::quantized::k_quants;
 use rayon::prelude::*;
@@ -288,7 +290,7 @@ fn quantize_chunk(ty: GgmlType, xs: &[f32], out: &mut [u8]) -> Result<()> {
         GgmlType::Q4_0 => with_candle::<k_quants::BlockQ4_0>(xs, out),
         GgmlType::Q5_0 => with_candle::<k_quants::BlockQ5_0>(xs, out),
         GgmlType::Q5_1 => with_candle::<k_quants::BlockQ5_1>(xs, out),
-        GgmlType::Q6_K => with_candle::<k_quants::BlockQ6K>(xs, out),
+        GgmlType::Q6_K => xs.chunks_exact(256).zip(out.chunks_exact_mut(210)).for_each(|(x, o)| q6k_block(x, o)),
         GgmlType::Q4_K => xs.chunks_exact(256).zip(out.chunks_exact_mut(144)).for_each(|(x, o)| q4k_block(x, o)),
         GgmlType::Q5_K => xs.chunks_exact(256).zip(out.chunks_exact_mut(176)).for_each(|(x, o)| q5k_block(x, o)),
         t => bail!("lorafit does not write {} tensors", t.name()),
@@ -494,6 +496,102 @@ fn q5k_block(x: &[f32], out: &mut [u8]) {
     }
 }
 
+/// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights: a signed scale for
+/// levels -nmax..nmax-1 (stored + nmax in `l`), searched around `-nmax / max`.
+fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < 1e-15 {
+        l.iter_mut().for_each(|v| *v = 0);
+        return 0.0;
+    }
+    let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+    let mut iscale = -(nmax as f32) / max;
+    let (mut sumlx, mut suml2) = (0f32, 0f32);
+    for (i, &v) in x.iter().enumerate() {
+        let li = level(iscale, v);
+        l[i] = (li + nmax) as i8;
+        let w = v * v;
+        sumlx += w * v * li as f32;
+        suml2 += w * (li * li) as f32;
+    }
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        iscale = -(nmax as f32 + 0.1 * is as f32) / max;
+        let (mut slx, mut sl2) = (0f32, 0f32);
+        for &v in x {
+            let li = level(iscale, v);
+            let w = v * v;
+            slx += w * v * li as f32;
+            sl2 += w * (li * li) as f32;
+        }
+        if sl2 > 0.0 && slx * slx > best * sl2 {
+            for (i, &v) in x.iter().enumerate() {
+                l[i] = (level(iscale, v) + nmax) as i8;
+            }
+            scale = slx / sl2;
+            best = scale * slx;
+        }
+    }
+    scale
+}
+
+/// One q6_K block (256 values -> 210 bytes: 128 bytes of low 4 bits, 64 of high 2 bits, 16
+/// int8 scales, d): ggml's `quantize_row_q6_K_ref`.
+fn q6k_block(x: &[f32], out: &mut [u8]) {
+    let mut l = [0i8; 256];
+    let mut scales = [0f32; 16];
+    let (mut max_scale, mut max_abs) = (0f32, 0f32);
+    for ib in 0..16 {
+        scales[ib] = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
+        if scales[ib].abs() > max_abs {
+            max_abs = scales[ib].abs();
+            max_scale = scales[ib];
+        }
+    }
+    out.iter_mut().for_each(|b| *b = 0);
+    if max_abs < 1e-15 {
+        return;
+    }
+    let iscale = -128.0 / max_scale;
+    let d = half::f16::from_f32(1.0 / iscale);
+    let mut sc = [0i8; 16];
+    for ib in 0..16 {
+        sc[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
+    }
+    for j in 0..16 {
+        let dj = d.to_f32() * sc[j] as f32;
+        if dj == 0.0 {
+            continue;
+        }
+        for ii in 0..16 {
+            l[16 * j + ii] = (nearest_int(x[16 * j + ii] / dj).clamp(-32, 31) + 32) as i8;
+        }
+    }
+    let (ql, rest) = out.split_at_mut(128);
+    let (qh, rest) = rest.split_at_mut(64);
+    let (scales_out, d_out) = rest.split_at_mut(16);
+    for (c, j) in (0..256).step_by(128).enumerate() {
+        for i in 0..32 {
+            let q = |k: usize| l[j + i + k] as u8;
+            ql[64 * c + i] = (q(0) & 0xF) | ((q(64) & 0xF) << 4);
+            ql[64 * c + i + 32] = (q(32) & 0xF) | ((q(96) & 0xF) << 4);
+            qh[32 * c + i] = (q(0) >> 4) | ((q(32) >> 4) << 2) | ((q(64) >> 4) << 4) | ((q(96) >> 4) << 6);
+        }
+    }
+    scales_out.iter_mut().zip(sc).for_each(|(o, s)| *o = s as u8);
+    d_out.copy_from_slice(&d.to_le_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,7 +640,8 @@ mod tests {
 
     #[test]
     fn mix_follows_llama_quantize() {
-        // 8 layers, hidden 512: attn_v / ffn_down of layers 0, 2, 5, 6, 7 in q6_k (use_more_bits).
+        // 8 layers, hidden 512: attn_v / ffn_down of layers 0, 3, 6, 7 in q6_k (use_more_bits: i < n/8,
+        // i >= 7n/8, or (i - n/8) % 3 == 2).
         let mut names = vec!["output.weight".to_string(), "token_embd.weight".into()];
         for i in 0..8 {
             names.push(format!("blk.{i}.attn_v.weight"));
@@ -553,7 +652,7 @@ mod tests {
         let types: Vec<&str> = names.iter().map(|n| mix.type_of(n, &[512, 512]).name()).collect();
         assert_eq!(types[..2], ["Q6_K", "Q4_K"]);
         let v: Vec<usize> = (0..8).filter(|i| types[2 + 2 * i] == "Q6_K").collect();
-        assert_eq!(v, [0, 2, 5, 6, 7]);
+        assert_eq!(v, [0, 3, 6, 7]);
         // Rows of 96: q4_k -> q5_0, q6_k -> q8_0; rows of 88: f16.
         let mut mix = Mix::new(Quant::Q4KM, &["blk.0.attn_q.weight", "blk.0.ffn_down.weight"], 1);
         assert_eq!(mix.type_of("blk.0.attn_q.weight", &[96, 96]), GgmlType::Q5_0);
