@@ -379,3 +379,41 @@ fn large_tensors_in_slices_equal_whole() {
     // 256-wide rows: real k-quant blocks; one layer: use_more_bits picks it; ffn_down rows 512.
     assert_eq!((ty("blk.0.attn_q.weight"), ty("blk.0.attn_v.weight"), ty("blk.0.ffn_down.weight"), ty("output.weight")), ("Q4_K", "Q6_K", "Q6_K", "Q6_K"));
 }
+
+#[test]
+fn stories260k_matches_the_converter_and_tokenizes_better() {
+    // A real tiny Llama whose tokenizer.json is SentencePiece-style BPE with byte fallback
+    // (tokenizer.ggml.model = "llama"). Two deliberate differences from llama.cpp's converter,
+    // which has only tokenizer.json here: scores are minus each token's merge rank (it writes
+    // -1000 for all), and the tokens tokenizer.json marks special are CONTROL (it writes NORMAL,
+    // as transformers lists no special tokens without tokenizer_config.json). With them,
+    // llama.cpp tokenizes every probe line as the Hugging Face tokenizer does (fixture script).
+    let Some(st) = common::shared_asset("stories260K") else { return };
+    let rec: Json = serde_json::from_str(&std::fs::read_to_string(gguf_fixture("stories260K.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("st.gguf");
+    run_export(&st, vec![], Format::Gguf, "f32", &out);
+    let h = Header::read_file(&out).unwrap();
+    let ours = listing(&h);
+    let theirs = rec["llama_cpp"]["f32"]["kvs"].as_object().unwrap();
+    let keys = |it: Vec<&String>| it.into_iter().filter(|k| compared(k)).cloned().collect::<Vec<_>>();
+    assert_eq!(keys(ours.keys().collect()), keys(theirs.keys().collect()));
+    for (k, v) in theirs.iter().filter(|(k, _)| compared(k)) {
+        if k == "tokenizer.ggml.scores" || k == "tokenizer.ggml.token_type" {
+            assert_eq!((&ours[k]["type"], &ours[k]["len"]), (&v["type"], &v["len"]), "{k}");
+            continue;
+        }
+        match (ours[k]["value"].as_f64(), v["value"].as_f64()) {
+            (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-7 * b.abs(), "{k}: {a} vs {b}"),
+            _ => assert_eq!(&ours[k], v, "{k}"),
+        }
+    }
+    let Some(Value::Arr(types)) = h.get("tokenizer.ggml.token_type") else { panic!() };
+    assert_eq!(types[..4], [Value::I32(3), Value::I32(3), Value::I32(3), Value::I32(6)], "<unk> <s> </s> CONTROL, <0x00> BYTE");
+    let mut tensors: Vec<Json> = h.tensors.iter().map(|t| serde_json::json!([t.name, t.ty.name(), t.shape])).collect();
+    tensors.sort_by_key(|t| t[0].as_str().unwrap().to_string());
+    assert_eq!(Json::Array(tensors), rec["llama_cpp"]["f32"]["tensors"]);
+    let agree = |who: &str| rec["tokenization"][who]["agree"].as_array().unwrap().iter().filter(|a| a.as_bool().unwrap()).count();
+    assert_eq!(agree("ours"), rec["tokenization"]["lines"].as_array().unwrap().len(), "llama.cpp on our file tokenizes every line as HF");
+    assert!(agree("ours") > agree("llama_cpp_converter"));
+}

@@ -42,9 +42,6 @@ pub struct Family {
     pub skip_suffixes: &'static [&'static str],
     /// `<arch>.*` metadata from config.json, in the converter's order.
     pub hparams: fn(&Json) -> Result<Vec<(String, Value)>>,
-    /// Drop `lm_head.weight` when the config ties it to the embeddings (a PyTorch checkpoint
-    /// may store both; llama.cpp then uses `token_embd` for the head).
-    pub tied_head_dropped: bool,
 }
 
 const LLAMA_BLOCK: &[(&str, &str, Transform)] = &[
@@ -106,7 +103,6 @@ pub const FAMILIES: &[Family] = &[
         strip: &[],
         skip_suffixes: &[".rotary_emb.inv_freq"],
         hparams: llama_hparams,
-        tied_head_dropped: true,
     },
     Family {
         model_types: &["gpt2"],
@@ -117,7 +113,6 @@ pub const FAMILIES: &[Family] = &[
         strip: &["transformer."],
         skip_suffixes: &[".attn.bias", ".attn.masked_bias"],
         hparams: gpt2_hparams,
-        tied_head_dropped: true,
     },
 ];
 
@@ -150,12 +145,10 @@ pub fn family(config: &Json) -> Result<&'static Family> {
 
 impl Family {
     /// The GGUF name of checkpoint tensor `name` and its transform; None: not written (a
-    /// buffer, or a tied head). Err: a tensor llama.cpp's model has no place for.
-    pub fn map(&self, name: &str, tied: bool) -> Result<Option<(String, Transform)>> {
+    /// buffer). Err: a tensor llama.cpp's model has no place for. A checkpoint that stores a tied
+    /// `lm_head.weight` gets `output.weight`, as the converter writes it.
+    pub fn map(&self, name: &str) -> Result<Option<(String, Transform)>> {
         if self.skip_suffixes.iter().any(|s| name.ends_with(s)) {
-            return Ok(None);
-        }
-        if name == "lm_head.weight" && tied && self.tied_head_dropped {
             return Ok(None);
         }
         for p in self.block_prefixes {
@@ -276,13 +269,13 @@ mod tests {
     #[test]
     fn names_map_as_llama_cpp() {
         let f = family(&serde_json::json!({"model_type": "llama"})).unwrap();
-        assert_eq!(f.map("model.layers.3.self_attn.k_proj.weight", false).unwrap(), Some(("blk.3.attn_k.weight".into(), Transform::PermuteK)));
-        assert_eq!(f.map("lm_head.weight", true).unwrap(), None);
-        assert!(f.map("model.layers.0.self_attn.q_norm.weight", false).is_err());
+        assert_eq!(f.map("model.layers.3.self_attn.k_proj.weight").unwrap(), Some(("blk.3.attn_k.weight".into(), Transform::PermuteK)));
+        assert_eq!(f.map("lm_head.weight").unwrap(), Some(("output.weight".into(), Transform::None)));
+        assert!(f.map("model.layers.0.self_attn.q_norm.weight").is_err());
         let g = family(&serde_json::json!({"model_type": "gpt2"})).unwrap();
-        assert_eq!(g.map("transformer.h.1.mlp.c_fc.weight", true).unwrap(), Some(("blk.1.ffn_up.weight".into(), Transform::Transpose)));
-        assert_eq!(g.map("wpe.weight", true).unwrap(), Some(("position_embd.weight".into(), Transform::None)));
-        assert_eq!(g.map("h.0.attn.bias", true).unwrap(), None);
+        assert_eq!(g.map("transformer.h.1.mlp.c_fc.weight").unwrap(), Some(("blk.1.ffn_up.weight".into(), Transform::Transpose)));
+        assert_eq!(g.map("wpe.weight").unwrap(), Some(("position_embd.weight".into(), Transform::None)));
+        assert_eq!(g.map("h.0.attn.bias").unwrap(), None);
         let e = family(&serde_json::json!({"model_type": "qwen3"})).err().unwrap().to_string();
         assert!(e.contains("qwen3") && e.contains("convert_hf_to_gguf"), "{e}");
     }

@@ -188,16 +188,16 @@ fn parent_of(p: &Path) -> PathBuf {
 }
 
 /// An existing `path` may be replaced only with --force, and only if lorafit wrote it.
-fn check_replaceable(path: &Path, force: bool, what: &str) -> Result<()> {
+fn check_replaceable(path: &Path, force: bool, what: &str, flag: &str) -> Result<()> {
     let Ok(meta) = path.symlink_metadata() else { return Ok(()) };
     if meta.is_dir() {
-        bail!("--out {}: is a folder; --out names the {what} file to write, e.g. {}/model.gguf", path.display(), path.display())
+        bail!("{flag} {}: is a folder; --out names the {what} file to write, e.g. {}/model.gguf", path.display(), path.display())
     }
     if !force {
-        bail_kind!(Kind::OutputExists, "{} already exists", path.display())
+        bail_kind!(Kind::OutputExists, "{flag} {} already exists", path.display())
     }
     if !written_by_lorafit(path) {
-        bail_kind!(Kind::NotLorafitFile, "{} was not written by lorafit (it has no lorafit.version metadata): refusing to replace it", path.display())
+        bail_kind!(Kind::NotLorafitFile, "{flag} {} was not written by lorafit (no lorafit metadata): refusing to replace it", path.display())
     }
     Ok(())
 }
@@ -235,9 +235,9 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport> {
             bail_kind!(Kind::OutputIsInput, "--out {} is {flag} {}", out.display(), p.display())
         }
     }
-    check_replaceable(out, o.force, "GGUF")?;
+    check_replaceable(out, o.force, "GGUF", "--out")?;
     if let Some(m) = &modelfile {
-        check_replaceable(m, o.force, "Modelfile").context("--ollama writes a Modelfile beside the GGUF")?;
+        check_replaceable(m, o.force, "Modelfile", "--ollama: the Modelfile")?;
     }
     let parent = parent_of(out);
     std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
@@ -245,10 +245,7 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport> {
 
     let folded = Folded::open(&o.model, &o.adapters)?;
     if folded.head.is_some() {
-        bail_kind!(
-            Kind::RewardModelAsAdapter,
-            "an --adapter is a reward model (it has a score head): llama.cpp runs GGUF models for generation; export the policy (SFT/PPO) adapter"
-        )
+        bail!("an --adapter is a reward model (it has a score head): a GGUF model is for generation; export the policy's (SFT or PPO) adapter")
     }
     let config: Json = serde_json::from_str(&std::fs::read_to_string(&folded.files.config)?)
         .with_context(|| format!("{} is not valid JSON", folded.files.config.display()))?;
@@ -335,11 +332,9 @@ struct Plan {
 
 /// Metadata and tensors of the merged model.
 fn plan_model(folded: &Folded, config: &Json, family: &arch::Family, quant: Quant, vocab_size: usize) -> Result<Plan> {
-    let default_tied = family.arch == "gpt2";
-    let tied = config.get("tie_word_embeddings").and_then(Json::as_bool).unwrap_or(default_tied);
     let mut items = vec![];
     for (name, (dt, shape)) in &folded.shapes {
-        let Some((gname, transform)) = family.map(name, tied)? else { continue };
+        let Some((gname, transform)) = family.map(name)? else { continue };
         ensure!(dt.is_float(), "tensor {name} is {dt:?}; a GGUF model holds float weights");
         let shape = if transform == Transform::Transpose {
             ensure!(shape.len() == 2, "tensor {name}: a Conv1D weight of shape {shape:?}");
@@ -440,11 +435,10 @@ fn check_finite(v: &[f32], name: &str, offset: usize) -> Result<()> {
 /// folded into B, stacked terms are concatenated along r, and alpha is 0 (llama.cpp then
 /// applies the user's scale alone).
 fn plan_lora(folded: &Folded, config: &Json, family: &arch::Family, quant: Quant) -> Result<Plan> {
-    let tied = config.get("tie_word_embeddings").and_then(Json::as_bool).unwrap_or(family.arch == "gpt2");
     let alpha = plain_alpha(folded);
     let mut items = vec![];
     for (key, terms) in folded.lora_terms() {
-        let Some((gname, transform)) = family.map(key, tied)? else {
+        let Some((gname, transform)) = family.map(key)? else {
             bail!("an adapter targets {key}, which llama.cpp's {} model does not have", family.arch)
         };
         let r: usize = terms.iter().map(|(_, a, _, _)| a.dim(0).unwrap_or(0)).sum();

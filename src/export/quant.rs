@@ -82,6 +82,12 @@ impl GgmlType {
     }
 }
 
+/// llama-quantize's other file types (known to llama.cpp, not written by lorafit).
+const LLAMA_CPP_ONLY: &[&str] = &[
+    "q4_1", "q5_0", "q5_1", "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q5_k_s", "iq2_xxs", "iq2_xs", "iq2_s",
+    "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m", "iq1_s", "iq1_m", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0", "mxfp4_moe",
+];
+
 /// `--quant`: a llama.cpp file type (`general.file_type`, `llama_ftype`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quant {
@@ -108,7 +114,11 @@ impl Quant {
             "q4_k_m" => Quant::Q4KM,
             "q5_k_m" => Quant::Q5KM,
             "q6_k" => Quant::Q6K,
-            other => bail!("--quant {other}: not a type lorafit writes; choose one of {}", Self::NAMES),
+            other if LLAMA_CPP_ONLY.contains(&other) => bail!(
+                "--quant {other}: a llama.cpp type lorafit does not write; choose one of {} (or export f16 and run llama-quantize)",
+                Self::NAMES
+            ),
+            other => bail!("--quant {other}: llama.cpp has no such type; choose one of {}", Self::NAMES),
         })
     }
 

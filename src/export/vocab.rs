@@ -241,15 +241,40 @@ pub fn build(dir: &Path, tokenizer_json: &Path, config: &Json, vocab_size: usize
             "RobertaProcessing" => add.extend([("bos", true), ("eos", true), ("sep", true)]),
             "TemplateProcessing" => {
                 let single = p["single"].as_array().cloned().unwrap_or_default();
+                let special = |v: &Json| v["SpecialToken"]["id"].as_str().map(String::from);
+                let (mut first, mut last) = (None, None);
                 if single.len() > 1 {
-                    if let Some(first) = single[0]["SpecialToken"]["id"].as_str() {
+                    first = special(&single[0]);
+                    last = special(&single[single.len() - 1]);
+                    if let Some(f) = &first {
                         add.retain(|(k, _)| *k != "bos");
-                        add.push(("bos", tcfg.is_none() || special_bos.as_deref() == Some(first)));
+                        add.push(("bos", tcfg.is_none() || special_bos.as_deref() == Some(f.as_str())));
                     }
-                    if let Some(last) = single[single.len() - 1]["SpecialToken"]["id"].as_str() {
+                    if let Some(l) = &last {
                         add.retain(|(k, _)| *k != "eos");
-                        add.push(("eos", tcfg.is_none() || special_eos.as_deref() == Some(last)));
+                        add.push(("eos", tcfg.is_none() || special_eos.as_deref() == Some(l.as_str())));
                     }
+                }
+                // The pair template "A [sep] B": whether a separator is added (SpecialVocab).
+                let pair = p["pair"].as_array().cloned().unwrap_or_default();
+                let start = usize::from(first.is_some() && pair.first().and_then(special) == first);
+                let stop = pair.len() - usize::from(last.is_some() && pair.last().and_then(special) == last);
+                let mid = if start < stop { &pair[start..stop] } else { &pair[0..0] };
+                fn seq(v: Option<&Json>) -> Option<&str> {
+                    v.and_then(|v| v["Sequence"]["id"].as_str())
+                }
+                if !mid.is_empty() && seq(mid.first()) == Some("A") && seq(mid.last()) == Some("B") && mid.len() > 2 {
+                    let inner = &mid[1..mid.len() - 1];
+                    let sep = tcfg.as_ref().and_then(|c| token_text(&c["sep_token"]));
+                    let eos = special_eos.clone().or(if tcfg.is_none() { last.clone() } else { None });
+                    let is_sep = |t: &Option<String>| t.is_some() && (*t == sep || *t == eos);
+                    let e0 = special(&inner[0]);
+                    let mut add_sep = is_sep(&e0) && last.is_none();
+                    if inner.len() == 2 && is_sep(&special(&inner[1])) {
+                        add_sep = true;
+                    }
+                    add.retain(|(k, _)| *k != "sep");
+                    add.push(("sep", add_sep));
                 }
             }
             _ => {}
