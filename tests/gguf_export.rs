@@ -292,6 +292,43 @@ fn quantized_blocks_equal_ggmls() {
     }
 }
 
+/// scripts/fixtures/gguf_fixtures.py's `probe_matrix`, value for value.
+fn probe_matrix(rows: usize, cols: usize) -> Vec<f32> {
+    let mut s: u32 = 2463534242;
+    let scales = [0.001f32, 0.02, 1.0, 3.0, 50.0];
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        for c in 0..cols {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            let mut v = ((s % 20001) as i32 - 10000) as f32 / 10000.0;
+            v *= scales[r % 5];
+            if r % 7 == 0 {
+                v = v.abs();
+            }
+            if r % 11 == 0 && c == r % cols {
+                v *= 8.0;
+            }
+            out.push(v);
+        }
+    }
+    out
+}
+
+#[test]
+fn quantized_probe_matrix_equals_ggmls() {
+    // 256 x 512 values over five decades of scale: every block lorafit writes equals
+    // ggml_quantize_chunk's (sha256 of the whole output per type, from the fixture script).
+    let rec: Json = serde_json::from_str(&std::fs::read_to_string(gguf_fixture("ggml_probe.json")).unwrap()).unwrap();
+    let (rows, cols) = (rec["rows"].as_u64().unwrap() as usize, rec["cols"].as_u64().unwrap() as usize);
+    let x = probe_matrix(rows, cols);
+    for (name, ty) in [("Q8_0", GgmlType::Q8_0), ("Q4_0", GgmlType::Q4_0), ("Q5_0", GgmlType::Q5_0), ("Q5_1", GgmlType::Q5_1), ("Q4_K", GgmlType::Q4_K), ("Q5_K", GgmlType::Q5_K), ("Q6_K", GgmlType::Q6_K)] {
+        let got = quantize(ty, &x, cols).unwrap();
+        assert_eq!(sha(&got), rec["sha256"][name].as_str().unwrap(), "{name}: lorafit's blocks differ from ggml's");
+    }
+}
+
 #[test]
 fn candles_reader_loads_every_export() {
     let tmp = tempfile::tempdir().unwrap();

@@ -341,16 +341,21 @@ fn nearest_int(v: f32) -> i32 {
     (bits & 0x007f_ffff) - 0x0040_0000
 }
 
-/// ggml's `make_qkx2_quants`: the scale and (negated) min of `x` for levels 0..=nmax that
-/// minimise the weighted squared error, searching `nstep` scales around the min/max one.
-#[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(nmax: i32, x: &[f32], w: &[f32], l: &mut [u8], rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
-    let n = x.len();
+/// ggml's `make_qkx2_quants` for one sub-block of 32: the scale and (negated) min of `x` for
+/// levels 0..=nmax that minimise the weighted squared error, searching `nstep` scales around the
+/// min/max one. Same float operations in the same order as ggml (its bytes are reproduced); a
+/// step whose levels equal the previous step's is skipped (its sums, error and outcome would be
+/// the same).
+fn make_qkx2_quants(nmax: i32, x: &[f32; 32], w: &[f32; 32], l: &mut [u8; 32], rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
     let (mut min, mut max) = (x[0], x[0]);
     let (mut sum_w, mut sum_x) = (w[0], w[0] * x[0]);
-    for i in 1..n {
-        min = min.min(x[i]);
-        max = max.max(x[i]);
+    for i in 1..32 {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
         sum_w += w[i];
         sum_x += w[i] * x[i];
     }
@@ -358,25 +363,35 @@ fn make_qkx2_quants(nmax: i32, x: &[f32], w: &[f32], l: &mut [u8], rmin: f32, rd
         min = 0.0;
     }
     if max == min {
-        l.iter_mut().for_each(|v| *v = 0);
+        *l = [0; 32];
         return (0.0, -min);
+    }
+    let mut xm = [0f32; 32]; // x - min, which ggml computes at each use
+    for i in 0..32 {
+        xm[i] = x[i] - min;
     }
     let mut iscale = nmax as f32 / (max - min);
     let mut scale = 1.0 / iscale;
     let mut best = 0f32;
-    for i in 0..n {
-        l[i] = nearest_int(iscale * (x[i] - min)).clamp(0, nmax) as u8;
+    for i in 0..32 {
+        l[i] = nearest_int(iscale * xm[i]).clamp(0, nmax) as u8;
         let diff = scale * l[i] as f32 + min - x[i];
         best += w[i] * diff * diff;
     }
     let mut laux = [0u8; 32];
+    let mut prev = [u8::MAX; 32];
     for is in 0..=nstep {
         iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
+        for i in 0..32 {
+            laux[i] = nearest_int(iscale * xm[i]).clamp(0, nmax) as u8;
+        }
+        if laux == prev {
+            continue;
+        }
+        prev = laux;
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
-        for i in 0..n {
-            let li = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-            laux[i] = li as u8;
-            let lf = li as f32;
+        for i in 0..32 {
+            let lf = laux[i] as f32;
             sum_l += w[i] * lf;
             sum_l2 += w[i] * lf * lf;
             sum_xl += w[i] * lf * x[i];
@@ -390,15 +405,19 @@ fn make_qkx2_quants(nmax: i32, x: &[f32], w: &[f32], l: &mut [u8], rmin: f32, rd
                 this_scale = sum_xl / sum_l2;
             }
             let mut cur = 0f32;
-            for i in 0..n {
+            for i in 0..32 {
                 let diff = this_scale * laux[i] as f32 + this_min - x[i];
                 cur += w[i] * diff * diff;
             }
             if cur < best {
-                l[..n].copy_from_slice(&laux[..n]);
+                *l = laux;
                 best = cur;
                 scale = this_scale;
                 min = this_min;
+                // ggml's next steps use the new min, in iscale and in x - min.
+                for i in 0..32 {
+                    xm[i] = x[i] - min;
+                }
             }
         }
     }
@@ -421,13 +440,14 @@ fn kquant_scales(x: &[f32], nmax: i32, rmin: f32, nstep: i32, scales_out: &mut [
     let mut w = [0f32; 32];
     let (mut max_scale, mut max_min) = (0f32, 0f32);
     for j in 0..8 {
-        let xs = &x[32 * j..32 * j + 32];
+        let xs: &[f32; 32] = x[32 * j..32 * j + 32].try_into().unwrap();
         let sum_x2: f32 = xs.iter().fold(0.0, |s, v| s + v * v);
         let av_x = (sum_x2 / 32.0).sqrt();
         for (wi, v) in w.iter_mut().zip(xs) {
             *wi = av_x + v.abs();
         }
-        (scales[j], mins[j]) = make_qkx2_quants(nmax, xs, &w, &mut l[32 * j..32 * j + 32], rmin, 0.1, nstep);
+        let lj: &mut [u8; 32] = (&mut l[32 * j..32 * j + 32]).try_into().unwrap();
+        (scales[j], mins[j]) = make_qkx2_quants(nmax, xs, &w, lj, rmin, 0.1, nstep);
         max_scale = max_scale.max(scales[j]);
         max_min = max_min.max(mins[j]);
     }
@@ -528,7 +548,7 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
         l[i] = (li + nmax) as i8;
         let w = v * v;
         sumlx += w * v * li as f32;
-        suml2 += w * (li * li) as f32;
+        suml2 += w * li as f32 * li as f32;
     }
     let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
     let mut best = scale * sumlx;
@@ -542,7 +562,7 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
             let li = level(iscale, v);
             let w = v * v;
             slx += w * v * li as f32;
-            sl2 += w * (li * li) as f32;
+            sl2 += w * li as f32 * li as f32;
         }
         if sl2 > 0.0 && slx * slx > best * sl2 {
             for (i, &v) in x.iter().enumerate() {
