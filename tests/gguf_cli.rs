@@ -122,9 +122,9 @@ fn unsupported_tokenizer_and_architecture_are_refused_with_the_reason() {
     tok["pre_tokenizer"] = serde_json::json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true});
     tok["decoder"] = serde_json::json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true});
     std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
-    let out = t.path().join("k.gguf");
+    let out = t.path().join("new-folder").join("k.gguf");
     fails(&["export", "--model", &s(&d), "--out", &s(&out)], &["tokenizer.json", "llama.cpp cannot represent", "byte"]);
-    assert!(!out.exists());
+    assert!(!t.path().join("new-folder").exists(), "the folder the failed export created is removed");
     // A model_type llama.cpp runs that lorafit does not export yet.
     let q = t.path().join("qwen");
     std::fs::create_dir_all(&q).unwrap();

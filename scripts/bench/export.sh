@@ -97,7 +97,7 @@ print(f"Load average before each round: {', '.join(str(r['loadavg_before']) for 
 print("| model | quant | lorafit wall | llama.cpp wall (convert + quantize) | ratio | CPU time ratio | lorafit peak | llama.cpp peak | ratio | lorafit file | llama.cpp file | size diff |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for key in dict.fromkeys((r["model"], r["quant"]) for r in rows):
-    rs = [r for r in rows if (r["model"], r["quant"]) == key and r["lorafit"]["rc"] == 0]
+    rs = [r for r in rows if (r["model"], r["quant"]) == key and r["lorafit"]["rc"] == 0 and r["convert_f16"]["rc"] == 0 and r["quantize"]["rc"] == 0]
     if not rs:
         print(f"| {key[0]} | {key[1]} | failed |"); continue
     ow = med([r["lorafit"]["wall_s"] for r in rs]); orss = max(r["lorafit"]["maxrss_bytes"] for r in rs)
@@ -106,7 +106,7 @@ for key in dict.fromkeys((r["model"], r["quant"]) for r in rows):
     tw, trss, how = tw2, trss2, f"{med([r['convert_f16']['wall_s'] for r in rs]):.1f} + {med([r['quantize']['wall_s'] for r in rs]):.1f} s"
     ocpu = med([r["lorafit"]["cpu_s"] for r in rs]); tcpu = med([r["convert_f16"]["cpu_s"] + r["quantize"]["cpu_s"] for r in rs])
     tbytes = rs[0]["quantize"]["bytes"]
-    d = [r["convert_direct"] for r in rs if r["convert_direct"]]
+    d = [r["convert_direct"] for r in rs if r["convert_direct"] and r["convert_direct"]["rc"] == 0]
     if d and med([x["wall_s"] for x in d]) < tw2:
         tw, trss, how = med([x["wall_s"] for x in d]), max(x["maxrss_bytes"] for x in d), f"direct q8_0 conversion {med([x['wall_s'] for x in d]):.1f} s"
         tcpu = med([x["cpu_s"] for x in d])

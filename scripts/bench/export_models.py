@@ -9,7 +9,6 @@
 """
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -65,12 +64,16 @@ def main():
         if a.only and name != a.only:
             continue
         d = a.out / name
+        d.mkdir(parents=True, exist_ok=True)
+        # The asset is the old tokenizer.json format (no "type" in the model); transformers writes
+        # "type": "BPE", which llama.cpp's converter expects.
+        tj = json.loads(tok.read_text(encoding="utf-8"))
+        tj["model"] = {"type": "BPE", **tj["model"]}
+        (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
         if (d / "model.safetensors").is_file():
             continue
-        d.mkdir(parents=True, exist_ok=True)
         c, t = make(d)
         (d / "config.json").write_text(json.dumps(c, indent=2))
-        shutil.copy(tok, d / "tokenizer.json")
         save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
         print(name, sum(v.numel() for v in t.values()), "parameters")
 

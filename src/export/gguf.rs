@@ -268,7 +268,8 @@ pub struct Writer<W: Write> {
     w: W,
     tensors: Vec<(String, GgmlType, Vec<usize>)>,
     next: usize,
-    pos: u64,
+    /// Bytes of the current tensor written so far.
+    part: usize,
 }
 
 impl<W: Write> Writer<W> {
@@ -278,18 +279,32 @@ impl<W: Write> Writer<W> {
         let header = counter.0;
         write_header(&mut w, kvs, &tensors)?;
         w.write_all(&vec![0u8; pad(header) as usize])?;
-        Ok(Self { w, tensors, next: 0, pos: 0 })
+        Ok(Self { w, tensors, next: 0, part: 0 })
     }
 
     /// The bytes of the next tensor (its size must match its type and shape).
     pub fn tensor(&mut self, bytes: &[u8]) -> Result<()> {
+        self.part_of_tensor(bytes)?;
+        self.end_tensor()
+    }
+
+    /// Some bytes of the next tensor (a slice of its rows); [`Writer::end_tensor`] closes it.
+    pub fn part_of_tensor(&mut self, bytes: &[u8]) -> Result<()> {
         let (name, ty, shape) = self.tensors.get(self.next).context("internal: more tensors than declared")?;
         let want = ty.bytes(shape.iter().product());
-        ensure!(bytes.len() == want, "internal: tensor {name} has {} bytes, {ty:?} {shape:?} needs {want}", bytes.len());
+        ensure!(self.part + bytes.len() <= want, "internal: tensor {name} gets more than the {want} bytes of {ty:?} {shape:?}");
         self.w.write_all(bytes)?;
-        let p = pad(bytes.len() as u64);
-        self.w.write_all(&vec![0u8; p as usize])?;
-        self.pos += bytes.len() as u64 + p;
+        self.part += bytes.len();
+        Ok(())
+    }
+
+    /// Checks the current tensor got all its bytes and pads it.
+    pub fn end_tensor(&mut self) -> Result<()> {
+        let (name, ty, shape) = self.tensors.get(self.next).context("internal: more tensors than declared")?;
+        let want = ty.bytes(shape.iter().product());
+        ensure!(self.part == want, "internal: tensor {name} has {} bytes, {ty:?} {shape:?} needs {want}", self.part);
+        self.w.write_all(&vec![0u8; pad(want as u64) as usize])?;
+        self.part = 0;
         self.next += 1;
         Ok(())
     }

@@ -240,7 +240,18 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport> {
         check_replaceable(m, o.force, "Modelfile", "--ollama: the Modelfile")?;
     }
     let parent = parent_of(out);
+    let created = !parent.exists();
     std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let r = write(o, &parent, modelfile.as_deref(), t0);
+    if r.is_err() && created {
+        let _ = std::fs::remove_dir(&parent); // only if still empty
+    }
+    r
+}
+
+/// Everything after the checks: claim, plan, write, rename, Modelfile.
+fn write(o: &ExportOptions, parent: &Path, modelfile: Option<&Path>, t0: std::time::Instant) -> Result<ExportReport> {
+    let out = &o.out;
     let _claim = Claim::take(out)?;
 
     let folded = Folded::open(&o.model, &o.adapters)?;
@@ -258,7 +269,7 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport> {
     };
     let shapes: Vec<(String, GgmlType, Vec<usize>)> = items.iter().map(|it| (it.name.clone(), it.ty, it.shape.clone())).collect();
     let size = gguf::file_size(&kvs, &shapes);
-    crate::merge::check_disk_space(&parent, size + (64 << 10)).context("checked before writing the GGUF")?;
+    crate::merge::check_disk_space(parent, size + (64 << 10)).context("checked before writing the GGUF")?;
 
     // Write: temp file, fsync, rename.
     let leaf = out.file_name().unwrap().to_string_lossy().to_string();
@@ -280,9 +291,9 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport> {
         return Err(e.context(format!("writing {} (nothing was written there)", out.display())));
     }
     std::fs::rename(&tmp, out).with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))?;
-    let _ = std::fs::File::open(&parent).and_then(|d| d.sync_all());
+    let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
 
-    let modelfile = match &modelfile {
+    let modelfile = match modelfile {
         Some(path) => {
             let text = ollama::modelfile(out, o.format, &folded, vocab.as_ref(), &mut notes)?;
             crate::io::atomic_write(path, text.as_bytes())?;
@@ -391,7 +402,6 @@ fn write_model_tensor<W: Write>(folded: &Folded, it: &Item, slice: usize, w: &mu
     let row = it.shape.iter().skip(1).product::<usize>().max(1);
     let n = rows * row;
     let f32_of = |t: candle_core::Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
-    let mut bytes = Vec::with_capacity(it.ty.bytes(n));
     if it.transform == Transform::Transpose || n <= slice || it.shape.len() < 2 {
         let mut t = folded.tensor(&it.src)?;
         if it.transform == Transform::Transpose {
@@ -402,24 +412,24 @@ fn write_model_tensor<W: Write>(folded: &Folded, it: &Item, slice: usize, w: &mu
             v = arch::permute(&v, rows, it.heads).with_context(|| format!("tensor {}", it.src))?;
         }
         check_finite(&v, &it.src, 0)?;
-        bytes.extend(quant::quantize(it.ty, &v, row).with_context(|| format!("tensor {}", it.name))?);
-    } else {
-        // Slices of whole rows; for q/k, of whole heads (the permutation stays within a head).
-        let group = if matches!(it.transform, Transform::PermuteQ | Transform::PermuteK) { rows / it.heads } else { 1 };
-        let step = ((slice / row).max(1) / group).max(1) * group;
-        let mut start = 0;
-        while start < rows {
-            let k = step.min(rows - start);
-            let mut v = f32_of(folded.rows(&it.src, start, k)?)?;
-            if group > 1 {
-                v = arch::permute(&v, k, k / group).with_context(|| format!("tensor {}", it.src))?;
-            }
-            check_finite(&v, &it.src, start * row)?;
-            bytes.extend(quant::quantize(it.ty, &v, row).with_context(|| format!("tensor {}", it.name))?);
-            start += k;
-        }
+        return w.tensor(&quant::quantize(it.ty, &v, row).with_context(|| format!("tensor {}", it.name))?);
     }
-    w.tensor(&bytes)
+    // Slices of whole rows, written as they are made; for q/k, of whole heads (the permutation
+    // stays within a head).
+    let group = if matches!(it.transform, Transform::PermuteQ | Transform::PermuteK) { rows / it.heads } else { 1 };
+    let step = ((slice / row).max(1) / group).max(1) * group;
+    let mut start = 0;
+    while start < rows {
+        let k = step.min(rows - start);
+        let mut v = f32_of(folded.rows(&it.src, start, k)?)?;
+        if group > 1 {
+            v = arch::permute(&v, k, k / group).with_context(|| format!("tensor {}", it.src))?;
+        }
+        check_finite(&v, &it.src, start * row)?;
+        w.part_of_tensor(&quant::quantize(it.ty, &v, row).with_context(|| format!("tensor {}", it.name))?)?;
+        start += k;
+    }
+    w.end_tensor()
 }
 
 fn check_finite(v: &[f32], name: &str, offset: usize) -> Result<()> {

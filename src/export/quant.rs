@@ -341,87 +341,108 @@ fn nearest_int(v: f32) -> i32 {
     (bits & 0x007f_ffff) - 0x0040_0000
 }
 
-/// ggml's `make_qkx2_quants` for one sub-block of 32: the scale and (negated) min of `x` for
-/// levels 0..=nmax that minimise the weighted squared error, searching `nstep` scales around the
-/// min/max one. Same float operations in the same order as ggml (its bytes are reproduced); a
-/// step whose levels equal the previous step's is skipped (its sums, error and outcome would be
-/// the same).
-fn make_qkx2_quants(nmax: i32, x: &[f32; 32], w: &[f32; 32], l: &mut [u8; 32], rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
-    let (mut min, mut max) = (x[0], x[0]);
-    let (mut sum_w, mut sum_x) = (w[0], w[0] * x[0]);
+/// ggml's `make_qkx2_quants` on the 8 sub-blocks of 32 of one q4_K / q5_K block at once: for
+/// each, the scale and (negated) min for levels 0..=nmax that minimise the weighted squared
+/// error, searching `nstep` scales around the min/max one. Each sub-block's float operations are
+/// ggml's, in ggml's order (its bytes are reproduced); the 8 sub-blocks run side by side, stored
+/// transposed (`x[i][j]`: value i of sub-block j), so their sums are 8 independent chains in
+/// vector lanes instead of one sequential chain (the search is bound by those sums' latency).
+#[allow(clippy::needless_range_loop)]
+fn make_qkx2_quants_8(nmax: i32, x: &[[f32; 8]; 32], w: &[[f32; 8]; 32], l: &mut [[u8; 8]; 32], rmin: f32, rdelta: f32, nstep: i32) -> ([f32; 8], [f32; 8]) {
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = w[0];
+    let mut sum_x = [0f32; 8];
+    for j in 0..8 {
+        sum_x[j] = w[0][j] * x[0][j];
+    }
     for i in 1..32 {
-        if x[i] < min {
-            min = x[i];
+        for j in 0..8 {
+            if x[i][j] < min[j] {
+                min[j] = x[i][j];
+            }
+            if x[i][j] > max[j] {
+                max[j] = x[i][j];
+            }
+            sum_w[j] += w[i][j];
+            sum_x[j] += w[i][j] * x[i][j];
         }
-        if x[i] > max {
-            max = x[i];
+    }
+    let mut flat = [false; 8];
+    let mut iscale = [0f32; 8];
+    let mut scale = [0f32; 8];
+    for j in 0..8 {
+        if min[j] > 0.0 {
+            min[j] = 0.0;
         }
-        sum_w += w[i];
-        sum_x += w[i] * x[i];
+        flat[j] = max[j] == min[j];
+        iscale[j] = nmax as f32 / (max[j] - min[j]);
+        scale[j] = 1.0 / iscale[j];
     }
-    if min > 0.0 {
-        min = 0.0;
-    }
-    if max == min {
-        *l = [0; 32];
-        return (0.0, -min);
-    }
-    let mut xm = [0f32; 32]; // x - min, which ggml computes at each use
+    let mut best = [0f32; 8];
     for i in 0..32 {
-        xm[i] = x[i] - min;
+        for j in 0..8 {
+            let li = nearest_int(iscale[j] * (x[i][j] - min[j])).clamp(0, nmax);
+            l[i][j] = li as u8;
+            let diff = scale[j] * li as f32 + min[j] - x[i][j];
+            best[j] += w[i][j] * diff * diff;
+        }
     }
-    let mut iscale = nmax as f32 / (max - min);
-    let mut scale = 1.0 / iscale;
-    let mut best = 0f32;
-    for i in 0..32 {
-        l[i] = nearest_int(iscale * xm[i]).clamp(0, nmax) as u8;
-        let diff = scale * l[i] as f32 + min - x[i];
-        best += w[i] * diff * diff;
-    }
-    let mut laux = [0u8; 32];
-    let mut prev = [u8::MAX; 32];
+    let mut laux = [[0f32; 8]; 32];
     for is in 0..=nstep {
-        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
+        for j in 0..8 {
+            iscale[j] = (rmin + rdelta * is as f32 + nmax as f32) / (max[j] - min[j]);
+        }
+        let (mut sum_l, mut sum_l2, mut sum_xl) = ([0f32; 8], [0f32; 8], [0f32; 8]);
         for i in 0..32 {
-            laux[i] = nearest_int(iscale * xm[i]).clamp(0, nmax) as u8;
+            for j in 0..8 {
+                let lf = nearest_int(iscale[j] * (x[i][j] - min[j])).clamp(0, nmax) as f32;
+                laux[i][j] = lf;
+                sum_l[j] += w[i][j] * lf;
+                sum_l2[j] += w[i][j] * lf * lf;
+                sum_xl[j] += w[i][j] * lf * x[i][j];
+            }
         }
-        if laux == prev {
-            continue;
+        let mut this_scale = [0f32; 8];
+        let mut this_min = [0f32; 8];
+        let mut ok = [false; 8];
+        for j in 0..8 {
+            let d = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j];
+            ok[j] = d > 0.0 && !flat[j];
+            this_scale[j] = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / d;
+            this_min[j] = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / d;
+            if this_min[j] > 0.0 {
+                this_min[j] = 0.0;
+                this_scale[j] = sum_xl[j] / sum_l2[j];
+            }
         }
-        prev = laux;
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        let mut cur = [0f32; 8];
         for i in 0..32 {
-            let lf = laux[i] as f32;
-            sum_l += w[i] * lf;
-            sum_l2 += w[i] * lf * lf;
-            sum_xl += w[i] * lf * x[i];
+            for j in 0..8 {
+                let diff = this_scale[j] * laux[i][j] + this_min[j] - x[i][j];
+                cur[j] += w[i][j] * diff * diff;
+            }
         }
-        let d = sum_w * sum_l2 - sum_l * sum_l;
-        if d > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
-            }
-            let mut cur = 0f32;
-            for i in 0..32 {
-                let diff = this_scale * laux[i] as f32 + this_min - x[i];
-                cur += w[i] * diff * diff;
-            }
-            if cur < best {
-                *l = laux;
-                best = cur;
-                scale = this_scale;
-                min = this_min;
-                // ggml's next steps use the new min, in iscale and in x - min.
+        for j in 0..8 {
+            if ok[j] && cur[j] < best[j] {
                 for i in 0..32 {
-                    xm[i] = x[i] - min;
+                    l[i][j] = laux[i][j] as u8;
                 }
+                best[j] = cur[j];
+                scale[j] = this_scale[j];
+                min[j] = this_min[j];
             }
         }
     }
-    (scale, -min)
+    for j in 0..8 {
+        if flat[j] {
+            for i in 0..32 {
+                l[i][j] = 0;
+            }
+            scale[j] = 0.0;
+        }
+    }
+    (scale, min.map(|m| -m))
 }
 
 fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
@@ -435,21 +456,31 @@ fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 /// The 6-bit scales and mins of a q4_K / q5_K block, levels `L` (0..=nmax) of its 256 values,
 /// `d` and `dmin`: ggml's `quantize_row_q{4,5}_K_ref` up to the packing of the levels.
 fn kquant_scales(x: &[f32], nmax: i32, rmin: f32, nstep: i32, scales_out: &mut [u8; 12], l: &mut [u8; 256]) -> (half::f16, half::f16) {
-    let mut scales = [0f32; 8];
-    let mut mins = [0f32; 8];
-    let mut w = [0f32; 32];
+    // Transposed: xs[i][j] is value i of sub-block j.
+    let mut xs = [[0f32; 8]; 32];
+    let mut w = [[0f32; 8]; 32];
+    for j in 0..8 {
+        let sub = &x[32 * j..32 * j + 32];
+        let sum_x2: f32 = sub.iter().fold(0.0, |s, v| s + v * v);
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (i, v) in sub.iter().enumerate() {
+            xs[i][j] = *v;
+            w[i][j] = av_x + v.abs();
+        }
+    }
+    let mut ls = [[0u8; 8]; 32];
+    let (scales, mins) = make_qkx2_quants_8(nmax, &xs, &w, &mut ls, rmin, 0.1, nstep);
     let (mut max_scale, mut max_min) = (0f32, 0f32);
     for j in 0..8 {
-        let xs: &[f32; 32] = x[32 * j..32 * j + 32].try_into().unwrap();
-        let sum_x2: f32 = xs.iter().fold(0.0, |s, v| s + v * v);
-        let av_x = (sum_x2 / 32.0).sqrt();
-        for (wi, v) in w.iter_mut().zip(xs) {
-            *wi = av_x + v.abs();
+        for i in 0..32 {
+            l[32 * j + i] = ls[i][j];
         }
-        let lj: &mut [u8; 32] = (&mut l[32 * j..32 * j + 32]).try_into().unwrap();
-        (scales[j], mins[j]) = make_qkx2_quants(nmax, xs, &w, lj, rmin, 0.1, nstep);
-        max_scale = max_scale.max(scales[j]);
-        max_min = max_min.max(mins[j]);
+        if scales[j] > max_scale {
+            max_scale = scales[j];
+        }
+        if mins[j] > max_min {
+            max_min = mins[j];
+        }
     }
     let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
@@ -526,50 +557,76 @@ fn q5k_block(x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights: a signed scale for
-/// levels -nmax..nmax-1 (stored + nmax in `l`), searched around `-nmax / max`.
-fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
-    let (mut max, mut amax) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
+/// ggml's `make_qx_quants` (`rmse_type = 1`, no importance weights) on the 16 sub-blocks of 16 of
+/// one q6_K block at once: for each a signed scale for levels -nmax..nmax-1 (stored + nmax in
+/// `l`), searched around `-nmax / max`. ggml's float operations in ggml's order per sub-block,
+/// the 16 side by side (independent sum chains, as in [`make_qkx2_quants_8`]).
+#[allow(clippy::needless_range_loop)]
+fn make_qx_quants_16(nmax: i32, x: &[[f32; 16]; 16], l: &mut [[i8; 16]; 16]) -> [f32; 16] {
+    let mut max = [0f32; 16];
+    let mut amax = [0f32; 16];
+    for i in 0..16 {
+        for j in 0..16 {
+            let ax = x[j][i].abs();
+            if ax > amax[j] {
+                amax[j] = ax;
+                max[j] = x[j][i];
+            }
         }
     }
-    if amax < 1e-15 {
-        l.iter_mut().for_each(|v| *v = 0);
-        return 0.0;
-    }
     let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-    let mut iscale = -(nmax as f32) / max;
-    let (mut sumlx, mut suml2) = (0f32, 0f32);
-    for (i, &v) in x.iter().enumerate() {
-        let li = level(iscale, v);
-        l[i] = (li + nmax) as i8;
-        let w = v * v;
-        sumlx += w * v * li as f32;
-        suml2 += w * li as f32 * li as f32;
+    let mut iscale = [0f32; 16];
+    for j in 0..16 {
+        iscale[j] = -(nmax as f32) / max[j];
     }
-    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
-    let mut best = scale * sumlx;
+    let (mut sumlx, mut suml2) = ([0f32; 16], [0f32; 16]);
+    for i in 0..16 {
+        for j in 0..16 {
+            let v = x[j][i];
+            let li = level(iscale[j], v);
+            l[j][i] = (li + nmax) as i8;
+            let w = v * v;
+            sumlx[j] += w * v * li as f32;
+            suml2[j] += w * li as f32 * li as f32;
+        }
+    }
+    let mut scale = [0f32; 16];
+    let mut best = [0f32; 16];
+    for j in 0..16 {
+        scale[j] = if suml2[j] != 0.0 { sumlx[j] / suml2[j] } else { 0.0 };
+        best[j] = scale[j] * sumlx[j];
+    }
+    let mut laux = [[0i8; 16]; 16];
     for is in -9..=9 {
         if is == 0 {
             continue;
         }
-        iscale = -(nmax as f32 + 0.1 * is as f32) / max;
-        let (mut slx, mut sl2) = (0f32, 0f32);
-        for &v in x {
-            let li = level(iscale, v);
-            let w = v * v;
-            slx += w * v * li as f32;
-            sl2 += w * li as f32 * li as f32;
+        for j in 0..16 {
+            iscale[j] = -(nmax as f32 + 0.1 * is as f32) / max[j];
         }
-        if sl2 > 0.0 && slx * slx > best * sl2 {
-            for (i, &v) in x.iter().enumerate() {
-                l[i] = (level(iscale, v) + nmax) as i8;
+        let (mut slx, mut sl2) = ([0f32; 16], [0f32; 16]);
+        for i in 0..16 {
+            for j in 0..16 {
+                let v = x[j][i];
+                let li = level(iscale[j], v);
+                laux[j][i] = (li + nmax) as i8;
+                let w = v * v;
+                slx[j] += w * v * li as f32;
+                sl2[j] += w * li as f32 * li as f32;
             }
-            scale = slx / sl2;
-            best = scale * slx;
+        }
+        for j in 0..16 {
+            if sl2[j] > 0.0 && slx[j] * slx[j] > best[j] * sl2[j] {
+                l[j] = laux[j];
+                scale[j] = slx[j] / sl2[j];
+                best[j] = scale[j] * slx[j];
+            }
+        }
+    }
+    for j in 0..16 {
+        if amax[j] < 1e-15 {
+            l[j] = [0; 16];
+            scale[j] = 0.0;
         }
     }
     scale
@@ -578,14 +635,21 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
 /// One q6_K block (256 values -> 210 bytes: 128 bytes of low 4 bits, 64 of high 2 bits, 16
 /// int8 scales, d): ggml's `quantize_row_q6_K_ref`.
 fn q6k_block(x: &[f32], out: &mut [u8]) {
+    let mut xs = [[0f32; 16]; 16];
+    for (j, c) in x.chunks_exact(16).enumerate() {
+        xs[j].copy_from_slice(c);
+    }
+    let mut ls = [[0i8; 16]; 16];
+    let scales = make_qx_quants_16(32, &xs, &mut ls);
     let mut l = [0i8; 256];
-    let mut scales = [0f32; 16];
+    for j in 0..16 {
+        l[16 * j..16 * j + 16].copy_from_slice(&ls[j]);
+    }
     let (mut max_scale, mut max_abs) = (0f32, 0f32);
-    for ib in 0..16 {
-        scales[ib] = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
-        if scales[ib].abs() > max_abs {
-            max_abs = scales[ib].abs();
-            max_scale = scales[ib];
+    for sc in scales {
+        if sc.abs() > max_abs {
+            max_abs = sc.abs();
+            max_scale = sc;
         }
     }
     out.iter_mut().for_each(|b| *b = 0);
