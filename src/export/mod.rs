@@ -202,6 +202,15 @@ fn check_replaceable(path: &Path, force: bool, what: &str, flag: &str) -> Result
     Ok(())
 }
 
+/// The GGUF and the Modelfile may be written (absent, or lorafit's own with --force).
+fn check_outputs(o: &ExportOptions, modelfile: Option<&Path>) -> Result<()> {
+    check_replaceable(&o.out, o.force, "GGUF", "--out")?;
+    if let Some(m) = modelfile {
+        check_replaceable(m, o.force, "Modelfile", "--ollama: the Modelfile")?;
+    }
+    Ok(())
+}
+
 /// A GGUF with `lorafit.*` metadata, or a Modelfile whose first line is lorafit's.
 fn written_by_lorafit(path: &Path) -> bool {
     if let Ok(h) = gguf::Header::read_file(path) {
@@ -230,15 +239,7 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport> {
     let mut inputs: Vec<(&str, &Path)> = vec![("--model", model_dir)];
     inputs.extend(o.adapters.iter().map(|(p, _)| ("--adapter", p.as_path())));
     crate::outdir::check_not_input(out, "--out", &inputs)?;
-    for (flag, p) in &inputs {
-        if p.exists() && p.canonicalize().ok() == out.canonicalize().ok() {
-            bail_kind!(Kind::OutputIsInput, "--out {} is {flag} {}", out.display(), p.display())
-        }
-    }
-    check_replaceable(out, o.force, "GGUF", "--out")?;
-    if let Some(m) = &modelfile {
-        check_replaceable(m, o.force, "Modelfile", "--ollama: the Modelfile")?;
-    }
+    check_outputs(o, modelfile.as_deref())?;
     let parent = parent_of(out);
     let created = !parent.exists();
     std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
@@ -253,6 +254,7 @@ pub fn export(o: &ExportOptions) -> Result<ExportReport> {
 fn write(o: &ExportOptions, parent: &Path, modelfile: Option<&Path>, t0: std::time::Instant) -> Result<ExportReport> {
     let out = &o.out;
     let _claim = Claim::take(out)?;
+    check_outputs(o, modelfile)?; // again, now that no other export can write them
 
     let folded = Folded::open(&o.model, &o.adapters)?;
     if folded.head.is_some() {

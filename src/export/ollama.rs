@@ -112,3 +112,18 @@ pub fn modelfile(gguf: &Path, format: Format, folded: &Folded, vocab: Option<&Vo
     }
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_chat_templates_map_to_ollamas() {
+        let llama3 = "{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>{% endfor %}";
+        let (t, stops) = known_template(llama3).unwrap();
+        assert!(t.contains("{{ .Prompt }}") && stops.contains(&"<|eot_id|>"));
+        let chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";
+        assert!(known_template(chatml).unwrap().0.starts_with("{{ if .System }}<|im_start|>system"));
+        assert!(known_template("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}").is_none());
+    }
+}
