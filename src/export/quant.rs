@@ -560,17 +560,18 @@ fn q5k_block(x: &[f32], out: &mut [u8]) {
 /// ggml's `make_qx_quants` (`rmse_type = 1`, no importance weights) on the 16 sub-blocks of 16 of
 /// one q6_K block at once: for each a signed scale for levels -nmax..nmax-1 (stored + nmax in
 /// `l`), searched around `-nmax / max`. ggml's float operations in ggml's order per sub-block,
-/// the 16 side by side (independent sum chains, as in [`make_qkx2_quants_8`]).
+/// the 16 side by side and transposed (`x[i][j]`: value i of sub-block j), as in
+/// [`make_qkx2_quants_8`].
 #[allow(clippy::needless_range_loop)]
 fn make_qx_quants_16(nmax: i32, x: &[[f32; 16]; 16], l: &mut [[i8; 16]; 16]) -> [f32; 16] {
     let mut max = [0f32; 16];
     let mut amax = [0f32; 16];
     for i in 0..16 {
         for j in 0..16 {
-            let ax = x[j][i].abs();
+            let ax = x[i][j].abs();
             if ax > amax[j] {
                 amax[j] = ax;
-                max[j] = x[j][i];
+                max[j] = x[i][j];
             }
         }
     }
@@ -582,9 +583,9 @@ fn make_qx_quants_16(nmax: i32, x: &[[f32; 16]; 16], l: &mut [[i8; 16]; 16]) -> 
     let (mut sumlx, mut suml2) = ([0f32; 16], [0f32; 16]);
     for i in 0..16 {
         for j in 0..16 {
-            let v = x[j][i];
+            let v = x[i][j];
             let li = level(iscale[j], v);
-            l[j][i] = (li + nmax) as i8;
+            l[i][j] = (li + nmax) as i8;
             let w = v * v;
             sumlx[j] += w * v * li as f32;
             suml2[j] += w * li as f32 * li as f32;
@@ -607,9 +608,9 @@ fn make_qx_quants_16(nmax: i32, x: &[[f32; 16]; 16], l: &mut [[i8; 16]; 16]) -> 
         let (mut slx, mut sl2) = ([0f32; 16], [0f32; 16]);
         for i in 0..16 {
             for j in 0..16 {
-                let v = x[j][i];
+                let v = x[i][j];
                 let li = level(iscale[j], v);
-                laux[j][i] = (li + nmax) as i8;
+                laux[i][j] = (li + nmax) as i8;
                 let w = v * v;
                 slx[j] += w * v * li as f32;
                 sl2[j] += w * li as f32 * li as f32;
@@ -617,7 +618,9 @@ fn make_qx_quants_16(nmax: i32, x: &[[f32; 16]; 16], l: &mut [[i8; 16]; 16]) -> 
         }
         for j in 0..16 {
             if sl2[j] > 0.0 && slx[j] * slx[j] > best[j] * sl2[j] {
-                l[j] = laux[j];
+                for i in 0..16 {
+                    l[i][j] = laux[i][j];
+                }
                 scale[j] = slx[j] / sl2[j];
                 best[j] = scale[j] * slx[j];
             }
@@ -625,7 +628,9 @@ fn make_qx_quants_16(nmax: i32, x: &[[f32; 16]; 16], l: &mut [[i8; 16]; 16]) -> 
     }
     for j in 0..16 {
         if amax[j] < 1e-15 {
-            l[j] = [0; 16];
+            for i in 0..16 {
+                l[i][j] = 0;
+            }
             scale[j] = 0.0;
         }
     }
@@ -635,15 +640,19 @@ fn make_qx_quants_16(nmax: i32, x: &[[f32; 16]; 16], l: &mut [[i8; 16]; 16]) -> 
 /// One q6_K block (256 values -> 210 bytes: 128 bytes of low 4 bits, 64 of high 2 bits, 16
 /// int8 scales, d): ggml's `quantize_row_q6_K_ref`.
 fn q6k_block(x: &[f32], out: &mut [u8]) {
-    let mut xs = [[0f32; 16]; 16];
+    let mut xs = [[0f32; 16]; 16]; // transposed: xs[i][j] is value i of sub-block j
     for (j, c) in x.chunks_exact(16).enumerate() {
-        xs[j].copy_from_slice(c);
+        for (i, v) in c.iter().enumerate() {
+            xs[i][j] = *v;
+        }
     }
     let mut ls = [[0i8; 16]; 16];
     let scales = make_qx_quants_16(32, &xs, &mut ls);
     let mut l = [0i8; 256];
     for j in 0..16 {
-        l[16 * j..16 * j + 16].copy_from_slice(&ls[j]);
+        for i in 0..16 {
+            l[16 * j + i] = ls[i][j];
+        }
     }
     let (mut max_scale, mut max_abs) = (0f32, 0f32);
     for sc in scales {
