@@ -1,7 +1,8 @@
 //! `lorafit inspect PATH`: what an adapter folder or a merged model folder holds and what it
 //! was made from, read from the metadata the stages and `merge` write: `adapter_config.json`
 //! (base model, targets, rank), `lorafit.json` (adapters stacked underneath), the run's
-//! `config.toml` and `summary.json`, and a merged folder's `config.json` (`lorafit_merge`).
+//! `config.toml` and `summary.json`, a merged folder's `config.json` (`lorafit_merge`), and a
+//! `.gguf` file's header (`lorafit export`'s `lorafit.*` keys).
 use std::fmt::Write;
 use std::path::Path;
 
