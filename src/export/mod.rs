@@ -20,6 +20,7 @@
 //! wrote it (its `lorafit.version` key); concurrent exports to one path are serialised by an
 //! advisory lock (`.NAME.lock`, flock).
 pub mod arch;
+pub mod blocks;
 pub mod gguf;
 pub mod ollama;
 pub mod pre_hashes;
