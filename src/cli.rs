@@ -46,6 +46,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Predict a training run's peak memory from config.json alone, against a --budget.
     Plan(crate::plan::PlanArgs),
+    /// Write the merged model (or the adapters alone) as GGUF for llama.cpp, Ollama and LM Studio.
+    Export(ExportArgs),
 }
 
 /// The model to load, and the adapters to attach.
@@ -385,6 +387,32 @@ pub struct MergeArgs {
 }
 
 #[derive(Args)]
+pub struct ExportArgs {
+    /// The base: a Hugging Face model folder, a hub id, or builtin:tiny-gpt2.
+    #[arg(long)]
+    pub model: String,
+    /// A PEFT LoRA adapter folder, optionally weighted: --adapter DIR[:WEIGHT] (default 1).
+    /// Repeat to fold several in. None: the base alone.
+    #[arg(long)]
+    pub adapter: Vec<String>,
+    /// gguf (the merged model) or gguf-lora (the adapters alone, for llama-cli --lora / Ollama ADAPTER).
+    #[arg(long, default_value = "gguf")]
+    pub format: String,
+    /// The file to write, e.g. model-q4_k_m.gguf.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (llama.cpp's mixes; gguf-lora: f32, f16, bf16, q8_0).
+    #[arg(long, default_value = "f16")]
+    pub quant: String,
+    /// Replace an existing --out that lorafit wrote.
+    #[arg(long)]
+    pub force: bool,
+    /// Also write an Ollama Modelfile beside --out.
+    #[arg(long)]
+    pub ollama: bool,
+}
+
+#[derive(Args)]
 pub struct BenchArgs {
     /// What to measure: `generate` (load time, peak memory, generation tokens/s), `sft`
     /// (median step time, tokens/s and peak memory of SFT steps on random tokens), `rm` (the
@@ -468,6 +496,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => cmd_bench(a),
         Command::Plan(a) => crate::plan::run(a),
         Command::Merge(a) => cmd_merge(a),
+        Command::Export(a) => cmd_export(a),
     }
 }
 
@@ -570,6 +599,29 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
     let max_shard_size = crate::merge::parse_size(&a.max_shard_size)?;
     let opts = crate::merge::MergeOptions { model: a.model, adapters, out: a.out, dtype, force: a.force, max_shard_size };
     let r = crate::merge::merge(&opts)?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
+}
+
+fn cmd_export(a: ExportArgs) -> Result<()> {
+    let adapters = a.adapter.iter().map(|s| peft::parse_adapter_arg(s)).collect::<Result<Vec<_>>>()?;
+    let opts = crate::export::ExportOptions {
+        model: a.model,
+        adapters,
+        format: crate::export::Format::parse(&a.format)?,
+        out: a.out,
+        quant: crate::export::quant::Quant::parse(&a.quant)?,
+        force: a.force,
+        ollama: a.ollama,
+        slice_values: crate::export::SLICE,
+    };
+    let r = crate::export::export(&opts)?;
+    for f in &r.fallbacks {
+        eprintln!("note: {f}");
+    }
+    for n in &r.notes {
+        eprintln!("note: {n}");
+    }
     println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }

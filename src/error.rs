@@ -45,6 +45,10 @@ pub enum Kind {
     NonFiniteAdapter,
     /// A tokenizer whose token ids do not fit the model's embedding.
     TokenizerModelMismatch,
+    /// An output file that exists (no --force).
+    OutputExists,
+    /// `--force` on a file lorafit did not write.
+    NotLorafitFile,
 }
 
 impl Kind {
@@ -89,6 +93,10 @@ impl Kind {
             }
             Kind::TokenizerModelMismatch => {
                 "use the tokenizer.json that came with this model (the tokenizer and the weights must come from the same model)"
+            }
+            Kind::OutputExists => "pass --force to replace it (lorafit replaces only files it wrote), or choose another --out",
+            Kind::NotLorafitFile => {
+                "lorafit only replaces files it wrote itself (a GGUF with lorafit.* metadata, a Modelfile with its first line): choose another --out, or move that file away yourself"
             }
         })
     }

@@ -10,6 +10,7 @@
 //!   `pytorch_model.bin` read by a bounded pickle reader, [`stream_load`]: safetensors.
 //! - [`peft`], [`io`]: adapter folders in PEFT's format, crash-safe writes.
 //! - [`merge`]: adapters folded into the base, written as a Hugging Face model folder.
+//! - [`export`]: the same merge (or the adapters alone) as a GGUF file for llama.cpp / Ollama.
 //! - [`generate`], [`eval`]: the KV-cached batched sampler and per-line NLL.
 //! - [`data`], [`template`], [`train`]: training data, the shared prompt template, and the
 //!   training methods (`train/sft.rs`, `rm.rs`, `ppo.rs`) on one training session
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod io;

@@ -114,6 +114,14 @@ impl Source {
             Source::Pth(p) => p.load(name),
         }
     }
+
+    /// Rows `start..start + n` (first dimension) of tensor `name`, in its stored `dtype`.
+    fn load_rows(&self, name: &str, start: usize, n: usize, dtype: DType) -> Result<Tensor> {
+        match self {
+            Source::St(s) => Ok(s.load_rows(name, start, n)?),
+            Source::Pth(_) => Ok(self.load(name, dtype)?.narrow(0, start, n)?.contiguous()?),
+        }
+    }
 }
 
 /// A VarBuilder backend with the checkpoint's shapes and no data (stride-0 views of one zero):
@@ -330,6 +338,126 @@ fn check_and_write(t: &Tensor, name: &str, f: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
+/// The base checkpoint with the adapters folded in, read one tensor at a time: what `merge` and
+/// `export` (GGUF) share. The adapters are attached through the model loaders over shapes only
+/// (every check of the loader applies), then [`Folded::tensor`] computes one weight on demand.
+pub struct Folded {
+    pub files: ModelFiles,
+    pub arch: Arch,
+    src: Source,
+    /// Every checkpoint tensor: name -> (stored dtype, shape).
+    pub shapes: BTreeMap<String, (DType, Vec<usize>)>,
+    /// Checkpoint key -> the adapters' contributions to it.
+    deltas: BTreeMap<String, Vec<Delta>>,
+    /// A reward model's score head (`lorafit rm`), as stored in its adapter file.
+    pub head: Option<Tensor>,
+    /// What was folded in, for the output's provenance: `{"path", "weight", ...}` per adapter.
+    pub record: Vec<serde_json::Value>,
+}
+
+impl Folded {
+    /// Resolves `model`, reads the headers of its weights and loads `adapters` (none: the base as is).
+    pub fn open(model: &str, adapters: &[(PathBuf, f64)]) -> Result<Self> {
+        let files = ModelFiles::resolve(model)?;
+        let arch = Arch::from_file(&files.config)?;
+        let src = Source::open(&files.weights)?;
+        let shapes = src.shapes()?;
+        let stacks = adapters.iter().map(|(d, _)| crate::peft::read_stack(d)).collect::<Result<Vec<_>>>()?;
+        let (adapters, head, record) = if adapters.is_empty() { (vec![], None, vec![]) } else { load_adapters(adapters, &stacks)? };
+
+        // Attach the adapters through the model loaders, over shapes only.
+        let asked = Arc::new(Mutex::new(HashSet::new()));
+        let backend = ShapeOnly { shapes: shapes.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect(), asked: asked.clone() };
+        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+        let set = AdapterSet::new(adapters.clone());
+        match &arch {
+            Arch::Gpt2(c) => gpt2::Gpt2::load(vb, c, &set).map(drop),
+            Arch::Llama(c) => llama::Llama::load(vb, c, &set).map(drop),
+        }
+        .with_context(|| files.describe())?;
+        set.check_complete()?;
+        let asked = asked.lock().unwrap().clone();
+
+        // Each adapter module -> the checkpoint key its layer read (none: the weight is shared).
+        let gpt2 = matches!(arch, Arch::Gpt2(_));
+        let mut deltas: BTreeMap<String, Vec<Delta>> = BTreeMap::new();
+        for a in &adapters {
+            for m in a.modules() {
+                let bare = m.path.strip_prefix("transformer.").unwrap_or(&m.path);
+                let Some(key) = [format!("{}.weight", m.path), format!("{bare}.weight")].into_iter().find(|k| asked.contains(k)) else {
+                    bail!(
+                        "adapter {:?} has a LoRA on {}, whose weight is tied to the input embeddings (tie_word_embeddings): \
+                         merging it would change the embeddings too, i.e. another model than base + adapter. Merge adapters \
+                         without {0} (target_modules without it), or use the adapter unmerged",
+                        a.name, m.path
+                    )
+                };
+                let conv1d = gpt2 && m.path != "lm_head";
+                deltas.entry(key).or_default().push(Delta { adapter: a.clone(), a: m.a, b: m.b, scale: m.scaling * a.weight, conv1d });
+            }
+        }
+        // Stacking: PEFT saves fan_in_fan_out to match the layer it wrapped (true for GPT-2's Conv1D,
+        // [in, out]; false for nn.Linear, [out, in]). Adapters on one weight must all agree with it.
+        for (key, ds) in &deltas {
+            if let Some(d) = ds.iter().find(|d| d.adapter.config.fan_in_fan_out != d.conv1d) {
+                let others: Vec<&str> = ds.iter().filter(|e| e.adapter.config.fan_in_fan_out == d.conv1d).map(|e| e.adapter.name.as_str()).collect();
+                bail!(
+                    "adapter {:?} has fan_in_fan_out = {}, but {key} is {}: it was made for a model whose layer is stored the \
+                     other way, and cannot be merged{}",
+                    d.adapter.name, d.adapter.config.fan_in_fan_out,
+                    if d.conv1d { "a GPT-2 Conv1D weight stored [in, out] (fan_in_fan_out = true)" } else { "an nn.Linear weight stored [out, in] (fan_in_fan_out = false)" },
+                    if others.is_empty() { String::new() } else { format!(" nor stacked with {} on this layer", others.join(", ")) }
+                )
+            }
+        }
+        Ok(Self { files, arch, src, shapes, deltas, head, record })
+    }
+
+    /// Whether an adapter changes the checkpoint tensor `name`.
+    pub fn is_merged(&self, name: &str) -> bool {
+        self.deltas.contains_key(name)
+    }
+
+    /// How many checkpoint tensors the adapters change.
+    pub fn merged_count(&self) -> usize {
+        self.deltas.len()
+    }
+
+    /// The LoRA terms on each checkpoint tensor an adapter changes: (adapter, A [r, in],
+    /// B [out, r], `w_a · s_a`), for writing the adapters unmerged (GGUF LoRA).
+    pub fn lora_terms(&self) -> impl Iterator<Item = (&str, Vec<(&Adapter, &Tensor, &Tensor, f64)>)> {
+        self.deltas.iter().map(|(k, ds)| (k.as_str(), ds.iter().map(|d| (d.adapter.as_ref(), &d.a, &d.b, d.scale)).collect()))
+    }
+
+    /// The checkpoint tensor `name` with every adapter folded in: f32 when an adapter changes
+    /// it (the merge is f32), else in its stored dtype.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let t = self.src.load(name, self.shapes.get(name).with_context(|| format!("no tensor {name}"))?.0)?;
+        match self.deltas.get(name) {
+            None => Ok(t),
+            Some(ds) => ds.iter().try_fold(t.to_dtype(DType::F32)?, |w, d| -> Result<Tensor> {
+                let delta = (d.b.matmul(&d.a)? * d.scale)?; // [out, in]
+                Ok((w + if d.conv1d { delta.t()? } else { delta })?)
+            }),
+        }
+    }
+
+    /// Rows `start..start + n` (first dimension) of [`Folded::tensor`], reading only those rows
+    /// (a large tensor is then processed in pieces). Not for GPT-2 Conv1D weights with adapters,
+    /// whose rows are the delta's columns.
+    pub fn rows(&self, name: &str, start: usize, n: usize) -> Result<Tensor> {
+        let t = self.src.load_rows(name, start, n, self.shapes.get(name).with_context(|| format!("no tensor {name}"))?.0)?;
+        match self.deltas.get(name) {
+            None => Ok(t),
+            Some(ds) => ds.iter().try_fold(t.to_dtype(DType::F32)?, |w, d| -> Result<Tensor> {
+                ensure!(!d.conv1d, "internal: rows of the Conv1D weight {name}");
+                let delta = (d.b.narrow(0, start, n)?.matmul(&d.a)? * d.scale)?; // [n, in]
+                Ok((w + delta)?)
+            }),
+        }
+    }
+}
+
 pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     let t0 = std::time::Instant::now();
     // 1. The inputs; --out must be none of them (nor hold one), whatever the flags.
@@ -344,56 +472,10 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     // 2. Claim --out: locked until this merge ends; only lorafit's own earlier merge is replaced.
     let out = claim(&o.out, o.force)?;
 
-    let arch = Arch::from_file(&files.config)?;
-    let src = Source::open(&files.weights)?;
-    let shapes = src.shapes()?;
-    let (adapters, head, record) = load_adapters(&o.adapters, &stacks)?;
-
-    // Attach the adapters through the model loaders, over shapes only.
-    let asked = Arc::new(Mutex::new(HashSet::new()));
-    let backend = ShapeOnly { shapes: shapes.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect(), asked: asked.clone() };
-    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
-    let set = AdapterSet::new(adapters.clone());
-    match &arch {
-        Arch::Gpt2(c) => gpt2::Gpt2::load(vb, c, &set).map(drop),
-        Arch::Llama(c) => llama::Llama::load(vb, c, &set).map(drop),
-    }
-    .with_context(|| files.describe())?;
-    set.check_complete()?;
-    let asked = asked.lock().unwrap().clone();
-
-    // Each adapter module -> the checkpoint key its layer read (none: the weight is shared).
+    let folded = Folded::open(&o.model, &o.adapters)?;
+    let (arch, shapes, deltas, record) = (&folded.arch, &folded.shapes, &folded.deltas, &folded.record);
     let gpt2 = matches!(arch, Arch::Gpt2(_));
-    let mut deltas: BTreeMap<String, Vec<Delta>> = BTreeMap::new();
-    for a in &adapters {
-        for m in a.modules() {
-            let bare = m.path.strip_prefix("transformer.").unwrap_or(&m.path);
-            let Some(key) = [format!("{}.weight", m.path), format!("{bare}.weight")].into_iter().find(|k| asked.contains(k)) else {
-                bail!(
-                    "adapter {:?} has a LoRA on {}, whose weight is tied to the input embeddings (tie_word_embeddings): \
-                     merging it would change the embeddings too, i.e. another model than base + adapter. Merge adapters \
-                     without {0} (target_modules without it), or use the adapter unmerged",
-                    a.name, m.path
-                )
-            };
-            let conv1d = gpt2 && m.path != "lm_head";
-            deltas.entry(key).or_default().push(Delta { adapter: a.clone(), a: m.a, b: m.b, scale: m.scaling * a.weight, conv1d });
-        }
-    }
-    // Stacking: PEFT saves fan_in_fan_out to match the layer it wrapped (true for GPT-2's Conv1D,
-    // [in, out]; false for nn.Linear, [out, in]). Adapters on one weight must all agree with it.
-    for (key, ds) in &deltas {
-        if let Some(d) = ds.iter().find(|d| d.adapter.config.fan_in_fan_out != d.conv1d) {
-            let others: Vec<&str> = ds.iter().filter(|e| e.adapter.config.fan_in_fan_out == d.conv1d).map(|e| e.adapter.name.as_str()).collect();
-            bail!(
-                "adapter {:?} has fan_in_fan_out = {}, but {key} is {}: it was made for a model whose layer is stored the \
-                 other way, and cannot be merged{}",
-                d.adapter.name, d.adapter.config.fan_in_fan_out,
-                if d.conv1d { "a GPT-2 Conv1D weight stored [in, out] (fan_in_fan_out = true)" } else { "an nn.Linear weight stored [out, in] (fan_in_fan_out = false)" },
-                if others.is_empty() { String::new() } else { format!(" nor stacked with {} on this layer", others.join(", ")) }
-            )
-        }
-    }
+    let head = folded.head.clone();
 
     // The output tensors: the base's keys (a seq-cls model: no lm_head, GPT-2 keys under
     // `transformer.`, plus score.weight).
@@ -402,7 +484,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     let seq_cls = head.is_some();
     let prefixless = gpt2 && !shapes.contains_key("transformer.wte.weight");
     let mut items = vec![];
-    for (name, (dt, shape)) in &shapes {
+    for (name, (dt, shape)) in shapes {
         if seq_cls && name == "lm_head.weight" {
             ensure!(!deltas.contains_key(name), "an adapter targets lm_head, which a sequence-classification checkpoint does not have");
             continue;
@@ -418,16 +500,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     let tensor = |it: &Item| -> Result<Tensor> {
         let t = match &it.src {
             None => head.clone().context("internal: no head")?,
-            Some(name) => {
-                let t = src.load(name, shapes[name].0)?;
-                match deltas.get(name) {
-                    None => t,
-                    Some(ds) => ds.iter().try_fold(t.to_dtype(DType::F32)?, |w, d| -> Result<Tensor> {
-                        let delta = (d.b.matmul(&d.a)? * d.scale)?; // [out, in]
-                        Ok((w + if d.conv1d { delta.t()? } else { delta })?)
-                    })?,
-                }
-            }
+            Some(name) => folded.tensor(name)?,
         };
         Ok(t.to_dtype(it.dtype)?)
     };

@@ -67,6 +67,26 @@ impl StreamingSafetensors {
         self.entries.iter().map(|(k, e)| Ok((k.clone(), DType::try_from(e.dtype)?, e.shape.clone()))).collect()
     }
 
+    /// Rows `start..start + n` of tensor `name` (its first dimension), in its stored dtype, on
+    /// the CPU: one positioned read of just those bytes.
+    pub fn load_rows(&self, name: &str, start: usize, n: usize) -> candle_core::Result<Tensor> {
+        let e = self.entries.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        let rows = *e.shape.first().unwrap_or(&1);
+        if e.shape.is_empty() || start + n > rows {
+            return Err(candle_core::Error::Msg(format!("{name}: rows {start}..{} of {:?}", start + n, e.shape)));
+        }
+        let row_bytes = (e.end - e.start) as usize / rows;
+        let mut shape = e.shape.clone();
+        shape[0] = n;
+        let (path, f) = &self.files[e.file];
+        let mut bytes = vec![0u8; n * row_bytes];
+        f.read_exact_at(&mut bytes, e.start + (start * row_bytes) as u64)
+            .map_err(|err| candle_core::Error::Msg(format!("{}: reading tensor {name}: {err} (is the file truncated?)", path.display())))?;
+        let view = safetensors::tensor::TensorView::new(e.dtype, shape, &bytes)
+            .map_err(|err| candle_core::Error::Msg(format!("{}: tensor {name}: {err}", path.display())))?;
+        view.load(&Device::Cpu)
+    }
+
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let e = self.entries.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
         let (path, f) = &self.files[e.file];
