@@ -18,6 +18,7 @@
 //! - [`cli`]: the `lorafit` command line.
 pub mod builtin;
 pub mod chat;
+pub mod chat_template;
 pub mod cli;
 pub mod data;
 pub mod error;
