@@ -34,6 +34,7 @@ pub mod ops;
 pub mod peft;
 pub mod plan;
 pub mod quant;
+pub mod render;
 pub mod reward;
 pub mod rng;
 pub mod runtime;

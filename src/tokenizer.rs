@@ -70,6 +70,45 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Token ids of `text` with their byte offsets in `text` (`add_special_tokens`: the
+    /// tokenizer's post-processor may add a bos, whose offsets are (0, 0)).
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    /// Token ids of `text` as plain text: normalizer, pre-tokenizer and model only, no added
+    /// token (special or not) matched (transformers' `_encode_without_added_tokens`).
+    pub fn encode_without_added_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        use tokenizers::{Model, Normalizer, OffsetReferential, OffsetType, PreTokenizer};
+        let mut n = tokenizers::NormalizedString::from(text);
+        if let Some(norm) = self.inner.get_normalizer() {
+            norm.normalize(&mut n).map_err(|e| anyhow!("normalizing {text:?}: {e}"))?;
+        }
+        let mut pre = tokenizers::PreTokenizedString::from(n.get());
+        if let Some(pt) = self.inner.get_pre_tokenizer() {
+            pt.pre_tokenize(&mut pre).map_err(|e| anyhow!("pre-tokenizing {text:?}: {e}"))?;
+        }
+        let mut ids = vec![];
+        for (split, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            for t in self.inner.get_model().tokenize(split).map_err(|e| anyhow!("tokenizing {split:?}: {e}"))? {
+                ids.push(t.id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The added tokens (id, text, special), longest text first.
+    pub fn added_tokens(&self) -> Vec<(u32, String, bool)> {
+        let mut v: Vec<(u32, String, bool)> = self.inner.get_added_tokens_decoder().into_iter().map(|(id, t)| (id, t.content, t.special)).collect();
+        v.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+        v
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// The id used to pad batches: the pad token, else eos (masked out either way), else 0.
     pub fn padding_id(&self) -> u32 {
         self.pad_id.or(self.eos_id).unwrap_or(0)
