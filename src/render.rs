@@ -248,6 +248,12 @@ impl<'a> Renderer<'a> {
         }
     }
 
+    /// Ids that end an assistant turn besides the model's end ids: the template's end-of-turn
+    /// text when it is one token (ChatML `<|im_end|>`, Gemma `<end_of_turn>`).
+    pub fn end_of_turn_ids(&self) -> Vec<u32> {
+        self.eot.as_deref().and_then(|t| self.tok.token_to_id(t)).into_iter().collect()
+    }
+
     /// The control tokens (for reports).
     pub fn control_tokens(&self) -> &[String] {
         &self.control
@@ -607,4 +613,156 @@ impl<'a> Renderer<'a> {
 /// `row`'s sequences for one data row: the public entry point of round-2 training code.
 pub fn render_example(ex: &Example, r: &Renderer) -> Result<Vec<Encoded>> {
     r.encode_example(ex)
+}
+
+// ---- `lorafit render` ------------------------------------------------------------------------
+
+/// `lorafit render`: what a training stage sees, row by row.
+#[derive(clap::Args)]
+pub struct RenderArgs {
+    /// A model folder (only its tokenizer files and chat template are read), a hub id, or
+    /// builtin:tiny-gpt2; default: the config's model.name.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The data file (JSON, JSON Lines or Parquet); default: the config's data.path.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// A training config: its [data] settings (template, chat_template, train_on, max_len,
+    /// split_special_tokens) are the ones rendered.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override config keys: --set data.train_on=last_assistant.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// The row shapes to read: sft (prompt/completion, conversations), rm (ranked / preference
+    /// rows), ppo (prompts), or any.
+    #[arg(long, default_value = "any")]
+    pub stage: String,
+    /// Show only the first N rows (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub rows: usize,
+    /// One JSON object per sequence: {"row", "ids", "mask", "text"} (+ "label" for ranked rows).
+    #[arg(long)]
+    pub json: bool,
+    /// Skip (and count) malformed rows instead of stopping.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+}
+
+use std::path::PathBuf;
+
+/// The folder holding `--model`'s tokenizer files (no weights needed for a local folder).
+pub fn tokenizer_dir(model: &str) -> Result<PathBuf> {
+    if let Some(name) = model.strip_prefix("builtin:") {
+        return crate::builtin::materialize(name);
+    }
+    let p = Path::new(model);
+    if p.is_dir() {
+        if !p.join("tokenizer.json").is_file() {
+            bail!("{}: no tokenizer.json", p.display())
+        }
+        return Ok(p.to_path_buf());
+    }
+    Ok(crate::weights::ModelFiles::resolve(model)?.dir)
+}
+
+/// Learned byte ranges of `e.text`, merged.
+fn learned_ranges(e: &Encoded) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = vec![];
+    for (&(s, t), &m) in e.offsets.iter().zip(&e.mask) {
+        if !m || t <= s {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(t),
+            _ => out.push((s, t)),
+        }
+    }
+    out
+}
+
+pub fn run_render(a: RenderArgs) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    let mut cfg = crate::train::config::TrainConfig::load(a.config.as_deref(), &a.set)?;
+    if a.skip_bad_rows {
+        cfg.data.skip_bad_rows = true;
+    }
+    let model = a.model.clone().unwrap_or_else(|| cfg.model.name.clone());
+    let data = a.data.clone().or_else(|| (!cfg.data.path.is_empty()).then(|| PathBuf::from(&cfg.data.path))).context("pass --data (or a config with data.path)")?;
+    let stage = match a.stage.as_str() {
+        "any" => crate::data::Stage::Any,
+        "sft" => crate::data::Stage::Sft,
+        "rm" | "dpo" => crate::data::Stage::Preference,
+        "ppo" | "grpo" => crate::data::Stage::Prompts,
+        other => bail!("--stage {other:?}: expected sft, rm, ppo or any"),
+    };
+    let dir = tokenizer_dir(&model)?;
+    let tok = Tokenizer::load(&dir.join("tokenizer.json"), &dir.join("config.json"))?;
+    let r = Renderer::new(&tok, &dir, RenderConfig::from_data(&cfg.data)?)?;
+    let color = !a.json && std::io::stdout().is_terminal();
+    let mut out = std::io::stdout().lock();
+    let mut stats = RenderStats::default();
+    let limit = if a.rows == 0 { usize::MAX } else { a.rows };
+    let mut shown = 0;
+    let read = crate::data::for_each_example(&data, stage, cfg.data.skip_bad_rows, |loc, ex| {
+        if shown >= limit {
+            return Ok(());
+        }
+        shown += 1;
+        let seqs = r.encode_example(&ex).with_context(|| loc.to_string())?;
+        stats.add(&seqs);
+        for e in &seqs {
+            if a.json {
+                let mask: Vec<u8> = e.mask.iter().map(|&m| u8::from(m)).collect();
+                let mut j = serde_json::json!({"row": loc.n, "ids": e.ids, "mask": mask, "text": e.text});
+                if let Some(l) = &e.label {
+                    j["label"] = serde_json::json!(l);
+                }
+                writeln!(out, "{j}")?;
+                continue;
+            }
+            let mut head = format!("── {loc} · {} tokens · {} learned", e.ids.len(), e.learned());
+            if let Some(l) = &e.label {
+                head.push_str(&format!(" · {l}"));
+            }
+            if e.dropped_turns > 0 {
+                head.push_str(&format!(" · {} earlier exchange(s) dropped", e.dropped_turns));
+            }
+            if e.cut_tokens > 0 {
+                head.push_str(&format!(" · {} tokens cut at max_len", e.cut_tokens));
+            }
+            if e.special_text {
+                head.push_str(" · message text holds special-token text");
+            }
+            writeln!(out, "{head}")?;
+            let (on, off) = if color { ("\x1b[42;30m", "\x1b[0m") } else { ("⟦", "⟧") };
+            let mut at = 0;
+            let mut text = String::new();
+            for (s, t) in learned_ranges(e) {
+                text.push_str(&e.text[at..s]);
+                text.push_str(on);
+                text.push_str(&e.text[s..t]);
+                text.push_str(off);
+                at = t;
+            }
+            text.push_str(&e.text[at..]);
+            writeln!(out, "{text}")?;
+            let ids: Vec<String> = e.ids.iter().zip(&e.mask).map(|(i, &m)| if !m { i.to_string() } else if color { format!("{on}{i}{off}") } else { format!("{i}*") }).collect();
+            writeln!(out, "ids: {}", ids.join(" "))?;
+        }
+        Ok(())
+    })?;
+    eprintln!(
+        "{} rows rendered ({}; {}{} sequences, {} truncated ({} exchanges dropped), {} without a learned token, {} rows with special-token text in messages, {} bad rows skipped)",
+        stats.rows,
+        r.describe(),
+        if color { "" } else { "learned text in ⟦ ⟧ and learned ids marked *; " },
+        stats.sequences,
+        stats.truncated,
+        stats.dropped_turns,
+        stats.no_learned_tokens,
+        stats.special_text_rows,
+        read.skipped_bad
+    );
+    Ok(())
 }

@@ -12,6 +12,9 @@ pub struct Tokenizer {
     pub eos_id: Option<u32>,
     pub bos_id: Option<u32>,
     pub pad_id: Option<u32>,
+    /// Every id that ends generation: `eos_token_id` of config.json and of generation_config.json
+    /// (an int or a list: Llama 3 lists `<|end_of_text|>`, `<|eom_id|>` and `<|eot_id|>`), and eos.
+    pub end_ids: Vec<u32>,
 }
 
 fn first_id(v: Option<&serde_json::Value>) -> Option<u32> {
@@ -42,7 +45,24 @@ impl Tokenizer {
         let eos_id = first_id(cfg.get("eos_token_id")).or_else(|| vocab_id(&["</s>", "<|endoftext|>", "<eos>", "<|eot_id|>"]));
         let bos_id = first_id(cfg.get("bos_token_id")).or_else(|| vocab_id(&["<s>", "<bos>", "<|begin_of_text|>"]));
         let pad_id = first_id(cfg.get("pad_token_id")).or_else(|| vocab_id(&["<pad>", "[PAD]", "<|pad|>"]));
-        Ok(Self { inner, eos_id, bos_id, pad_id })
+        let gen: serde_json::Value = config_json
+            .parent()
+            .and_then(|d| std::fs::read_to_string(d.join("generation_config.json")).ok())
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let mut end_ids: Vec<u32> = eos_id.into_iter().collect();
+        for v in [cfg.get("eos_token_id"), gen.get("eos_token_id")].into_iter().flatten() {
+            let ids: Vec<u32> = match v {
+                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                other => other.as_u64().map(|x| x as u32).into_iter().collect(),
+            };
+            for i in ids {
+                if !end_ids.contains(&i) {
+                    end_ids.push(i);
+                }
+            }
+        }
+        Ok(Self { inner, eos_id, bos_id, pad_id, end_ids })
     }
 
     /// Token ids of `text` under the tokenizer's own rules (nothing else added).
