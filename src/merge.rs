@@ -429,6 +429,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
             std::fs::copy(files.dir.join(f), tmp.join(f)).with_context(|| format!("cannot copy {f}"))?;
             std::fs::File::open(tmp.join(f))?.sync_all()?;
         }
+        crate::chat_template::install_chat_template(&files.dir, &tmp, None)?;
         std::fs::File::open(&tmp)?.sync_all()?;
         Ok(())
     })();
