@@ -345,6 +345,9 @@ pub struct BenchArgs {
     pub gemm: String,
     #[arg(long)]
     pub json: bool,
+    /// render: the data file rendered and tokenized (JSON, JSON Lines, Parquet).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -594,6 +597,19 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
+    if a.what == "render" {
+        let data = a.data.as_ref().context("bench render needs --data")?;
+        let r = crate::render::bench_render(&a.model.model, data, crate::render::RenderConfig { max_len: usize::MAX, ..Default::default() })?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "render {} rows ({} tokens, {} learned) in {:.2} s on {} threads: {:.0} rows/s, {:.0} tokens/s, peak RSS {}",
+                r.rows, r.tokens, r.learned_tokens, r.seconds, r.threads, r.rows_per_s, r.tokens_per_s, r.peak_rss_bytes.map(fmt_bytes).unwrap_or_default()
+            );
+        }
+        return Ok(());
+    }
     if a.what == "sft" {
         let targets: Vec<String> = a.targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         let m = &a.model;

@@ -766,3 +766,115 @@ pub fn run_render(a: RenderArgs) -> Result<()> {
     );
     Ok(())
 }
+
+// ---- `lorafit bench render` -----------------------------------------------------------------
+
+/// What `lorafit bench render` measures: a data file streamed through the renderer (render,
+/// spans, tokenize, mask) on rayon's threads, nothing kept.
+#[derive(Debug, Serialize)]
+pub struct RenderBench {
+    pub rows: usize,
+    pub sequences: usize,
+    pub tokens: usize,
+    pub learned_tokens: usize,
+    pub threads: usize,
+    pub seconds: f64,
+    /// CPU seconds (user + system) of the process over the run: on a shared machine,
+    /// `cpu_seconds / threads` is the wall time the run would take with its cores to itself.
+    pub cpu_seconds: f64,
+    pub rows_per_s: f64,
+    pub tokens_per_s: f64,
+    pub peak_rss_bytes: Option<u64>,
+    pub template: String,
+    /// Microseconds per row on one thread over the first 512 conversation rows: rendering,
+    /// finding the assistant spans (extra renderings), tokenizing.
+    pub us_per_row_render: f64,
+    pub us_per_row_spans: f64,
+    pub us_per_row_tokenize: f64,
+}
+
+/// Renders every row of `data` for `model`'s tokenizer and template, in batches of 4096 rows
+/// rendered in parallel (memory: one batch, whatever the file size).
+pub fn bench_render(model: &str, data: &Path, cfg: RenderConfig) -> Result<RenderBench> {
+    use rayon::prelude::*;
+    let dir = tokenizer_dir(model)?;
+    let tok = Tokenizer::load(&dir.join("tokenizer.json"), &dir.join("config.json"))?;
+    let r = Renderer::new(&tok, &dir, cfg)?;
+    let cpu0 = cpu_seconds();
+    let t0 = std::time::Instant::now();
+    let (mut rows, mut seqs, mut tokens, mut learned) = (0, 0, 0, 0);
+    let mut batch: Vec<Example> = Vec::with_capacity(4096);
+    let mut flush = |batch: &mut Vec<Example>| -> Result<()> {
+        let counts: Vec<(usize, usize, usize)> = batch
+            .par_iter()
+            .map(|ex| r.encode_example(ex).map(|es| (es.len(), es.iter().map(|e| e.ids.len()).sum(), es.iter().map(Encoded::learned).sum())))
+            .collect::<Result<_>>()?;
+        for (s, t, l) in counts {
+            seqs += s;
+            tokens += t;
+            learned += l;
+        }
+        rows += batch.len();
+        batch.clear();
+        Ok(())
+    };
+    crate::data::for_each_example(data, crate::data::Stage::Any, false, |_, ex| {
+        batch.push(ex);
+        if batch.len() == 4096 {
+            flush(&mut batch)?;
+        }
+        Ok(())
+    })?;
+    flush(&mut batch)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    // Where one row's time goes (one thread, the first 512 conversations).
+    let mut sample = vec![];
+    let _ = crate::data::for_each_example(data, crate::data::Stage::Any, false, |_, ex| {
+        if let (Example::Chat(m), true) = (ex, sample.len() < 512) {
+            sample.push(m);
+        }
+        Ok(())
+    });
+    let n = sample.len().max(1) as f64;
+    let t = std::time::Instant::now();
+    let scans = sample.iter().map(|m| r.render_scan(m, false, false)).collect::<Result<Vec<_>>>()?;
+    let us_render = t.elapsed().as_secs_f64() * 1e6 / n;
+    let t = std::time::Instant::now();
+    for (m, s) in sample.iter().zip(&scans) {
+        r.assistant_spans(m, false, s)?;
+    }
+    let us_spans = t.elapsed().as_secs_f64() * 1e6 / n;
+    let t = std::time::Instant::now();
+    for s in &scans {
+        r.tokenize(s, false)?;
+    }
+    let us_tok = t.elapsed().as_secs_f64() * 1e6 / n;
+    Ok(RenderBench {
+        us_per_row_render: us_render,
+        us_per_row_spans: us_spans,
+        us_per_row_tokenize: us_tok,
+        rows,
+        sequences: seqs,
+        tokens,
+        learned_tokens: learned,
+        threads: rayon::current_num_threads(),
+        seconds,
+        cpu_seconds: cpu,
+        rows_per_s: rows as f64 / seconds,
+        tokens_per_s: tokens as f64 / seconds,
+        peak_rss_bytes: crate::runtime::peak_rss_bytes(),
+        template: r.describe(),
+    })
+}
+
+/// User + system CPU seconds of this process so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
