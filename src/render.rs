@@ -570,7 +570,10 @@ impl<'a> Renderer<'a> {
         Ok(match ex {
             Example::Completion { prompt, completion } => match &self.prompt_template {
                 Some(t) => vec![self.encode_prompt_completion(t, prompt, completion)?],
-                None => vec![self.encode_chat(&[Message::new(Role::User, prompt.clone()), Message::new(Role::Assistant, completion.clone())])?],
+                None => {
+                    let c = if self.cfg.strip_leading_quote { completion.strip_prefix('\'').unwrap_or(completion) } else { completion };
+                    vec![self.encode_chat(&[Message::new(Role::User, prompt.clone()), Message::new(Role::Assistant, c)])?]
+                }
             },
             Example::Chat(msgs) => vec![self.encode_chat(msgs)?],
             Example::Prompt(p) => vec![self.encode_prompt(p)?],
