@@ -52,16 +52,29 @@ fn ids_and_masks_equal_transformers() {
         let tok = Tokenizer::load(&d.join("tokenizer.json"), &d.join("config.json")).unwrap();
         let expected: Value = serde_json::from_str(&std::fs::read_to_string(d.join("expected.json")).unwrap()).unwrap();
         let markers = dir("templates").join(expected["template"].as_str().unwrap().replace(".jinja", ".markers.jinja"));
-        for (template, how) in [("model", "spans found without markers"), (markers.to_str().unwrap(), "marker version")] {
+        let methods = [("model", false, "spans found without markers"), ("model", true, "prefix by prefix"), (markers.to_str().unwrap(), false, "marker version")];
+        for (template, prefix_only, how) in methods {
             for split in [false, true] {
                 for train_on in [TrainOn::AllAssistant, TrainOn::LastAssistant] {
-                    let r = Renderer::new(&tok, &d, cfg(template, split, train_on)).unwrap();
+                    let mut r = Renderer::new(&tok, &d, cfg(template, split, train_on)).unwrap();
+                    r.prefix_spans_only = prefix_only;
                     let sfx = if split { "_split" } else { "" };
                     let last = if train_on == TrainOn::LastAssistant { "_last" } else { "" };
                     for (n, case) in expected["cases"].as_array().unwrap().iter().enumerate() {
                         let msgs = messages(&case["messages"]);
                         let what = format!("{fam}, {how}, split={split}, {train_on:?}, conversation {n}");
-                        let e = r.encode_chat(&msgs).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                        // Mistral puts the system message into the last user turn (a conversation that ends with an
+                        // assistant turn loses it): a prefix of
+                        // the conversation renders differently, and the prefix search says so.
+                        let system_moves = fam == "mistral-nemo" && msgs[0].role == Role::System;
+                        let e = match r.encode_chat(&msgs) {
+                            Err(e) if prefix_only && system_moves => {
+                                assert!(format!("{e:#}").contains("{% generation %}"), "{what}: {e:#}");
+                                continue;
+                            }
+                            r => r.unwrap_or_else(|e| panic!("{what}: {e:#}")),
+                        };
+                        assert!(!(prefix_only && system_moves), "{what}: the prefix search should fail here");
                         assert_eq!(e.text, case["text"].as_str().unwrap(), "{what}: text");
                         assert_eq!(e.ids, ids(&case[format!("ids{sfx}")]), "{what}: ids");
                         assert_eq!(e.mask, mask(&case[format!("mask{sfx}{last}")]), "{what}: mask");

@@ -174,3 +174,28 @@ fn merge_writes_the_chat_template_into_tokenizer_config() {
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["chat_template"].as_str(), Some("X"));
 }
+
+#[test]
+fn chat_settings_are_validated_and_chat_commands_run() {
+    use lorafit::train::config::TrainConfig;
+    let err = format!("{:#}", TrainConfig::load(None, &["data.train_on=\"every_turn\"".into()]).unwrap_err());
+    assert!(err.contains("data.train_on") && err.contains("last_assistant"), "{err}");
+    let err = format!("{:#}", TrainConfig::load(None, &["data.chat_template=\"chatlm\"".into()]).unwrap_err());
+    assert!(err.contains("data.chat_template") && err.contains("kochatgpt, chatml, alpaca, llama3"), "{err}");
+    assert!(TrainConfig::load(None, &["data.chat_template=\"llama3\"".into(), "data.split_special_tokens=true".into()]).is_ok());
+    let bin = env!("CARGO_BIN_EXE_lorafit");
+    let out = Command::new(bin).args(["generate", "--model", "builtin:tiny-gpt2", "--chat", "--prompt", "안녕", "--prompt", "hi", "--max-new-tokens", "3"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--- prompt 2 ---"));
+    let mut child = Command::new(bin)
+        .args(["chat", "--model", "builtin:tiny-gpt2", "--chat-template", "chatml", "--system", "Be brief.", "--max-new-tokens", "3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"hello\nagain\n/exit\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("> ").count(), 3, "two replies, then /exit");
+}
