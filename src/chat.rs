@@ -79,7 +79,7 @@ fn stream_reply(model: &Model, tok: &Tokenizer, ids: Vec<u32>, sampling: &Sampli
         let text = tok.decode(&reply)?;
         // Print only whole characters: a multi-byte character may span tokens.
         if !text.ends_with('\u{fffd}') && text.len() >= shown && text.is_char_boundary(shown) {
-            out.write_all(text[shown..].as_bytes())?;
+            out.write_all(&text.as_bytes()[shown..])?;
             out.flush()?;
             shown = text.len();
         }
@@ -87,7 +87,7 @@ fn stream_reply(model: &Model, tok: &Tokenizer, ids: Vec<u32>, sampling: &Sampli
     })?;
     let text = tok.decode(&reply)?;
     if text.len() > shown && text.is_char_boundary(shown) {
-        out.write_all(text[shown..].as_bytes())?;
+        out.write_all(&text.as_bytes()[shown..])?;
     }
     writeln!(out)?;
     Ok(text.trim().to_string())

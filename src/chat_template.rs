@@ -472,6 +472,26 @@ pub fn check_private_chars(messages: &[Message]) -> Result<()> {
     Ok(())
 }
 
+/// Makes the merged model folder `out` carry a chat template in its tokenizer_config.json, so
+/// every runtime picks it up: `template` when given (the one an adapter was trained with),
+/// else the base model's (from its chat_template.jinja or tokenizer_config.json). A folder
+/// whose tokenizer_config.json already holds that template is left as it is.
+pub fn install_chat_template(model_dir: &Path, out: &Path, template: Option<&str>) -> Result<()> {
+    let base = ModelChatFiles::read(model_dir)?;
+    let Some(text) = template.map(str::to_string).or(base.template.map(|(t, _)| t)) else { return Ok(()) };
+    let path = out.join("tokenizer_config.json");
+    let mut cfg: serde_json::Value = match std::fs::read_to_string(&path) {
+        Ok(t) => serde_json::from_str(&t).with_context(|| format!("{}: invalid JSON", path.display()))?,
+        Err(_) => serde_json::json!({}),
+    };
+    if cfg.get("chat_template").and_then(|v| v.as_str()) == Some(text.as_str()) {
+        return Ok(());
+    }
+    let obj = cfg.as_object_mut().with_context(|| format!("{}: not a JSON object", path.display()))?;
+    obj.insert("chat_template".into(), serde_json::Value::String(text));
+    crate::io::atomic_write(&path, serde_json::to_string_pretty(&cfg)?.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,24 +518,4 @@ mod tests {
         // serde_json sorts keys here (no preserve_order), so "a" comes first.
         assert_eq!(out, "{\"a\": null, \"b\": [1, 2.5, \"é\\n\"]}|{\n  \"a\": null,\n  \"b\": [\n    1,\n    2.5,\n    \"é\\n\"\n  ]\n}");
     }
-}
-
-/// Makes the merged model folder `out` carry a chat template in its tokenizer_config.json, so
-/// every runtime picks it up: `template` when given (the one an adapter was trained with),
-/// else the base model's (from its chat_template.jinja or tokenizer_config.json). A folder
-/// whose tokenizer_config.json already holds that template is left as it is.
-pub fn install_chat_template(model_dir: &Path, out: &Path, template: Option<&str>) -> Result<()> {
-    let base = ModelChatFiles::read(model_dir)?;
-    let Some(text) = template.map(str::to_string).or(base.template.map(|(t, _)| t)) else { return Ok(()) };
-    let path = out.join("tokenizer_config.json");
-    let mut cfg: serde_json::Value = match std::fs::read_to_string(&path) {
-        Ok(t) => serde_json::from_str(&t).with_context(|| format!("{}: invalid JSON", path.display()))?,
-        Err(_) => serde_json::json!({}),
-    };
-    if cfg.get("chat_template").and_then(|v| v.as_str()) == Some(text.as_str()) {
-        return Ok(());
-    }
-    let obj = cfg.as_object_mut().with_context(|| format!("{}: not a JSON object", path.display()))?;
-    obj.insert("chat_template".into(), serde_json::Value::String(text));
-    crate::io::atomic_write(&path, serde_json::to_string_pretty(&cfg)?.as_bytes())
 }

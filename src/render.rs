@@ -16,6 +16,7 @@
 //!    control-token text typed in a message is encoded as plain text;
 //! 4. a token is learned when its character offsets overlap a learned span (transformers'
 //!    `return_assistant_tokens_mask` rule).
+//!
 //! Too-long conversations lose whole earlier exchanges first (never the system message), then
 //! are cut at `max_len`.
 use std::collections::BTreeMap;
@@ -342,7 +343,7 @@ impl<'a> Renderer<'a> {
         let n_assist = msgs.iter().filter(|m| m.role == Role::Assistant).count();
         let chat = self.chat()?;
         if chat.has_generation && !self.prefix_spans_only {
-            if plain.gen.len() % 2 != 0 {
+            if !plain.gen.len().is_multiple_of(2) {
                 bail!("{}: a {{% generation %}} block is not closed", chat.origin)
             }
             let spans: Vec<(usize, usize)> = plain.gen.chunks(2).map(|p| (p[0], p[1])).collect();
@@ -418,7 +419,7 @@ impl<'a> Renderer<'a> {
     /// Tokenizes a scanned rendering: whole (transformers' default), or piece by piece with
     /// typed control tokens as plain text (`split_special_tokens`, transformers'
     /// `encode_marked_chat`). Returns ids and byte offsets in `scan.clean`.
-    fn tokenize(&self, scan: &Scan, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    fn tokenize(&self, scan: &Scan, add_special_tokens: bool) -> Result<crate::tokenizer::IdsOffsets> {
         let text = &scan.clean;
         if !self.cfg.split_special_tokens {
             return self.tok.encode_with_offsets(text, add_special_tokens);

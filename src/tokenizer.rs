@@ -7,6 +7,9 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 
+/// Token ids and the byte range of each in the text.
+pub type IdsOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub eos_id: Option<u32>,
@@ -92,7 +95,7 @@ impl Tokenizer {
 
     /// Token ids of `text` with their byte offsets in `text` (`add_special_tokens`: the
     /// tokenizer's post-processor may add a bos, whose offsets are (0, 0)).
-    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<IdsOffsets> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
