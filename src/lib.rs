@@ -12,6 +12,8 @@
 //! - [`generate`], [`eval`]: the KV-cached batched sampler and per-line NLL.
 //! - [`data`], [`template`], [`train`]: training data, the shared prompt template, and the
 //!   training methods (`train/sft.rs`) over shared pieces (optimizer, checkpoints, metrics).
+//! - [`chat_template`], [`render`]: models' Jinja chat templates rendered as transformers does,
+//!   and the one path from a data row to token ids + the mask of learned tokens (`lorafit render`).
 //! - [`plan`]: a training run's peak memory predicted from config.json (`lorafit plan`).
 //! - [`outdir`]: output folders: locks, lorafit's marker, inputs never overwritten, stale temps.
 //! - [`error`]: error kinds with known fixes (the binary prints their hints).
