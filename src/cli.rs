@@ -25,11 +25,11 @@ pub enum Command {
     /// Supervised fine-tuning of a LoRA adapter on prompt/completion pairs.
     Sft(TrainArgs),
     /// Train a reward model (LoRA + scalar head) from ranked answers.
-    Rm(TrainArgs),
+    Rm(RmArgs),
     /// Rewards of texts under a reward model trained by `lorafit rm`.
     Score(ScoreArgs),
     /// PPO of the policy against the reward model; policy, reference, reward and critic share one base.
-    Ppo(TrainArgs),
+    Ppo(PpoArgs),
     /// SFT, reward model and PPO in order, from one config (the KoChatGPT recipe in one command).
     Pipeline(PipelineArgs),
     /// Mean next-token NLL of each line of a text file, and the file's perplexity.
@@ -70,7 +70,8 @@ pub struct ModelArgs {
     pub quantize: String,
 }
 
-/// Arguments shared by the training commands.
+/// Arguments shared by the training commands (`sft` has exactly these; `rm` and `ppo` add
+/// their adapters: [`RmArgs`], [`PpoArgs`]).
 #[derive(Args)]
 pub struct TrainArgs {
     /// TOML config (see configs/); every key has a default.
@@ -88,6 +89,12 @@ pub struct TrainArgs {
     /// Overrides model.device: cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
+    /// Overrides model.dtype: the frozen base's dtype, f32, f16, bf16 or auto (f32 on CPU, bf16 on GPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Overrides model.quantize: none, or nf4 (a 4-bit frozen base, QLoRA's NF4).
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// Override any config key: --set train.lr=1e-4 --set lora.target_modules='["c_attn"]'.
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
@@ -100,12 +107,56 @@ pub struct TrainArgs {
     /// Skip (and count) malformed data rows instead of stopping.
     #[arg(long)]
     pub skip_bad_rows: bool,
-    /// rm: an SFT adapter to stack under the reward adapter; ppo: the policy's start and the reference.
+}
+
+/// `lorafit rm`: the training flags and the SFT adapter to stack under the reward adapter.
+#[derive(Args)]
+pub struct RmArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Overrides rm.sft_adapter: an SFT adapter to stack (frozen) under the new reward adapter.
     #[arg(long)]
     pub sft_adapter: Option<String>,
-    /// ppo: the reward model folder written by `lorafit rm`.
+}
+
+impl RmArgs {
+    pub fn start(&self) -> crate::train::Start {
+        self.train.start()
+    }
+
+    /// The config, as [`TrainArgs::resolve`], with `--sft-adapter` (`stage` is always "rm").
+    pub fn resolve(&self, _stage: &str) -> Result<crate::train::config::TrainConfig> {
+        let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let sets: Vec<String> = self.sft_adapter.iter().map(|a| format!("rm.sft_adapter={}", quote(a))).collect();
+        self.train.resolve_with(&sets)
+    }
+}
+
+/// `lorafit ppo`: the training flags, the policy's SFT adapter and the reward model.
+#[derive(Args)]
+pub struct PpoArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Overrides ppo.sft_adapter: the policy's start and the (frozen) reference.
+    #[arg(long)]
+    pub sft_adapter: Option<String>,
+    /// Overrides ppo.reward_adapter: the reward model folder written by `lorafit rm`.
     #[arg(long)]
     pub reward_adapter: Option<String>,
+}
+
+impl PpoArgs {
+    pub fn start(&self) -> crate::train::Start {
+        self.train.start()
+    }
+
+    /// The config, as [`TrainArgs::resolve`], with the adapter flags (`stage` is always "ppo").
+    pub fn resolve(&self, _stage: &str) -> Result<crate::train::config::TrainConfig> {
+        let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let mut sets: Vec<String> = self.sft_adapter.iter().map(|a| format!("ppo.sft_adapter={}", quote(a))).collect();
+        sets.extend(self.reward_adapter.iter().map(|a| format!("ppo.reward_adapter={}", quote(a))));
+        self.train.resolve_with(&sets)
+    }
 }
 
 impl TrainArgs {
@@ -121,17 +172,14 @@ impl TrainArgs {
     }
 
     /// The config file, then --set, then the dedicated flags.
-    pub fn resolve(&self, stage: &str) -> Result<crate::train::config::TrainConfig> {
+    pub fn resolve(&self, _stage: &str) -> Result<crate::train::config::TrainConfig> {
+        self.resolve_with(&[])
+    }
+
+    /// [`TrainArgs::resolve`] with the flags of a subcommand (`extra`, as `--set`s) after the common ones.
+    pub fn resolve_with(&self, extra: &[String]) -> Result<crate::train::config::TrainConfig> {
         let mut sets = self.set.clone();
         let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
-        if let Some(a) = &self.sft_adapter {
-            anyhow::ensure!(stage != "sft", "--sft-adapter is for `rm` and `ppo`");
-            sets.push(format!("{stage}.sft_adapter={}", quote(a)));
-        }
-        if let Some(a) = &self.reward_adapter {
-            anyhow::ensure!(stage == "ppo", "--reward-adapter is for `ppo`");
-            sets.push(format!("ppo.reward_adapter={}", quote(a)));
-        }
         if let Some(m) = &self.model {
             sets.push(format!("model.name={}", quote(m)));
         }
@@ -144,9 +192,16 @@ impl TrainArgs {
         if let Some(d) = &self.device {
             sets.push(format!("model.device={}", quote(d)));
         }
+        if let Some(d) = &self.dtype {
+            sets.push(format!("model.dtype={}", quote(d)));
+        }
+        if let Some(q) = &self.quantize {
+            sets.push(format!("model.quantize={}", quote(q)));
+        }
         if self.skip_bad_rows {
             sets.push("data.skip_bad_rows=true".into());
         }
+        sets.extend(extra.iter().cloned());
         crate::train::config::TrainConfig::load(self.config.as_deref(), &sets)
     }
 }
@@ -165,6 +220,29 @@ pub struct PipelineArgs {
     /// Replace previous runs in the stages' output folders.
     #[arg(long)]
     pub force: bool,
+    /// Overrides model.device in every stage: cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Overrides model.dtype in every stage: f32, f16, bf16 or auto.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Overrides model.quantize in every stage: none or nf4.
+    #[arg(long)]
+    pub quantize: Option<String>,
+}
+
+impl PipelineArgs {
+    /// `--set`s, then the dedicated flags for every stage (over the stages' own tables too).
+    pub fn sets(&self) -> Vec<String> {
+        let mut sets = self.set.clone();
+        for (key, v) in [("device", &self.device), ("dtype", &self.dtype), ("quantize", &self.quantize)] {
+            if let Some(v) = v {
+                let v = toml::Value::String(v.clone());
+                sets.extend(["sft", "rm", "ppo"].map(|stage| format!("stages.{stage}.model.{key}={v}")));
+            }
+        }
+        sets
+    }
 }
 
 #[derive(Args)]
@@ -179,16 +257,22 @@ pub struct ScoreArgs {
     /// {"prompt", "completion"} rows (scored as template(prompt) + completion + eos).
     #[arg(long)]
     pub data: PathBuf,
-    /// The template for JSON rows ("" = KoChatGPT's, the default of every stage).
+    /// The template for JSON rows: `kochatgpt` (= "", the default of every stage), `none`, or a
+    /// text with one {prompt}.
     #[arg(long, default_value = "")]
     pub template: String,
     /// One JSON object per line: {"line", "reward"}.
     #[arg(long)]
     pub json: bool,
+    /// Base weights dtype: f32, f16, bf16, or auto (f32 on CPU, bf16 on GPU).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Store the base's block linears in 4 bits: none or nf4 (QLoRA's NF4).
+    #[arg(long, default_value = "none")]
+    pub quantize: String,
 }
 
 #[derive(Args)]
@@ -241,6 +325,10 @@ pub struct GenerateArgs {
     /// Prompt text; repeat for a batch.
     #[arg(long, required = true)]
     pub prompt: Vec<String>,
+    /// Render each prompt through a template first: `kochatgpt` (the training default; "" too),
+    /// `none`, or a text with one {prompt}. Without it the prompt is continued as given.
+    #[arg(long)]
+    pub template: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Render each prompt as a user message through the chat template, with the generation
@@ -259,8 +347,8 @@ pub struct ChatArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Prompt template with one {prompt} ("" = KoChatGPT's, as in training). Used when the
-    /// model has no chat template, or when given (and --chat-template is not).
+    /// Prompt template: `kochatgpt` (= "", as in training), `none`, or a text with one {prompt}.
+    /// Used when the model has no chat template, or when given (and --chat-template is not).
     #[arg(long, default_value = "")]
     pub template: String,
     /// The chat template ("" = the model's; a built-in: kochatgpt, chatml, alpaca, llama3; or a
@@ -270,6 +358,20 @@ pub struct ChatArgs {
     /// A system message for chat-template conversations.
     #[arg(long)]
     pub system: Option<String>,
+}
+
+/// A `--template` value: a name — `kochatgpt` (KoChatGPT's bilingual Alpaca template, the
+/// training default, also spelt "") or `none` (the text as is) — or a template text with one
+/// `{prompt}`. `None` for `none`.
+pub fn template_arg(value: &str) -> Result<Option<crate::template::Template>> {
+    use crate::template::Template;
+    match value {
+        "" | "kochatgpt" => Ok(Some(Template::kochatgpt())),
+        "none" => Ok(None),
+        text => Template::new(text).map(Some).with_context(|| {
+            format!("--template {text:?}: expected a name (kochatgpt, none) or a template text with one {{prompt}}")
+        }),
+    }
 }
 
 #[derive(Args)]
@@ -331,9 +433,10 @@ pub struct BenchArgs {
     /// sft, rm: timed steps (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
-    /// sft, rm: LoRA target modules, comma-separated.
-    #[arg(long, default_value = "c_attn")]
-    pub targets: String,
+    /// sft, rm: LoRA target modules, comma-separated (default: PEFT's for the architecture,
+    /// c_attn for GPT-2, q_proj,v_proj for LLaMA).
+    #[arg(long)]
+    pub targets: Option<String>,
     /// sft, rm: LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub r: usize,
@@ -366,7 +469,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pipeline(a) => {
             use crate::train::Start;
             let start = if a.resume { Start::Resume } else if a.force { Start::Force } else { Start::Fresh };
-            let s = crate::train::pipeline::run(&a.config, &a.set, start)?;
+            let s = crate::train::pipeline::run(&a.config, &a.sets(), start)?;
             println!("{}", serde_json::to_string_pretty(&s)?);
             Ok(())
         }
@@ -386,7 +489,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let mut chat = crate::chat::TemplateChat::new(&model, r, sampling, a.system.clone());
                 return crate::chat::run_loop(&mut chat, &mut std::io::stdin().lock(), &mut std::io::stdout().lock());
             }
-            let template = crate::template::Template::or_default(&a.template)?;
+            let template = template_arg(&a.template)?.unwrap_or(crate::template::Template::new("{prompt}")?);
             let sampling = sampling_config(&a.sampling, &tok, &files, &[])?;
             let mut chat = crate::chat::Chat { model: &model, tok: &tok, template, sampling, history: vec![] };
             chat.run(&mut std::io::stdin().lock(), &mut std::io::stdout().lock())
@@ -481,13 +584,13 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
     let head_bytes = std::fs::read(&a.data).with_context(|| format!("cannot read data file {}", a.data.display()))?;
     let first = String::from_utf8_lossy(&head_bytes[..head_bytes.len().min(4096)]).trim_start_matches('\u{feff}').trim_start().chars().next();
     let (labels, seqs): (Vec<usize>, Vec<Vec<u32>>) = if matches!(first, Some('[') | Some('{')) {
-        let template = crate::template::Template::or_default(&a.template)?;
+        let template = template_arg(&a.template)?;
         let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token")?;
         let mut out = (vec![], vec![]);
         for (loc, v) in crate::data::read_records(&a.data)? {
             let p = crate::data::str_field(&v, &loc, "prompt")?;
             let c = crate::data::str_field(&v, &loc, "completion")?;
-            let mut ids = tok.encode(&template.render(p))?;
+            let mut ids = tok.encode(&template.as_ref().map_or(p.to_string(), |t| t.render(p)))?;
             ids.extend(tok.encode_plain(c)?);
             ids.push(eos);
             out.0.push(loc.n);
@@ -511,7 +614,8 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
         crate::bail_kind!(crate::error::Kind::ScoreContextOverflow, "{}: entry {n} has {} tokens, more than the model's context of {ctx}", a.data.display(), s.len())
     }
     let (adapters, head) = crate::reward::load_reward_adapter(&a.adapter, "rm", false)?;
-    let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters))?;
+    let quant = crate::quant::BaseQuant::parse(&a.quantize)?;
+    let model = Model::load(&files, dtype, &device, AdapterSet::new(adapters).with_base_quant(quant))?;
     let head = crate::reward::RewardHead::from_tensor(head, false, model.arch.hidden_size(), &device)?;
     let rewards = crate::reward::score(&model, &head, &seqs, tok.padding_id(), 8)?;
     for (n, r) in labels.iter().zip(&rewards) {
@@ -561,6 +665,7 @@ fn chat_renderer<'t>(tok: &'t Tokenizer, files: &ModelFiles, chat_template: &str
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let (model, tok, files) = load_model(&a.model)?;
     if a.chat {
+        anyhow::ensure!(a.template.is_none(), "--chat renders through the chat template (--chat-template); --template is the {{prompt}} alternative: pass one of them");
         let r = chat_renderer(&tok, &files, &a.chat_template, false)?;
         let r = match r {
             Some(r) => r,
@@ -584,7 +689,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         return Ok(());
     }
     let cfg = sampling_config(&a.sampling, &tok, &files, &[])?;
-    let prompts = a.prompt.iter().map(|p| tok.encode(p)).collect::<Result<Vec<_>>>()?;
+    let template = a.template.as_deref().map(template_arg).transpose()?.flatten();
+    let render = |p: &String| template.as_ref().map_or(p.clone(), |t| t.render(p));
+    let prompts = a.prompt.iter().map(|p| tok.encode(&render(p))).collect::<Result<Vec<_>>>()?;
     let outs = generate(&model, &prompts, tok.padding_id(), &cfg)?;
     for (i, (p, o)) in prompts.iter().zip(&outs).enumerate() {
         if prompts.len() > 1 {
@@ -610,35 +717,48 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    if a.what == "sft" {
-        let targets: Vec<String> = a.targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-        let m = &a.model;
-        let r = crate::train::bench::bench_sft(&m.model, &m.dtype, &m.device, a.batch, a.seq, a.steps, &targets, a.r, a.grad_checkpointing, &m.quantize)?;
-        if a.json {
-            println!("{}", serde_json::to_string(&r)?);
+    use crate::train::bench;
+    let m = &a.model;
+    if a.what == "sft" || a.what == "rm" {
+        let mut b = bench::StepBench {
+            model: m.model.clone(),
+            dtype: m.dtype.clone(),
+            device: m.device.clone(),
+            quantize: m.quantize.clone(),
+            batch: a.batch,
+            seq: a.seq,
+            steps: a.steps,
+            r: a.r,
+            targets: vec![],
+            grad_checkpointing: a.grad_checkpointing,
+        };
+        b.check(&a.what, a.targets.as_deref())?;
+        if a.what == "sft" {
+            let r = bench::bench_sft(&b)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "sft step {:.3} s (median of {}), {:.0} tokens/s, peak RSS {}",
+                    r.step_s_median, a.steps, r.tokens_per_s, r.peak_rss_bytes.map(fmt_bytes).unwrap_or_default()
+                );
+            }
         } else {
-            println!(
-                "sft step {:.3} s (median of {}), {:.0} tokens/s, peak RSS {}",
-                r.step_s_median, a.steps, r.tokens_per_s, r.peak_rss_bytes.map(fmt_bytes).unwrap_or_default()
-            );
-        }
-        return Ok(());
-    }
-    if a.what == "rm" {
-        let targets: Vec<String> = a.targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-        let m = &a.model;
-        let r = crate::train::bench::bench_rm(&m.model, &m.dtype, &m.device, a.batch, a.seq, a.steps, &targets, a.r, a.grad_checkpointing)?;
-        if a.json {
-            println!("{}", serde_json::to_string(&r)?);
-        } else {
-            println!("rm step {:.3} s (median of {}), peak RSS {}", r.step_s_median, a.steps, r.peak_rss_bytes.map(fmt_bytes).unwrap_or_default());
+            let r = bench::bench_rm(&b)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("rm step {:.3} s (median of {}), peak RSS {}", r.step_s_median, a.steps, r.peak_rss_bytes.map(fmt_bytes).unwrap_or_default());
+            }
         }
         return Ok(());
     }
     if a.what == "gemm" {
         let dims: Vec<usize> = a.gemm.split('x').map(str::parse).collect::<std::result::Result<_, _>>().context("--gemm: expected MxKxN")?;
         anyhow::ensure!(dims.len() == 3, "--gemm: expected MxKxN");
-        for g in crate::train::bench::bench_gemm(&a.model.device, dims[0], dims[1], dims[2], a.repeats)? {
+        anyhow::ensure!(m.quantize == "none", "bench gemm --quantize {}: gemm measures f32 matmuls; --quantize does not apply", m.quantize);
+        bench::check_gemm(&m.device, dims[0], dims[1], dims[2], a.repeats)?;
+        for g in bench::bench_gemm(&m.device, dims[0], dims[1], dims[2], a.repeats)? {
             if a.json {
                 println!("{}", serde_json::to_string(&g)?);
             } else {
@@ -648,6 +768,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     anyhow::ensure!(a.what == "generate", "bench {:?}: expected `generate`, `sft`, `rm` or `gemm`", a.what);
+    bench::check_generate(&m.model, &m.dtype, &m.device, &m.quantize, a.batch, a.prompt_len, a.new_tokens, a.repeats)?;
     let rss_start = peak_rss_bytes().unwrap_or(0); // the process before any weight is read
     let t0 = Instant::now();
     let (model, _tok, _) = load_model(&a.model)?;

@@ -31,6 +31,10 @@ pub enum Kind {
     NoCheckpoint,
     /// An output folder that already holds a run (neither --resume nor --force given).
     OutputHasRun,
+    /// An output folder that holds a finished run (a new run into it needs --force).
+    RunFinished,
+    /// `--resume` with a config that differs from the one the run was started with.
+    ConfigDiffers,
     /// Training diverged: the adapter's values are no longer finite.
     Diverged,
     /// A CUDA device asked of a binary built without CUDA (the message says what to do).
@@ -46,7 +50,9 @@ impl Kind {
             Kind::AdapterModelMismatch => {
                 "pass the same --model the adapter was trained on (`lorafit inspect DIR` shows it)"
             }
-            Kind::TargetsMatchNothing => "set lora.target_modules to module names this model has (listed above)",
+            Kind::TargetsMatchNothing => {
+                "set lora.target_modules (`bench`: --targets) to some of the layer names listed above, or leave it out for PEFT's default for this architecture"
+            }
             Kind::PipelineConfigToStage => "this is a pipeline config: run it with `lorafit pipeline --config FILE`",
             Kind::NotUtf8 => {
                 "convert the file to UTF-8, e.g. `iconv -f cp949 -t utf-8 in.txt > out.txt` for Korean text"
@@ -65,6 +71,10 @@ impl Kind {
             Kind::OutputIsInput => "choose an --out folder outside the model, adapter and data folders",
             Kind::NoCheckpoint => "the earlier run stopped before its first checkpoint: start it again with --force",
             Kind::OutputHasRun => "pass --resume to continue it, --force to replace it, or choose another --out",
+            Kind::RunFinished => "pass --force to replace it, or choose another --out (`lorafit inspect DIR` shows what it holds)",
+            Kind::ConfigDiffers => {
+                "resume with the settings the run was started with (its config.toml), or start a new run with --force or another --out"
+            }
             Kind::Diverged => {
                 "lower train.lr, keep train.max_grad_norm on (e.g. 1.0), or use --dtype f32; the last finite checkpoint is kept"
             }

@@ -11,12 +11,14 @@
 //! - [`merge`]: adapters folded into the base, written as a Hugging Face model folder.
 //! - [`generate`], [`eval`]: the KV-cached batched sampler and per-line NLL.
 //! - [`data`], [`template`], [`train`]: training data, the shared prompt template, and the
-//!   training methods (`train/sft.rs`) over shared pieces (optimizer, checkpoints, metrics).
+//!   training methods (`train/sft.rs`, `rm.rs`, `ppo.rs`) on one training session
+//!   (`train/session.rs`: output folder, checkpoints, loss scaling, metrics, export).
 //! - [`chat_template`], [`render`]: models' Jinja chat templates rendered as transformers does,
 //!   and the one path from a data row to token ids + the mask of learned tokens (`lorafit render`).
 //! - [`plan`]: a training run's peak memory predicted from config.json (`lorafit plan`).
 //! - [`outdir`]: output folders: locks, lorafit's marker, inputs never overwritten, stale temps.
 //! - [`error`]: error kinds with known fixes (the binary prints their hints).
+//! - [`progress`]: log lines and training progress on stderr (a bar, or plain lines in logs).
 //! - [`cli`]: the `lorafit` command line.
 pub mod builtin;
 pub mod chat;
@@ -35,6 +37,7 @@ pub mod outdir;
 pub mod ops;
 pub mod peft;
 pub mod plan;
+pub mod progress;
 pub mod quant;
 pub mod render;
 pub mod reward;

@@ -18,13 +18,13 @@ fn message(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn main() {
+    // Like every Unix tool, end quietly when the reader of stdout goes away (`lorafit plan | head`)
+    // instead of panicking in println!.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     lorafit::runtime::tune_allocator();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "lorafit=info,warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    lorafit::progress::init_logging();
     let cli = lorafit::cli::Cli::parse();
     if let Err(e) = lorafit::cli::run(cli) {
         let chain: Vec<String> = e.chain().map(message).collect();

@@ -41,7 +41,7 @@ pub struct Marker {
 }
 
 /// The families of kinds: a `--force` may replace one kind of output with another of the same family.
-fn family(kind: &str) -> &str {
+pub fn family(kind: &str) -> &str {
     match kind {
         "sft" | "rm" | "ppo" | "dpo" | "grpo" | "run" => "run",
         other => other,

@@ -27,6 +27,7 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {} (a PEFT adapter folder holds adapter_config.json)", path.display()))?;
     let cfg: LoraConfig = serde_json::from_str(&text).with_context(|| format!("{}: not a valid PEFT LoRA config", path.display()))?;
+    cfg.check_values("").with_context(|| format!("{}: invalid value", path.display()))?;
     cfg.validate().with_context(|| format!("{}: unsupported adapter configuration", path.display()))?;
     Ok(cfg)
 }

@@ -1,6 +1,10 @@
 //! `lorafit plan`: the peak memory of a training run, predicted from `config.json` alone (no
-//! tokenizer, no weights: plan a 7B run before downloading it), with a verdict against
-//! `--budget` and, when it does not fit, the settings that would (each one re-planned).
+//! weights: plan a 7B run before downloading it), with a verdict against `--budget` and, when
+//! it does not fit, the smallest set of changes that would (`plan/suggest.rs`, each re-planned).
+//! A pipeline config is planned stage by stage. When the config names a data file (and the
+//! tokenizer is at hand) the rows are read and tokenized (`plan/data.rs`): the longest batch
+//! and an RM batch's real number of completions replace the assumptions (T = `data.max_len`,
+//! 2 completions per prompt), which are otherwise stated in the plan.
 //!
 //! Notation: L layers, C hidden, H heads, Q = H·head_dim, K = kv_heads·head_dim, F MLP width,
 //! V vocab, P positions; a micro-batch of B sequences of T tokens, N = B·T, S = B·H·T² attention
@@ -34,6 +38,9 @@
 //!   4·rows·V) is added to the loss's working set.
 //! - RSS (CPU) = the above + RUNTIME + 2 % of the activations (+ 0.2 block with checkpointing):
 //!   glibc keeps freed heap pages. Calibrated against `bench sft` peak RSS (see tests/plan.rs).
+//!
+//! Sizes are f64 (estimates) and parameter counts u128 (exact), so an absurd config.json cannot
+//! overflow; a plan past [`MAX_BYTES`] is an error.
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -45,26 +52,47 @@ use crate::model::Arch;
 use crate::runtime::fmt_bytes;
 use crate::train::config::TrainConfig;
 
+mod data;
+mod suggest;
+
+pub use data::DataStats;
+
 /// RSS of the process beyond its tensors (binary, libraries, thread stacks, gemm packing
 /// buffers): 7.6 MiB measured after loading a 0.6 MB model, fitted to 10 MiB on training steps.
 const RUNTIME: f64 = 10.0 * 1048576.0;
 /// GPU: the CUDA context and kernels (not measured here; a typical figure).
 const CUDA_CONTEXT: f64 = 512.0 * 1048576.0;
+/// 1 PiB: more memory than any one machine holds. A plan past it comes from a config.json
+/// with absurd sizes, and is an error rather than a number.
+pub const MAX_BYTES: f64 = 1125899906842624.0;
 
 #[derive(Args)]
 pub struct PlanArgs {
     /// A folder with config.json (weights not needed), a hub id (only config.json is fetched), or builtin:<name>.
     #[arg(long)]
     pub model: Option<String>,
-    /// TOML training config (see configs/); every key has a default.
+    /// TOML training config (see configs/), or a pipeline config (each stage is planned).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Overrides data.path: its rows are read (and tokenized, when the tokenizer is at hand) to
+    /// find the longest batch and an RM's completions per prompt.
+    #[arg(long)]
+    pub data: Option<String>,
     /// Override any config key: --set train.batch_size=8.
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
-    /// sft, rm (assumes 2 completions per prompt) or ppo.
-    #[arg(long, default_value = "sft")]
-    pub stage: String,
+    /// Overrides model.device: cpu, cuda or cuda:N (the budget is then GPU memory).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Overrides model.dtype: f32, f16, bf16 or auto.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Overrides model.quantize: none or nf4.
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// sft, rm or ppo (default: sft; with a pipeline config, every stage).
+    #[arg(long)]
+    pub stage: Option<String>,
     /// Memory available: 8GiB, 16GB, 500MiB ... (RAM on CPU, GPU memory on cuda).
     #[arg(long)]
     pub budget: Option<String>,
@@ -75,7 +103,7 @@ pub struct PlanArgs {
 #[derive(Debug, Serialize)]
 pub struct Component { pub name: String, pub bytes: u64 }
 
-/// A change, the `--set` overrides that make it (re-plan with them to check), its peak.
+/// A set of changes, the `--set` overrides that make it (re-plan with them to check), its peak.
 #[derive(Debug, Serialize)]
 pub struct Suggestion { pub change: String, pub sets: Vec<String>, pub peak_bytes: u64, pub fits: bool }
 
@@ -87,13 +115,24 @@ pub struct Plan {
     pub phase: String,
     pub components: Vec<Component>,
     pub peak_bytes: u64, pub load_peak_bytes: u64,
-    pub budget_bytes: Option<u64>, pub fits: Option<bool>, pub suggestions: Vec<Suggestion>,
+    pub budget_bytes: Option<u64>, pub fits: Option<bool>,
+    /// The smallest sets of changes that fit, cheapest first (empty when it fits).
+    pub suggestions: Vec<Suggestion>,
+    /// What was read from the data file, when one is configured.
+    pub data: Option<DataStats>,
+    /// What the plan assumed where it read nothing.
+    pub assumptions: Vec<String>,
 }
 
-/// The config numbers the formulas use (f64: they only feed byte estimates; params are exact).
-/// `tensors`: every tensor in load order (elements, is a block linear weight NF4 quantizes);
-/// `linears`: layer 0's linears (module path, in, out).
-struct Shape { gpt2: bool, c: f64, l: f64, h: f64, q: f64, k: f64, f: f64, v: f64, pos: f64, head_dim: f64, tensors: Vec<(u64, bool)>, linears: Vec<(String, f64, f64)>, file_bytes: f64 }
+/// The config numbers the formulas use (f64: they only feed byte estimates; element counts are
+/// exact u128). Tensors in load order, each (elements, is a block linear weight NF4 quantizes):
+/// `prefix` (embeddings), `layer` (one block, repeated `layers` times), `suffix` (final norm,
+/// untied head). `linears`: layer 0's linears (module path, in, out).
+struct Shape {
+    gpt2: bool, c: f64, l: f64, h: f64, q: f64, k: f64, f: f64, v: f64, pos: f64, head_dim: f64,
+    prefix: Vec<(u128, bool)>, layer: Vec<(u128, bool)>, suffix: Vec<(u128, bool)>, layers: u128,
+    linears: Vec<(String, f64, f64)>, file_bytes: f64,
+}
 
 impl Shape {
     fn new(arch: &Arch, raw: &serde_json::Value) -> Self {
@@ -101,48 +140,57 @@ impl Shape {
             Some("float16" | "bfloat16") => 2.0,
             _ => 4.0,
         };
+        let u = |x: usize| x as u128;
         // (C, L, H, head_dim, K, F, V, P, tied, norm tensors, prefix, linears (name, in, out, bias), attention linears)
         let (c, l, h, hd, k, f, v, pos, tied, norms, prefix, lin, n_attn) = match arch {
             Arch::Gpt2(g) => {
-                let (c, f) = (g.n_embd, g.n_inner());
+                let (c, f) = (u(g.n_embd), g.n_inner.map(u).unwrap_or(4 * u(g.n_embd)));
                 let lin = vec![("attn.c_attn", c, 3 * c, true), ("attn.c_proj", c, c, true), ("mlp.c_fc", c, f, true), ("mlp.c_proj", f, c, true)];
-                (c, g.n_layer, g.n_head, c / g.n_head, c, f, g.vocab_size, g.n_positions, g.tie_word_embeddings, 2, "transformer.h.0.", lin, 2)
+                (c, g.n_layer, g.n_head, c / u(g.n_head).max(1), c, f, g.vocab_size, g.n_positions, g.tie_word_embeddings, 2, "transformer.h.0.", lin, 2)
             }
             Arch::Llama(m) => {
-                let (c, f, hd, ab, mb) = (m.hidden_size, m.intermediate_size, m.head_dim(), m.attention_bias, m.mlp_bias);
-                let (q, k) = (m.num_attention_heads * hd, m.num_kv_heads() * hd);
+                let (c, f, hd, ab, mb) = (u(m.hidden_size), u(m.intermediate_size), u(m.head_dim()), m.attention_bias, m.mlp_bias);
+                let (q, k) = (u(m.num_attention_heads) * hd, u(m.num_kv_heads()) * hd);
                 let lin = vec![("self_attn.q_proj", c, q, ab), ("self_attn.k_proj", c, k, ab), ("self_attn.v_proj", c, k, ab), ("self_attn.o_proj", q, c, ab), ("mlp.gate_proj", c, f, mb), ("mlp.up_proj", c, f, mb), ("mlp.down_proj", f, c, mb)];
                 (c, m.num_hidden_layers, m.num_attention_heads, hd, k, f, m.vocab_size, m.max_position_embeddings, m.tie_word_embeddings, 1, "model.layers.0.", lin, 4)
             }
         };
         let gpt2 = matches!(arch, Arch::Gpt2(_));
-        let mut t = vec![((v * c) as u64, false)];
+        let mut pre = vec![(u(v) * c, false)];
         if gpt2 {
-            t.push(((pos * c) as u64, false)); // learned positions
+            pre.push((u(pos) * c, false)); // learned positions
         }
-        for _ in 0..l {
-            for (i, &(_, a, b, bias)) in lin.iter().enumerate() {
-                if i == 0 || i == n_attn {
-                    t.extend(std::iter::repeat_n((c as u64, false), norms)); // ln_1 / ln_2 (weight, bias) or RMSNorm
-                }
-                t.push(((a * b) as u64, true));
-                if bias {
-                    t.push((b as u64, false));
-                }
+        let mut layer = vec![];
+        for (i, &(_, a, b, bias)) in lin.iter().enumerate() {
+            if i == 0 || i == n_attn {
+                layer.extend(std::iter::repeat_n((c, false), norms)); // ln_1 / ln_2 (weight, bias) or RMSNorm
+            }
+            layer.push((a * b, true));
+            if bias {
+                layer.push((b, false));
             }
         }
-        t.extend(std::iter::repeat_n((c as u64, false), norms));
+        let mut suffix: Vec<(u128, bool)> = std::iter::repeat_n((c, false), norms).collect();
         if !tied {
-            t.push(((v * c) as u64, false));
+            suffix.push((u(v) * c, false));
         }
         let linears = lin.iter().map(|&(n, a, b, _)| (format!("{prefix}{n}"), a as f64, b as f64)).collect();
-        let h = h as f64;
-        Shape { gpt2, c: c as f64, l: l as f64, h, q: h * hd as f64, k: k as f64, f: f as f64, v: v as f64, pos: pos as f64, head_dim: hd as f64, tensors: t, linears, file_bytes }
+        let (hf, hdf) = (h as f64, hd as f64);
+        Shape {
+            gpt2, c: c as f64, l: l as f64, h: hf, q: hf * hdf, k: k as f64, f: f as f64, v: v as f64, pos: pos as f64, head_dim: hdf,
+            prefix: pre, layer, suffix, layers: u(l), linears, file_bytes,
+        }
+    }
+
+    /// Every parameter of the base, exactly.
+    fn params(&self) -> u128 {
+        let sum = |t: &[(u128, bool)]| t.iter().map(|x| x.0).fold(0u128, u128::saturating_add);
+        sum(&self.prefix).saturating_add(self.layers.saturating_mul(sum(&self.layer))).saturating_add(sum(&self.suffix))
     }
 }
 
-/// What a plan depends on, from the resolved config.
-struct Run<'a> { s: &'a Shape, cfg: &'a TrainConfig, lora: LoraConfig, stage: &'a str, gpu: bool, e: f64, dtype: String, nf4: bool }
+/// What a plan depends on, from the resolved config (and the data, when read).
+struct Run<'a> { s: &'a Shape, cfg: &'a TrainConfig, lora: LoraConfig, stage: &'a str, gpu: bool, e: f64, dtype: String, nf4: bool, data: &'a data::Measured }
 
 /// One forward + backward: B sequences of T tokens, labelled rows, LoRA dropout, adapters
 /// active in the pass, and a working set at the loss besides the head (PPO's entropy logits).
@@ -159,8 +207,8 @@ impl Run<'_> {
     /// (peak while loading, base bytes kept): tensors in load order, each read into a buffer.
     fn load(&self) -> (f64, f64) {
         let (e, sf) = (self.e, self.s.file_bytes);
-        let (mut kept, mut peak) = (0.0, 0.0f64);
-        for &(n, lin) in &self.s.tensors {
+        // (bytes while the tensor is read, bytes kept after)
+        let cost = |&(n, lin): &(u128, bool)| -> (f64, f64) {
             let n = n as f64;
             // Stored as wanted: read straight into the tensor; else a byte buffer, then converted.
             let mut during = n * if sf == e { sf } else { (2.0 * sf).max(sf + e) };
@@ -172,9 +220,17 @@ impl Run<'_> {
             if self.gpu {
                 during = n * e; // the CPU-side buffers are host memory
             }
-            peak = peak.max(kept + during);
-            kept += keep;
-        }
+            (during, keep)
+        };
+        // (peak above what was kept before, bytes kept) of a run of tensors.
+        let run = |t: &[(u128, bool)]| t.iter().map(cost).fold((0.0f64, 0.0), |(peak, kept), (d, k)| (peak.max(kept + d), kept + k));
+        let ((p0, k0), (p1, k1), (p2, k2)) = (run(&self.s.prefix), run(&self.s.layer), run(&self.s.suffix));
+        // Every block is the same: the last one, on top of all the others, peaks highest.
+        let layers = self.s.layers as f64;
+        let peak = if layers > 0.0 { p0.max(k0 + (layers - 1.0) * k1 + p1) } else { p0 };
+        let kept = k0 + layers * k1;
+        let peak = peak.max(kept + p2);
+        let kept = kept + k2;
         let rope = if self.s.gpt2 { 0.0 } else { 4.0 * self.s.pos * self.s.head_dim };
         (peak.max(kept + rope), kept + rope)
     }
@@ -249,18 +305,23 @@ impl Run<'_> {
         4.0 * b * t * t + 10.0 * n * s.c * self.e + (12.0 * b * s.h * t * t).max(2.0 * n * s.f * self.e)
     }
 
-    fn phases(&self) -> (Vec<Component>, String, f64) {
+    /// The peak phase's components (bytes; they sum to the peak), the phase, and the load peak.
+    fn phases(&self) -> (Vec<(String, f64)>, &'static str, f64) {
         let (s, cfg, e) = (self.s, self.cfg, self.e);
         let (load_peak, base) = self.load();
         let runtime = if self.gpu { CUDA_CONTEXT } else { RUNTIME };
         let lp = self.lora_params();
-        let (b, t) = (cfg.train.batch_size as f64, cfg.data.max_len.min(s.pos as usize) as f64);
+        // The largest micro-batch: B rows of T tokens (the data's longest rows when it was read).
+        let bs = cfg.train.batch_size;
+        let b = self.data.rows().map_or(bs, |n| bs.min(n)) as f64;
+        let t = self.data.longest().map_or(cfg.data.max_len.min(s.pos as usize), |l| l.min(cfg.data.max_len)) as f64;
         let mut common = vec![(if self.gpu { "CUDA context (typical)".to_string() } else { "runtime (binary, libraries, threads)".into() }, runtime)];
         common.push((format!("base weights ({})", if self.nf4 { format!("NF4 block linears, {} rest", self.dtype) } else { self.dtype.clone() }), base));
         let (adapters, pass, phase) = match self.stage {
             "ppo" => {
                 let p = &cfg.ppo;
-                let (tp, new, mb) = (p.max_prompt_len as f64, p.max_new_tokens as f64, p.minibatch_size as f64);
+                let tp = self.data.longest().map_or(p.max_prompt_len, |l| l.min(p.max_prompt_len)) as f64;
+                let (new, mb) = (p.max_new_tokens as f64, (p.minibatch_size as f64).min(b));
                 let trainable = if p.critic_adapter { 2.0 } else { 1.0 };
                 let adapters = lp * (16.0 * trainable + 4.0 * 3.0) + 32.0 * s.c;
                 // Generation: the KV cache grows to prompt + new (each step re-concatenates one layer);
@@ -280,7 +341,10 @@ impl Run<'_> {
             }
             stage => {
                 let (rm, stacked) = (stage == "rm", !cfg.rm.sft_adapter.is_empty() && stage == "rm");
-                let pass = Pass { b: if rm { 2.0 * b } else { b }, t, labels: if rm { 0.0 } else { b * (t - 1.0) }, dropout: cfg.lora.lora_dropout > 0.0, active: if stacked { 2.0 } else { 1.0 }, at_loss: 0.0 };
+                // RM: every completion of the batch's prompts is a sequence; SFT: the learned tokens.
+                let seqs = if rm { self.data.completions(bs).unwrap_or(2 * bs) as f64 } else { b };
+                let labels = if rm { 0.0 } else { self.data.learned(bs).map_or(b * (t - 1.0), |l| l as f64) };
+                let pass = Pass { b: seqs, t, labels, dropout: cfg.lora.lora_dropout > 0.0, active: if stacked { 2.0 } else { 1.0 }, at_loss: 0.0 };
                 let (step, slack, what) = self.pass(&pass);
                 let adapters = 16.0 * lp + if stacked { 4.0 * lp } else { 0.0 } + if rm { 16.0 * s.c } else { 0.0 };
                 (adapters, vec![(format!("activations + peak op ({what})"), step), ("allocator slack".into(), slack)], "train step")
@@ -291,7 +355,7 @@ impl Run<'_> {
         let train: Vec<(String, f64)> = common.into_iter().chain(pass).collect();
         let sum = |v: &[(String, f64)]| v.iter().map(|c| c.1).sum::<f64>();
         let (chosen, phase) = if sum(&load) > sum(&train) { (load, "load") } else { (train, phase) };
-        (chosen.into_iter().map(|(name, b)| Component { name, bytes: b as u64 }).collect(), phase.into(), runtime + load_peak)
+        (chosen, phase, runtime + load_peak)
     }
 }
 
@@ -306,123 +370,188 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
     Ok((x * mult) as u64)
 }
 
-/// The plan of `model` (or model.name) under `config` + `sets` for `stage`, without suggestions.
-fn plan_once(model: Option<&str>, config: Option<&std::path::Path>, sets: &[String], stage: &str) -> Result<Plan> {
-    let mut sets = sets.to_vec();
-    if let Some(m) = model {
-        sets.push(format!("model.name={}", toml::Value::String(m.to_string())));
+/// A model as the plan sees it: its config.json, read once.
+struct Base { config: PathBuf, arch: Arch, shape: Shape }
+
+impl Base {
+    fn read(name: &str) -> Result<Self> {
+        let config = crate::weights::ModelFiles::config_only(name)?;
+        let text = std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
+        let raw: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", config.display()))?;
+        let arch = Arch::from_file(&config)?;
+        let shape = Shape::new(&arch, &raw);
+        Ok(Self { config, arch, shape })
     }
-    let cfg = TrainConfig::load(config, &sets)?;
-    let path = crate::weights::ModelFiles::config_only(&cfg.model.name)?;
-    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
-    let arch = Arch::from_file(&path)?;
-    let s = Shape::new(&arch, &raw);
-    let gpu = cfg.model.device != "cpu";
-    let e = match cfg.model.dtype.as_str() {
-        "f32" | "float32" => 4.0,
-        "f16" | "float16" | "bf16" | "bfloat16" => 2.0,
-        "auto" => if gpu { 2.0 } else { 4.0 },
-        d => bail!("model.dtype = {d:?}: expected f32, f16, bf16 or auto"),
-    };
-    anyhow::ensure!(matches!(stage, "sft" | "rm" | "ppo"), "--stage {stage}: expected sft, rm or ppo");
-    let nf4 = crate::quant::BaseQuant::parse(&cfg.model.quantize)? == crate::quant::BaseQuant::Nf4;
-    let dtype = if e == 4.0 { "f32".into() } else if cfg.model.dtype == "auto" { "bf16".into() } else { cfg.model.dtype.clone() };
-    let run = Run { s: &s, cfg: &cfg, lora: crate::train::sft::lora_config(&cfg, &arch), stage, gpu, e, dtype: dtype.clone(), nf4 };
-    let (components, phase, load_peak) = run.phases();
-    let trainable = run.lora_params() as u64 * if stage == "ppo" && cfg.ppo.critic_adapter { 2 } else { 1 };
-    let (params, peak_bytes) = (s.tensors.iter().map(|t| t.0).sum(), components.iter().map(|c| c.bytes).sum());
-    let (model, device, load_peak_bytes) = (cfg.model.name.clone(), cfg.model.device.clone(), load_peak as u64);
-    Ok(Plan { model, stage: stage.into(), device, dtype, params, trainable_params: trainable, phase, components, peak_bytes, load_peak_bytes, budget_bytes: None, fits: None, suggestions: vec![] })
 }
 
-/// The plan with its verdict and, when over budget, the changes that fit (each one re-planned).
-pub fn plan(model: Option<&str>, config: Option<&std::path::Path>, sets: &[String], stage: &str, budget: Option<u64>) -> Result<Plan> {
-    let mut p = plan_once(model, config, sets, stage)?;
-    let Some(budget) = budget else { return Ok(p) };
-    (p.budget_bytes, p.fits) = (Some(budget), Some(p.peak_bytes <= budget));
-    if p.peak_bytes <= budget {
-        return Ok(p);
+/// `cfg` with `--set` overrides applied (a suggestion, re-planned).
+fn with_sets(cfg: &TrainConfig, sets: &[String]) -> Result<TrainConfig> {
+    let mut table = toml::Table::try_from(cfg).context("plan: the config as TOML")?;
+    crate::train::config::apply_sets(&mut table, sets)?;
+    TrainConfig::from_table(table, "--set")
+}
+
+impl<'a> Run<'a> {
+    fn new(base: &'a Base, cfg: &'a TrainConfig, stage: &'a str, data: &'a data::Measured) -> Result<Self> {
+        let gpu = cfg.model.device != "cpu";
+        let e = match cfg.model.dtype.as_str() {
+            "f32" | "float32" => 4.0,
+            "f16" | "float16" | "bf16" | "bfloat16" => 2.0,
+            "auto" => if gpu { 2.0 } else { 4.0 },
+            d => bail!("model.dtype = {d:?}: expected f32, f16, bf16 or auto"),
+        };
+        let nf4 = crate::quant::BaseQuant::parse(&cfg.model.quantize)? == crate::quant::BaseQuant::Nf4;
+        let dtype = if e == 4.0 { "f32".into() } else if cfg.model.dtype == "auto" { "bf16".into() } else { cfg.model.dtype.clone() };
+        let lora = crate::train::sft::lora_config(cfg, &base.arch);
+        lora.check_values("lora.")?;
+        Ok(Run { s: &base.shape, cfg, lora, stage, gpu, e, dtype, nf4, data })
     }
-    let cfg = TrainConfig::load(config, sets)?;
-    let try_ = |change: String, extra: Vec<String>| -> Result<Suggestion> {
-        let all: Vec<String> = sets.iter().chain(&extra).cloned().collect();
-        let peak = plan_once(model, config, &all, stage)?.peak_bytes;
-        Ok(Suggestion { change, sets: extra, peak_bytes: peak, fits: peak <= budget })
-    };
-    // The batch knob: sequences per micro-batch (same per optimizer step via grad_accum); for PPO
-    // the minibatch of the update, or the prompts per rollout when the rollout peaks.
-    let (key, bs, acc, len) = match (stage, p.phase.as_str()) {
-        ("ppo", "rollout") => ("train.batch_size", cfg.train.batch_size, 0, 0),
-        ("ppo", _) => ("ppo.minibatch_size", cfg.ppo.minibatch_size, 0, 0),
-        _ => ("train.batch_size", cfg.train.batch_size, cfg.train.grad_accum, cfg.data.max_len),
-    };
-    let halve = |k: usize| [format!("{key}={}", bs >> k), format!("train.grad_accum={}", acc << k)].into_iter().take(if acc > 0 { 2 } else { 1 }).collect::<Vec<_>>();
-    let mut out = vec![];
-    if !cfg.train.grad_checkpointing {
-        out.push(try_("enable activation checkpointing".into(), vec!["train.grad_checkpointing=true".into()])?);
+}
+
+/// The peak of generating `new` tokens after prompts of `prompt` tokens, `batch` at a time,
+/// with the model of `cfg` (no adapters): the base, the KV cache and the prompt's pass.
+pub fn generation_bytes(cfg: &TrainConfig, batch: usize, prompt: usize, new: usize) -> Result<f64> {
+    let base = Base::read(&cfg.model.name)?;
+    let data = data::Measured::default();
+    let run = Run::new(&base, cfg, "sft", &data)?;
+    let (s, (b, p, n)) = (&base.shape, (batch as f64, prompt as f64, new as f64));
+    let (load_peak, kept) = run.load();
+    let kv = b * s.l * 2.0 * s.k * (p + n) * run.e;
+    Ok(if run.gpu { CUDA_CONTEXT } else { RUNTIME } + load_peak.max(kept + kv + run.infer(b, p)))
+}
+
+/// The plan of `stage` under `cfg`, without verdict or suggestions.
+fn plan_config(base: &Base, cfg: &TrainConfig, stage: &str, data: &data::Measured) -> Result<Plan> {
+    let run = Run::new(base, cfg, stage, data)?;
+    let (dtype, params) = (run.dtype.clone(), base.shape.params());
+    let (components, phase, load_peak) = run.phases();
+    let peak: f64 = components.iter().map(|c| c.1).sum();
+    // NaN (e.g. 0 · inf from an absurd size) is past the limit too.
+    if peak.is_nan() || peak > MAX_BYTES {
+        bail!(
+            "{}: the {stage} run of this model ({params} parameters, micro-batches of {} sequences of up to {} tokens) needs {:.3e} bytes, \
+             more than any machine holds (1 PiB): check the sizes in {} (hidden size, layers, heads, vocab_size, intermediate size) \
+             and train.batch_size, data.max_len",
+            cfg.model.name, cfg.train.batch_size, cfg.data.max_len, peak, base.config.display()
+        )
     }
-    // The largest micro-batch (same sequences per optimizer step) and the longest max_len that fit.
-    for k in (1..usize::BITS as usize).take_while(|&k| bs >> k > 0) {
-        let s = try_(format!("{key} {bs} -> {}{}", bs >> k, if acc > 0 { format!(" with train.grad_accum {acc} -> {}", acc << k) } else { String::new() }), halve(k))?;
-        if s.fits {
-            out.push(s);
-            break;
+    let components: Vec<Component> = components.into_iter().map(|(name, b)| Component { name, bytes: b as u64 }).collect();
+    let trainable = run.lora_params() as u64 * if stage == "ppo" && cfg.ppo.critic_adapter { 2 } else { 1 };
+    let peak_bytes = components.iter().map(|c| c.bytes).sum();
+    Ok(Plan {
+        model: cfg.model.name.clone(), stage: stage.into(), device: cfg.model.device.clone(), dtype,
+        params: params as u64, trainable_params: trainable, phase: phase.into(), components, peak_bytes, load_peak_bytes: load_peak as u64,
+        budget_bytes: None, fits: None, suggestions: vec![], data: data.stats.clone(), assumptions: data.assumptions(stage, cfg),
+    })
+}
+
+fn check_stage(stage: &str) -> Result<()> {
+    anyhow::ensure!(matches!(stage, "sft" | "rm" | "ppo"), "--stage {stage}: expected sft, rm or ppo");
+    Ok(())
+}
+
+/// The plan of `stage` under the resolved `cfg` (its data read when configured) with the
+/// verdict against `budget` and, over it, the smallest changes that fit. `prefix` goes before
+/// the suggestions' `--set` keys (`stages.rm.` for a pipeline's stage).
+pub fn plan_stage(cfg: &TrainConfig, stage: &str, budget: Option<u64>, prefix: &str) -> Result<Plan> {
+    check_stage(stage)?;
+    let base = Base::read(&cfg.model.name)?;
+    let data = data::Measured::read(cfg, stage, &base.config)?;
+    let mut p = plan_config(&base, cfg, stage, &data)?;
+    if let Some(budget) = budget {
+        (p.budget_bytes, p.fits) = (Some(budget), Some(p.peak_bytes <= budget));
+        if p.peak_bytes > budget {
+            p.suggestions = suggest::smallest_changes(&base, cfg, &data, &p, budget, prefix)?;
         }
     }
-    for l in (0..).map(|k| len >> (k + 1)).take_while(|&l| l >= 32) {
-        let s = try_(format!("data.max_len {len} -> {l} (longer rows are truncated)"), vec![format!("data.max_len={l}")])?;
-        if s.fits {
-            out.push(s);
-            break;
-        }
-    }
-    if p.dtype == "f32" {
-        out.push(try_("bf16 base (slower on CPU)".into(), vec!["model.dtype=bf16".into()])?);
-    }
-    if cfg.model.quantize != "nf4" {
-        out.push(try_("4-bit base (QLoRA's NF4)".into(), vec!["model.quantize=nf4".into()])?);
-    }
-    if p.device == "cpu" {
-        out.push(try_("on a GPU in bf16 (the budget is then GPU memory)".into(), vec!["model.device=\"cuda\"".into(), "model.dtype=bf16".into()])?);
-    }
-    if !out.iter().any(|s| s.fits) {
-        // All of them at once, halving the batch until it fits.
-        let all: Vec<String> = vec!["train.grad_checkpointing=true".into(), "model.quantize=nf4".into(), "model.dtype=bf16".into()];
-        for k in (0..usize::BITS as usize).take_while(|&k| bs >> k > 0) {
-            let extra: Vec<String> = all.iter().cloned().chain(if k > 0 { halve(k) } else { vec![] }).collect();
-            let s = try_(format!("all of: {}", extra.join(", ")), extra)?;
-            if s.fits {
-                out.push(s);
-                break;
-            }
-        }
-    }
-    p.suggestions = out.into_iter().filter(|s| s.fits).collect();
     Ok(p)
 }
 
 /// `lorafit plan`.
 pub fn run(a: PlanArgs) -> Result<()> {
     let budget = a.budget.as_deref().map(parse_bytes).transpose()?;
-    let p = plan(a.model.as_deref(), a.config.as_deref(), &a.set, &a.stage, budget)?;
+    if let Some(s) = &a.stage {
+        check_stage(s)?;
+    }
+    let flags = [("model.name", &a.model), ("model.device", &a.device), ("model.dtype", &a.dtype), ("model.quantize", &a.quantize)];
+    let quote = |v: &str| toml::Value::String(v.to_string()).to_string();
+    let pipeline = match &a.config {
+        Some(p) => crate::train::config::read_table(Some(p))?.contains_key("stages"),
+        None => false,
+    };
+    let plans = if pipeline {
+        let file = a.config.as_deref().expect("a pipeline has a config");
+        // The flags win over the stages' own tables, as in `lorafit pipeline`.
+        let mut sets = a.set.clone();
+        for (key, v) in flags {
+            if let Some(v) = v {
+                sets.extend(["sft", "rm", "ppo"].map(|s| format!("stages.{s}.{key}={}", quote(v))));
+            }
+        }
+        if let Some(d) = &a.data {
+            let stage = a.stage.as_deref().context("--data with a pipeline config: say which stage reads it with --stage (or --set stages.<stage>.data.path=...)")?;
+            sets.push(format!("stages.{stage}.data.path={}", quote(d)));
+        }
+        let cfgs = crate::train::pipeline::stage_configs(file, &sets)?;
+        let mut plans = vec![];
+        for (stage, cfg) in ["sft", "rm", "ppo"].into_iter().zip(&cfgs) {
+            if a.stage.as_deref().is_none_or(|s| s == stage) {
+                plans.push(plan_stage(cfg, stage, budget, &format!("stages.{stage}.")).with_context(|| format!("{}: stage {stage}", file.display()))?);
+            }
+        }
+        plans
+    } else {
+        let mut sets = a.set.clone();
+        for (key, v) in flags.into_iter().chain([("data.path", &a.data)]) {
+            if let Some(v) = v {
+                sets.push(format!("{key}={}", quote(v)));
+            }
+        }
+        let cfg = TrainConfig::load(a.config.as_deref(), &sets)?;
+        vec![plan_stage(&cfg, a.stage.as_deref().unwrap_or("sft"), budget, "")?]
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&p)?);
+        let out = if pipeline {
+            let fits = budget.map(|_| plans.iter().all(|p| p.fits == Some(true)));
+            serde_json::json!({"config": a.config, "stages": plans, "fits": fits})
+        } else {
+            serde_json::to_value(&plans[0])?
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
+    for (i, p) in plans.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        print_plan(p);
+    }
+    Ok(())
+}
+
+fn print_plan(p: &Plan) {
     println!("{} ({} parameters), stage {}, {} {}, peak in the {} phase:\n", p.model, p.params, p.stage, p.device, p.dtype, p.phase);
     for c in &p.components {
         println!("  {:<62} {:>12}", c.name, fmt_bytes(c.bytes));
     }
     println!("  {:<62} {:>12}", "predicted peak", fmt_bytes(p.peak_bytes));
     println!("  ({} trainable parameters; loading alone peaks at {})", p.trainable_params, fmt_bytes(p.load_peak_bytes));
+    if let Some(d) = &p.data {
+        println!("  data {}: {}", d.path, d.describe());
+    }
+    for a in &p.assumptions {
+        println!("  assumed: {a}");
+    }
     if let (Some(b), Some(fits)) = (p.budget_bytes, p.fits) {
         println!("\nbudget {}: {}", fmt_bytes(b), if fits { "fits" } else { "does NOT fit" });
         if !fits && p.suggestions.is_empty() {
-            println!("no single change (nor all of them together) fits this budget");
+            println!("no combination of checkpointing, a 16-bit base, a smaller micro-batch and NF4 fits this budget");
+        }
+        if !p.suggestions.is_empty() {
+            println!("the smallest changes that fit, least costly first:");
         }
         for s in &p.suggestions {
-            println!("  fits with {}: peak {}   [--set {}]", s.change, fmt_bytes(s.peak_bytes), s.sets.join(" --set "));
+            println!("  {}: peak {}   [--set {}]", s.change, fmt_bytes(s.peak_bytes), s.sets.join(" --set "));
         }
     }
-    Ok(())
 }

@@ -30,6 +30,17 @@ pub struct ModelFiles {
     pub weights: WeightFiles,
 }
 
+/// The message of a hub id that cannot be had: where the cache is, and how to download elsewhere.
+fn hub_hint(id: &str) -> String {
+    let cache_dir = hf_hub::Cache::from_env().path().join(hf_hub::Repo::model(id.to_string()).folder_name());
+    format!(
+        "cannot get {id:?} from the Hugging Face hub or its local cache ({}). If this machine is offline, \
+         download the model elsewhere (`huggingface-cli download {id}`), copy the folder here and pass \
+         `--model /path/to/folder`; or set HF_HOME to a cache that holds it.",
+        cache_dir.display()
+    )
+}
+
 impl ModelFiles {
     /// Resolves `--model`: an existing folder, `builtin:<name>`, or a hub id.
     pub fn resolve(model: &str) -> Result<Self> {
@@ -69,11 +80,14 @@ impl ModelFiles {
         if let Some(p) = hf_hub::Cache::from_env().model(model.to_string()).get("config.json") {
             return Ok(p);
         }
-        if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true") {
-            bail!("--model {model}: config.json is not in the Hugging Face cache and HF_HUB_OFFLINE is set")
-        }
-        let api = hf_hub::api::sync::ApiBuilder::from_env().build()?;
-        api.model(model.to_string()).get("config.json").with_context(|| format!("--model {model}: cannot get config.json from the hub or its cache"))
+        let fetch = || -> Result<PathBuf> {
+            if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true") {
+                bail!("config.json is not in the local cache and HF_HUB_OFFLINE is set")
+            }
+            let api = hf_hub::api::sync::ApiBuilder::from_env().build()?;
+            Ok(api.model(model.to_string()).get("config.json")?)
+        };
+        fetch().kind(Kind::Offline, hub_hint(model))
     }
 
     /// A local folder in Hugging Face layout.
@@ -103,13 +117,7 @@ impl ModelFiles {
 
     /// A hub id: use the Hugging Face cache if it holds the files, else download them.
     pub fn from_hub(id: &str) -> Result<Self> {
-        let cache_dir = hf_hub::Cache::from_env().path().join(hf_hub::Repo::model(id.to_string()).folder_name());
-        let hint = format!(
-            "cannot get {id:?} from the Hugging Face hub or its local cache ({}). If this machine is offline, \
-             download the model elsewhere (`huggingface-cli download {id}`), copy the folder here and pass \
-             `--model /path/to/folder`; or set HF_HOME to a cache that holds it.",
-            cache_dir.display()
-        );
+        let hint = hub_hint(id);
         let cache = hf_hub::Cache::from_env().model(id.to_string());
         let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
         let fetch = |file: &str| -> Result<PathBuf> {

@@ -111,12 +111,12 @@ fn labels_cover_completion_and_eos_never_prompt_or_padding() {
     assert_eq!((stats.rows, stats.truncated, stats.dropped), (3, 1, 1));
     let eos = tok.eos_id.unwrap();
     assert_eq!(*ex[0].ids.last().unwrap(), eos, "eos is learned");
-    assert_eq!(&ex[0].ids[ex[0].prompt_len..ex[0].ids.len() - 1], tok.encode_plain("sky").unwrap().as_slice(), "stray quote stripped");
+    assert_eq!(&ex[0].ids[ex[0].prompt_len()..ex[0].ids.len() - 1], tok.encode_plain("sky").unwrap().as_slice(), "stray quote stripped");
     assert!(ex[1].ids.len() <= 16 && ex[1].ids.ends_with(&[eos]), "the prompt side is cut first");
     let pad = tok.padding_id();
     assert_ne!(pad, eos, "padding is not eos");
     let b = make_batch(&[&ex[0], &ex[1]], pad, &Device::Cpu).unwrap();
-    let n_learned = (ex[0].ids.len() - ex[0].prompt_len) + (ex[1].ids.len() - ex[1].prompt_len);
+    let n_learned = (ex[0].ids.len() - ex[0].prompt_len()) + (ex[1].ids.len() - ex[1].prompt_len());
     assert_eq!(b.targets.dim(0).unwrap(), n_learned);
     let flat: Vec<u32> = b.ids.flatten_all().unwrap().to_vec1().unwrap();
     let t_len = b.ids.dim(1).unwrap() as u32;
@@ -124,7 +124,7 @@ fn labels_cover_completion_and_eos_never_prompt_or_padding() {
         assert_ne!(flat[s as usize + 1], pad, "a padding position is never a target (position {s})");
         let (row, col) = (s / t_len, s % t_len);
         let e = &ex[row as usize];
-        assert!(col as usize + 1 >= e.prompt_len, "a prompt token is never a target");
+        assert!(col as usize + 1 >= e.prompt_len(), "a prompt token is never a target");
     }
 }
 

@@ -104,14 +104,34 @@ fn pattern_matches(pattern: &str, path: &str) -> bool {
 }
 
 impl LoraConfig {
-    /// Rejects what lorafit cannot apply faithfully.
+    /// Rejects values out of range, naming the key as `{prefix}key` (`""` for an
+    /// adapter_config.json, `"lora."` for a training config's `[lora]` section).
+    pub fn check_values(&self, prefix: &str) -> Result<()> {
+        if self.r == 0 {
+            bail!("{prefix}r = 0: the rank must be at least 1")
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            bail!("{prefix}lora_dropout = {} is out of range: it must be in [0, 1) (the probability of zeroing an input of the LoRA path)", self.lora_dropout)
+        }
+        if !self.lora_alpha.is_finite() {
+            bail!("{prefix}lora_alpha = {} must be a finite number", self.lora_alpha)
+        }
+        if let Some((p, _)) = self.rank_pattern.iter().find(|(_, &r)| r == 0) {
+            bail!("{prefix}rank_pattern[{p:?}] = 0: a rank must be at least 1")
+        }
+        if let Some((p, a)) = self.alpha_pattern.iter().find(|(_, a)| !a.is_finite()) {
+            bail!("{prefix}alpha_pattern[{p:?}] = {a} must be a finite number")
+        }
+        Ok(())
+    }
+
+    /// Rejects what lorafit cannot apply faithfully: values out of range
+    /// ([`LoraConfig::check_values`]) and PEFT features it does not implement.
     pub fn validate(&self) -> Result<()> {
         if self.peft_type != "LORA" {
             bail!("peft_type is {:?}: only LORA adapters are supported", self.peft_type)
         }
-        if self.r == 0 {
-            bail!("r must be at least 1")
-        }
+        self.check_values("")?;
         if self.use_dora {
             bail!("use_dora = true: DoRA adapters are not supported")
         }
@@ -133,9 +153,6 @@ impl LoraConfig {
         }
         if self.layers_to_transform.as_ref().is_some_and(|v| !v.is_null()) {
             bail!("layers_to_transform is set: adapters on a subset of layers are not supported")
-        }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            bail!("lora_dropout = {} must be in [0, 1)", self.lora_dropout)
         }
         if let TargetModules::Regex(re) = &self.target_modules {
             if re != "all-linear" {
@@ -179,6 +196,17 @@ impl LoraConfig {
         let scaling = if self.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
         (r, scaling)
     }
+}
+
+/// PEFT's default `target_modules` for a `model_type` (its
+/// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`), for the families lorafit knows.
+pub fn peft_default_targets(model_type: &str) -> Option<&'static [&'static str]> {
+    Some(match model_type {
+        "gpt2" => &["c_attn"],
+        "gpt_neox" => &["query_key_value"],
+        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3_text" => &["q_proj", "v_proj"],
+        _ => return None,
+    })
 }
 
 /// The PEFT tensor key of a LoRA matrix: the one mapping used by both save and load.

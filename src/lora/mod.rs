@@ -24,7 +24,7 @@ use crate::ops::{self, linear};
 use crate::quant::{BaseQuant, Nf4};
 use crate::rng::SeededRng;
 
-pub use config::{parse_peft_key, peft_key, LoraConfig, TargetModules};
+pub use config::{parse_peft_key, peft_default_targets, peft_key, LoraConfig, TargetModules};
 
 /// The LoRA matrices of one module. A: (r, in), B: (out, r), both f32.
 #[derive(Clone)]
@@ -64,7 +64,14 @@ pub struct Adapter {
 
 impl Adapter {
     fn build(name: &str, config: LoraConfig, weight: f64, trainable: bool, init: Init, seed: u64) -> Result<Arc<Self>> {
-        config.validate().with_context(|| format!("adapter {name:?}: unsupported adapter_config"))?;
+        if matches!(init, Init::Fresh { .. }) {
+            // A new adapter's settings come from the training config's `[lora]` section.
+            config.check_values("lora.").with_context(|| format!("adapter {name:?}: invalid [lora] settings"))?;
+            if config.lora_alpha <= 0.0 {
+                anyhow::bail!("adapter {name:?}: lora.lora_alpha = {} must be positive (the scaling is lora_alpha / r)", config.lora_alpha)
+            }
+        }
+        config.validate().with_context(|| format!("adapter {name:?}: unsupported adapter configuration"))?;
         Ok(Arc::new(Self {
             name: name.to_string(),
             config,
@@ -214,15 +221,24 @@ impl Adapter {
 
     /// After construction: every loaded tensor must have found its module, and the adapter
     /// must have attached somewhere. Loud errors here replace PEFT's silent no-op adapters.
-    fn check_complete(&self) -> Result<()> {
+    /// `offered`: the names of the model's LoRA-capable layers (listed when nothing matched).
+    fn check_complete(&self, offered: &[String]) -> Result<()> {
         if self.modules.lock().unwrap().is_empty() {
-            let kind = if matches!(self.init, Init::Loaded(_)) { Kind::AdapterModelMismatch } else { Kind::TargetsMatchNothing };
+            let targets = serde_json::to_string(&self.config.target_modules).unwrap_or_default();
+            let names = if offered.is_empty() { "none".to_string() } else { offered.join(", ") };
+            if matches!(self.init, Init::Loaded(_)) {
+                crate::bail_kind!(
+                    Kind::AdapterModelMismatch,
+                    "adapter {:?}: target_modules {targets} match no layer of this model, whose linear layers are {names} \
+                     (the adapter was made for {}; was that another architecture?)",
+                    self.name,
+                    self.config.base_model_name_or_path.as_deref().unwrap_or("an unrecorded base model")
+                )
+            }
             crate::bail_kind!(
-                kind,
-                "adapter {:?}: target_modules {} match no layer of this model (it was made for {}; was that another architecture?)",
-                self.name,
-                serde_json::to_string(&self.config.target_modules).unwrap_or_default(),
-                self.config.base_model_name_or_path.as_deref().unwrap_or("an unrecorded base model")
+                Kind::TargetsMatchNothing,
+                "adapter {:?}: target_modules {targets} match no layer of this model; its linear layers are named: {names}",
+                self.name
             )
         }
         if let Init::Loaded(map) = &self.init {
@@ -253,11 +269,20 @@ pub struct AdapterSet {
     grad: Arc<AtomicBool>,
     /// How the frozen block linears are stored (NF4 for a 4-bit base).
     pub base_quant: BaseQuant,
+    /// The last component of every module path offered to the adapters at construction
+    /// (`c_attn`, `q_proj`, ...), in order, once each: what `target_modules` can name.
+    offered: Arc<Mutex<Vec<String>>>,
 }
 
 impl AdapterSet {
     pub fn new(adapters: Vec<Arc<Adapter>>) -> Self {
-        Self { adapters, enabled: Arc::new(AtomicBool::new(true)), grad: Arc::new(AtomicBool::new(true)), base_quant: BaseQuant::None }
+        Self {
+            adapters,
+            enabled: Arc::new(AtomicBool::new(true)),
+            grad: Arc::new(AtomicBool::new(true)),
+            base_quant: BaseQuant::None,
+            offered: Arc::new(Mutex::new(vec![])),
+        }
     }
 
     /// The same adapters over a base whose block linears are quantized (`lm_head` stays dense).
@@ -305,9 +330,24 @@ impl AdapterSet {
         self.adapters.iter().for_each(|a| a.set_training(on))
     }
 
+    /// The names of the LoRA-capable layers offered so far (`c_attn, c_proj, c_fc, lm_head`).
+    pub fn offered_names(&self) -> Vec<String> {
+        self.offered.lock().unwrap().clone()
+    }
+
+    /// Records a module path offered at construction (see [`AdapterSet::offered_names`]).
+    fn offer(&self, path: &str) {
+        let leaf = path.rsplit('.').next().unwrap_or(path);
+        let mut names = self.offered.lock().unwrap();
+        if !names.iter().any(|n| n == leaf) {
+            names.push(leaf.to_string());
+        }
+    }
+
     /// Called by the model loader once all layers are built.
     pub fn check_complete(&self) -> Result<()> {
-        self.adapters.iter().try_for_each(|a| a.check_complete())
+        let offered = self.offered_names();
+        self.adapters.iter().try_for_each(|a| a.check_complete(&offered))
     }
 }
 
@@ -395,6 +435,7 @@ impl Linear {
             WeightLayout::Linear => (weight.dim(1)?, weight.dim(0)?),
             WeightLayout::Conv1D => (weight.dim(0)?, weight.dim(1)?),
         };
+        adapters.offer(&path);
         let mut lora = vec![];
         for adapter in &adapters.adapters {
             if adapter.config.targets(&path) {

@@ -5,26 +5,162 @@
 //! the first learned); an RM step is the same for `pairs` chosen + `pairs` rejected sequences in
 //! one batch, rewards at the last token, pairwise loss. The first step is a warm-up, the median
 //! of the others is reported. LoRA: alpha = 2r, dropout 0.05 (the training defaults).
+//! The flags are checked before anything is loaded, as a training config is ([`StepBench::check`],
+//! [`check_generate`], [`check_gemm`]): sizes of at least 1, sequences within the model's
+//! context, and a predicted peak (`lorafit plan`'s formulas) that this machine can hold.
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde::Serialize;
 
 use super::optim::AdamW;
-use super::sft::{label_nll_sum, make_batch, SftExample};
+use super::batch::{label_nll_sum, make_batch, SftExample};
 use super::{forward_backward, GradAccum};
 use crate::reward::{pad_batch, RewardHead, SCORE_KEY};
 use crate::lora::{Adapter, AdapterSet, LoraConfig, TargetModules};
-use crate::model::Model;
+use crate::model::{Arch, Model};
+use crate::runtime::fmt_bytes;
 use crate::rng::SeededRng;
 use crate::runtime::{parse_device, parse_dtype, peak_rss_bytes};
 use crate::weights::ModelFiles;
+
+/// What `bench sft` / `bench rm` run: the model, its dtype, device and storage, and the sizes.
+#[derive(Clone, Debug)]
+pub struct StepBench {
+    pub model: String,
+    pub dtype: String,
+    pub device: String,
+    pub quantize: String,
+    /// sft: sequences per step; rm: pairs (chosen + rejected) per step.
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub r: usize,
+    /// Empty until [`StepBench::check`] fills in the flag or PEFT's default for the architecture.
+    pub targets: Vec<String>,
+    pub grad_checkpointing: bool,
+}
+
+/// `MemAvailable` + `SwapFree` (Linux): what a process can still allocate without being killed.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = |key: &str| -> Option<u64> { info.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok() };
+    Some((kb("MemAvailable:")? + kb("SwapFree:").unwrap_or(0)) * 1024)
+}
+
+/// Refuses a bench whose predicted peak exceeds what this machine can allocate (CPU runs only:
+/// GPU memory is not queried), instead of letting the allocation abort the process.
+fn check_memory(device: &str, what: &str, predicted: f64, fix: &str) -> Result<()> {
+    if device != "cpu" {
+        return Ok(());
+    }
+    if let Some(avail) = available_memory() {
+        if predicted > avail as f64 {
+            bail!(
+                "{what} needs about {} (predicted), more than the {} this machine has available: {fix}",
+                fmt_bytes(predicted.min(u64::MAX as f64) as u64),
+                fmt_bytes(avail)
+            )
+        }
+    }
+    Ok(())
+}
+
+/// The model's architecture from its config.json alone (nothing else is read yet).
+fn arch_of(model: &str) -> Result<Arch> {
+    Arch::from_file(&ModelFiles::config_only(model)?)
+}
+
+impl StepBench {
+    /// Checks the flags of `bench {what}` (sft or rm) before anything is loaded, as a training
+    /// config is checked: sizes of at least 1, `--seq` within the model's context, `--targets`
+    /// (default: PEFT's for the architecture), and a predicted peak this machine can hold.
+    pub fn check(&mut self, what: &str, targets: Option<&str>) -> Result<()> {
+        for (flag, v) in [("--batch", self.batch), ("--steps", self.steps), ("--r", self.r)] {
+            if v == 0 {
+                bail!("bench {what} {flag} 0: {flag} must be at least 1")
+            }
+        }
+        if self.seq < 2 {
+            bail!("bench {what} --seq {}: a sequence needs at least 2 tokens (one predicts the next)", self.seq)
+        }
+        crate::quant::BaseQuant::parse(&self.quantize).context("--quantize")?;
+        let arch = arch_of(&self.model)?;
+        let ctx = arch.max_positions();
+        if self.seq > ctx {
+            bail!("bench {what} --seq {}: longer than the model's context of {ctx} tokens (n_positions / max_position_embeddings in config.json)", self.seq)
+        }
+        self.targets = match targets {
+            Some(t) => t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            None => crate::lora::peft_default_targets(arch.model_type())
+                .with_context(|| format!("bench {what}: no default --targets for model_type {:?}; pass --targets", arch.model_type()))?
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        };
+        if self.targets.is_empty() {
+            bail!("bench {what} --targets: no module name given (e.g. --targets c_attn or --targets q_proj,v_proj)")
+        }
+        let mut sets = model_sets(&self.model, &self.dtype, &self.device, &self.quantize);
+        sets.extend([
+            format!("train.batch_size={}", self.batch),
+            format!("data.max_len={}", self.seq),
+            format!("lora.target_modules={}", toml::Value::Array(self.targets.iter().map(|t| toml::Value::String(t.clone())).collect())),
+            format!("lora.r={}", self.r),
+            format!("lora.lora_alpha={}", 2 * self.r),
+            format!("lora.lora_dropout={BENCH_DROPOUT}"),
+            format!("train.grad_checkpointing={}", self.grad_checkpointing),
+        ]);
+        let cfg = super::config::TrainConfig::load(None, &sets)?;
+        let flags = format!("bench {what} --batch {} --seq {}", self.batch, self.seq);
+        let fix = if self.grad_checkpointing { "lower --seq or --batch" } else { "lower --seq or --batch, or add --grad-checkpointing" };
+        let peak = crate::plan::plan_stage(&cfg, what, None, "").with_context(|| format!("{flags}: {fix}"))?.peak_bytes as f64;
+        check_memory(&self.device, &flags, peak, fix)
+    }
+}
+
+/// The config of a bench's model: its name, dtype, device and storage, as `--set`s.
+fn model_sets(model: &str, dtype: &str, device: &str, quantize: &str) -> Vec<String> {
+    let q = |v: &str| toml::Value::String(v.to_string()).to_string();
+    vec![format!("model.name={}", q(model)), format!("model.dtype={}", q(dtype)), format!("model.device={}", q(device)), format!("model.quantize={}", q(quantize))]
+}
+
+/// Checks `bench generate`'s flags before anything is loaded: sizes of at least 1, prompt and
+/// new tokens within the model's context, and memory for the KV cache.
+#[allow(clippy::too_many_arguments)]
+pub fn check_generate(model: &str, dtype: &str, device: &str, quantize: &str, batch: usize, prompt_len: usize, new_tokens: usize, repeats: usize) -> Result<()> {
+    for (flag, v) in [("--batch", batch), ("--prompt-len", prompt_len), ("--new-tokens", new_tokens), ("--repeats", repeats)] {
+        if v == 0 {
+            bail!("bench generate {flag} 0: {flag} must be at least 1")
+        }
+    }
+    let ctx = arch_of(model)?.max_positions();
+    if prompt_len.saturating_add(new_tokens) > ctx {
+        bail!("bench generate --prompt-len {prompt_len} --new-tokens {new_tokens}: together longer than the model's context of {ctx} tokens")
+    }
+    let cfg = super::config::TrainConfig::load(None, &model_sets(model, dtype, device, quantize))?;
+    let peak = crate::plan::generation_bytes(&cfg, batch, prompt_len, new_tokens)?;
+    check_memory(device, &format!("bench generate --batch {batch} --prompt-len {prompt_len} --new-tokens {new_tokens}"), peak, "lower --batch, --prompt-len or --new-tokens")
+}
+
+/// Checks `bench gemm`'s shape: each side at least 1, and the matrices within this machine's memory.
+pub fn check_gemm(device: &str, m: usize, k: usize, n: usize, repeats: usize) -> Result<()> {
+    if m == 0 || k == 0 || n == 0 || repeats == 0 {
+        bail!("bench gemm --gemm {m}x{k}x{n} --repeats {repeats}: every size must be at least 1")
+    }
+    // A (M,K), B (K,N), Bᵀ (N,K) and the product (M,N), f32.
+    let (m, k, n) = (m as f64, k as f64, n as f64);
+    check_memory(device, &format!("bench gemm --gemm {m}x{k}x{n}"), 4.0 * (m * k + 2.0 * k * n + m * n), "use a smaller --gemm shape")
+}
 
 #[derive(Debug, Serialize)]
 pub struct SftBench {
     pub tool: &'static str,
     pub model: String,
+    pub dtype: String,
+    pub quantize: String,
+    pub lora_dropout: f64,
     pub batch: usize,
     pub seq: usize,
     pub targets: Vec<String>,
@@ -40,24 +176,14 @@ pub struct SftBench {
     pub peak_rss_before_load_bytes: Option<u64>,
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn bench_sft(
-    model_name: &str,
-    dtype: &str,
-    device: &str,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-    targets: &[String],
-    r: usize,
-    grad_checkpointing: bool,
-    quantize: &str,
-) -> Result<SftBench> {
+/// SFT steps as `b` describes ([`StepBench::check`]ed first).
+pub fn bench_sft(b: &StepBench) -> Result<SftBench> {
+    let (batch, seq, steps, targets, r, grad_checkpointing) = (b.batch, b.seq, b.steps, &b.targets, b.r, b.grad_checkpointing);
     let rss_start = peak_rss_bytes();
-    let quant = crate::quant::BaseQuant::parse(quantize)?;
-    let device = parse_device(device)?;
-    let dtype = parse_dtype(dtype, &device)?;
-    let files = ModelFiles::resolve(model_name)?;
+    let quant = crate::quant::BaseQuant::parse(&b.quantize)?;
+    let device = parse_device(&b.device)?;
+    let dtype = parse_dtype(&b.dtype, &device)?;
+    let files = ModelFiles::resolve(&b.model)?;
     let adapter = Adapter::fresh("bench", bench_lora(targets, r), 0)?;
     let model = Model::load(&files, dtype, &device, AdapterSet::new(vec![adapter.clone()]).with_base_quant(quant))?;
     let rss_after_load = peak_rss_bytes();
@@ -67,15 +193,18 @@ pub fn bench_sft(
     let vocab = model.arch.vocab_size();
     let mut rng = SeededRng::new(1);
     let ex: Vec<SftExample> = (0..batch)
-        .map(|_| SftExample { ids: random_ids(&mut rng, seq, vocab), prompt_len: 1 })
+        .map(|_| SftExample::completion(random_ids(&mut rng, seq, vocab), 1))
         .collect();
-    let b = make_batch(&ex.iter().collect::<Vec<_>>(), 0, &device)?;
-    let denom = b.targets.dim(0)? as f64;
-    let f = |h: &Tensor| -> Result<Tensor> { Ok((label_nll_sum(&model, h, &b, train.loss_chunk)? / denom)?) };
-    let (all, median) = timed_steps(&model, (&b.ids, &b.pos, &b.mask), grad_checkpointing, &f, &mut opt, steps)?;
+    let mb = make_batch(&ex.iter().collect::<Vec<_>>(), 0, &device)?;
+    let denom = mb.targets.dim(0)? as f64;
+    let f = |h: &Tensor| -> Result<Tensor> { Ok((label_nll_sum(&model, h, &mb, train.loss_chunk)? / denom)?) };
+    let (all, median) = timed_steps(&model, (&mb.ids, &mb.pos, &mb.mask), grad_checkpointing, &f, &mut opt, steps)?;
     Ok(SftBench {
         tool: "lorafit",
-        model: model_name.into(),
+        model: b.model.clone(),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        quantize: b.quantize.clone(),
+        lora_dropout: BENCH_DROPOUT,
         batch,
         seq,
         targets: targets.to_vec(),
@@ -91,9 +220,12 @@ pub fn bench_sft(
     })
 }
 
+/// The benches' LoRA dropout, as the training default and the PEFT scripts.
+const BENCH_DROPOUT: f64 = 0.05;
+
 /// The benches' LoRA: alpha = 2r and dropout 0.05, as the training defaults and the PEFT scripts.
 fn bench_lora(targets: &[String], r: usize) -> LoraConfig {
-    LoraConfig { r, lora_alpha: 2.0 * r as f64, lora_dropout: 0.05, target_modules: TargetModules::List(targets.to_vec()), ..Default::default() }
+    LoraConfig { r, lora_alpha: 2.0 * r as f64, lora_dropout: BENCH_DROPOUT, target_modules: TargetModules::List(targets.to_vec()), ..Default::default() }
 }
 
 /// `n` seeded random token ids below `vocab`.
@@ -111,6 +243,7 @@ fn timed_steps(
     opt: &mut AdamW,
     steps: usize,
 ) -> Result<(Vec<f64>, f64)> {
+    anyhow::ensure!(steps >= 1, "at least one timed step is needed (after the warm-up)");
     let mut times = vec![];
     for _ in 0..steps + 1 {
         let t0 = Instant::now();
@@ -137,6 +270,9 @@ fn median_after_warmup(times: &[f64]) -> (Vec<f64>, f64) {
 pub struct RmBench {
     pub tool: &'static str,
     pub model: String,
+    pub dtype: String,
+    pub quantize: String,
+    pub lora_dropout: f64,
     pub pairs: usize,
     pub seq: usize,
     pub targets: Vec<String>,
@@ -154,27 +290,19 @@ pub struct RmBench {
 /// Reward-model steps: `pairs` chosen and `pairs` rejected random sequences of `seq` tokens in
 /// one (2·pairs, seq) batch, rewards at the last token (the `lorafit rm` head), loss
 /// mean softplus(r_rejected - r_chosen), backward, AdamW over the LoRA adapter + the head.
-#[allow(clippy::too_many_arguments)]
-pub fn bench_rm(
-    model_name: &str,
-    dtype: &str,
-    device: &str,
-    pairs: usize,
-    seq: usize,
-    steps: usize,
-    targets: &[String],
-    r: usize,
-    grad_checkpointing: bool,
-) -> Result<RmBench> {
+/// `b.batch` is the number of pairs ([`StepBench::check`]ed first).
+pub fn bench_rm(b: &StepBench) -> Result<RmBench> {
+    let (pairs, seq, steps, targets, r, grad_checkpointing) = (b.batch, b.seq, b.steps, &b.targets, b.r, b.grad_checkpointing);
     let rss_start = peak_rss_bytes();
-    let device = parse_device(device)?;
-    let dtype = parse_dtype(dtype, &device)?;
-    let files = ModelFiles::resolve(model_name)?;
+    let quant = crate::quant::BaseQuant::parse(&b.quantize)?;
+    let device = parse_device(&b.device)?;
+    let dtype = parse_dtype(&b.dtype, &device)?;
+    let files = ModelFiles::resolve(&b.model)?;
     let mut cfg = bench_lora(targets, r);
     cfg.task_type = Some("SEQ_CLS".into());
     cfg.modules_to_save = Some(vec!["score".into()]);
     let adapter = Adapter::fresh("bench-rm", cfg, 0)?;
-    let model = Model::load(&files, dtype, &device, AdapterSet::new(vec![adapter.clone()]))?;
+    let model = Model::load(&files, dtype, &device, AdapterSet::new(vec![adapter.clone()]).with_base_quant(quant))?;
     let rss_after_load = peak_rss_bytes();
     model.adapters.set_training(true);
     let head = RewardHead::fresh(model.arch.hidden_size(), 0, &device)?;
@@ -198,7 +326,10 @@ pub fn bench_rm(
     let (all, median) = timed_steps(&model, (&ids, &pos, &mask), grad_checkpointing, &f, &mut opt, steps)?;
     Ok(RmBench {
         tool: "lorafit",
-        model: model_name.into(),
+        model: b.model.clone(),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        quantize: b.quantize.clone(),
+        lora_dropout: BENCH_DROPOUT,
         pairs,
         seq,
         targets: targets.to_vec(),

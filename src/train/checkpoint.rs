@@ -56,24 +56,32 @@ pub fn save(
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     let name = format!("step-{:08}", state.step);
     let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    crate::peft::save_adapter(adapter, &tmp, base_model, extra)?;
-    let mut moments = vec![];
-    for (i, (key, _)) in opt.vars.iter().enumerate() {
-        moments.push((format!("m.{key}"), opt.m[i].clone()));
-        moments.push((format!("v.{key}"), opt.v[i].clone()));
-    }
-    write_safetensors(&tmp.join("optimizer.safetensors"), &moments, HashMap::from([("adam_t".into(), opt.t.to_string())]))?;
-    if !aux.is_empty() {
-        write_safetensors(&tmp.join(AUX_FILE), aux, HashMap::new())?;
-    }
-    atomic_write(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
     let dest = root.join(&name);
-    if dest.exists() {
-        std::fs::remove_dir_all(&dest)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let written = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp)?;
+        crate::peft::save_adapter(adapter, &tmp, base_model, extra)?;
+        let mut moments = vec![];
+        for (i, (key, _)) in opt.vars.iter().enumerate() {
+            moments.push((format!("m.{key}"), opt.m[i].clone()));
+            moments.push((format!("v.{key}"), opt.v[i].clone()));
+        }
+        write_safetensors(&tmp.join("optimizer.safetensors"), &moments, HashMap::from([("adam_t".into(), opt.t.to_string())]))?;
+        if !aux.is_empty() {
+            write_safetensors(&tmp.join(AUX_FILE), aux, HashMap::new())?;
+        }
+        atomic_write(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest)?;
+        }
+        std::fs::rename(&tmp, &dest)?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        // A failed checkpoint (disk full, ...) leaves no temp folder behind.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("cannot write checkpoint {}", dest.display())));
     }
-    std::fs::rename(&tmp, &dest).with_context(|| format!("cannot move checkpoint into {}", dest.display()))?;
     if let Ok(d) = std::fs::File::open(&root) {
         let _ = d.sync_all();
     }
@@ -124,4 +132,17 @@ pub fn load_optimizer(dir: &Path, opt: &mut AdamW) -> Result<()> {
     }
     opt.t = t;
     Ok(())
+}
+
+/// The first of `tensors` that holds a NaN or an infinity, if any.
+pub fn first_non_finite(tensors: &[(String, Tensor)]) -> Result<Option<String>> {
+    for (k, t) in tensors {
+        // x - x is 0 for a finite x and NaN for ±inf or NaN: the sum is 0 iff all are finite.
+        let t = t.detach();
+        let s = (&t - &t)?.sum_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        if s != 0.0 {
+            return Ok(Some(k.clone()));
+        }
+    }
+    Ok(None)
 }

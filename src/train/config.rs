@@ -332,6 +332,17 @@ pub fn merge(base: &mut toml::Table, over: &toml::Table) {
     }
 }
 
+/// The default of a numeric `section.key` (for the examples in messages).
+fn default_of(key: &str) -> String {
+    let d = TrainConfig::default();
+    match key {
+        "train.adam_beta1" => d.train.adam_beta1.to_string(),
+        "train.adam_beta2" => d.train.adam_beta2.to_string(),
+        "lora.lora_dropout" => d.lora.lora_dropout.to_string(),
+        _ => String::new(),
+    }
+}
+
 impl TrainConfig {
     /// Loads `file` (if any) over the defaults, then applies `--set section.key=value` overrides.
     pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Self> {
@@ -389,6 +400,36 @@ impl TrainConfig {
         if self.lora.r == 0 {
             bail!("lora.r must be at least 1")
         }
+        // Optimizer and LoRA settings whose wrong values train a NaN adapter (beta2 = 1 divides
+        // by 1 - beta2^t = 0) or none at all; each message names the key to --set.
+        let in_unit = |key: &str, v: f64, why: &str| -> Result<()> {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{key} = {v} is out of range: it must be at least 0 and below 1 ({why}); e.g. --set {key}={}", default_of(key))
+            }
+            Ok(())
+        };
+        in_unit("train.adam_beta1", t.adam_beta1, "AdamW's first-moment decay")?;
+        in_unit("train.adam_beta2", t.adam_beta2, "AdamW's second-moment decay; 1 makes every update NaN")?;
+        in_unit("lora.lora_dropout", self.lora.lora_dropout, "the share of LoRA inputs dropped in training")?;
+        if !(t.adam_eps > 0.0 && t.adam_eps.is_finite()) {
+            bail!("train.adam_eps = {} must be above 0 (it keeps AdamW from dividing by zero); e.g. --set train.adam_eps=1e-8", t.adam_eps)
+        }
+        if !(self.lora.lora_alpha > 0.0 && self.lora.lora_alpha.is_finite()) {
+            bail!("lora.lora_alpha = {} must be above 0 (the LoRA update is scaled by lora_alpha / r); e.g. --set lora.lora_alpha=16", self.lora.lora_alpha)
+        }
+        if !(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite()) {
+            bail!("train.max_grad_norm = {} must be above 0, or 0 to turn clipping off; e.g. --set train.max_grad_norm=1.0", t.max_grad_norm)
+        }
+        let p = &self.ppo;
+        if !matches!(p.reward_normalize.as_str(), "none" | "batch") {
+            bail!("ppo.reward_normalize = {:?}: expected none or batch", p.reward_normalize)
+        }
+        if p.minibatch_size == 0 || p.ppo_epochs == 0 || p.max_new_tokens == 0 {
+            bail!("ppo.minibatch_size, ppo.ppo_epochs and ppo.max_new_tokens must be at least 1")
+        }
+        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+            bail!("train.weight_decay = {} must be 0 or more; e.g. --set train.weight_decay=0.0", t.weight_decay)
+        }
         Ok(())
     }
 
@@ -412,4 +453,64 @@ impl TrainConfig {
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string(self)?)
     }
+}
+
+/// Keys that hold paths: a resumed run compares them as paths (`./o/run` = `o/run/`), and those
+/// inside the run's own parent folder relative to it (a pipeline folder moved or copied).
+const PATH_KEYS: &[&str] = &["model.name", "data.path", "data.eval_path", "rm.sft_adapter", "ppo.sft_adapter", "ppo.reward_adapter"];
+
+/// `p` without `.` components, repeated or trailing slashes.
+fn normalize(p: &str) -> std::path::PathBuf {
+    Path::new(p).components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
+}
+
+/// `section.key` -> value of every leaf of `t`.
+fn flatten(prefix: &str, t: &toml::Table, out: &mut std::collections::BTreeMap<String, toml::Value>) {
+    for (k, v) in t {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            toml::Value::Table(sub) => flatten(&key, sub, out),
+            v => {
+                out.insert(key, v.clone());
+            }
+        }
+    }
+}
+
+/// What differs between the config a run was started with (`saved`, its TOML) and `now`, one
+/// line per key with both values. `out.dir` is not compared (a run folder may be named
+/// differently or moved); paths are compared as paths, see [`PATH_KEYS`].
+pub fn differences(saved: &str, now: &TrainConfig) -> Result<Vec<String>> {
+    let (mut old, mut new) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+    flatten("", &toml::from_str(saved).context("the checkpoint's config is not valid TOML")?, &mut old);
+    flatten("", &toml::from_str(&now.to_toml()?)?, &mut new);
+    let root = |m: &std::collections::BTreeMap<String, toml::Value>| {
+        m.get("out.dir").and_then(|v| v.as_str()).map(|d| normalize(d).parent().map(Path::to_path_buf).unwrap_or_default()).unwrap_or_default()
+    };
+    let (old_root, new_root) = (root(&old), root(&new));
+    let same_path = |a: &str, b: &str| {
+        let (a, b) = (normalize(a), normalize(b));
+        if a == b {
+            return true;
+        }
+        let rel = |p: &Path, r: &Path| if r.as_os_str().is_empty() { None } else { p.strip_prefix(r).ok().map(Path::to_path_buf) };
+        matches!((rel(&a, &old_root), rel(&b, &new_root)), (Some(x), Some(y)) if x == y && !x.as_os_str().is_empty())
+    };
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let show = |v: Option<&toml::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "(not set)".into());
+    let mut diffs = vec![];
+    for k in keys {
+        if k == "out.dir" {
+            continue;
+        }
+        let (a, b) = (old.get(k), new.get(k));
+        let same = match (a, b) {
+            (Some(toml::Value::String(x)), Some(toml::Value::String(y))) if PATH_KEYS.contains(&k.as_str()) => same_path(x, y),
+            _ => a == b,
+        };
+        if !same {
+            diffs.push(format!("{k} = {} when started, {} now", show(a), show(b)));
+        }
+    }
+    Ok(diffs)
 }

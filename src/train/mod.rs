@@ -1,21 +1,33 @@
-//! What every training method shares: gradient accumulation, the forward/backward of one
-//! micro-batch (with optional activation checkpointing), the metrics log and the progress bar.
-//! Each method (`sft.rs`, ...) is one readable file on top of these; the optimizer,
-//! schedule and clipping are in `optim.rs`, checkpoints in `checkpoint.rs`.
+//! Training. Each method (`sft.rs`, `rm.rs`, `ppo.rs`) is one readable file: its data, its
+//! model and trainables, and what one step does ([`session::Method`]). What every method
+//! shares is here and beside it:
+//! - [`session`]: the run around the method: output folder (lock, marker, --force/--resume),
+//!   config and metrics files, the data cursor, checkpoints and resume, the f16 loss scaler,
+//!   the non-finite guard, the export, the plot and the summary;
+//! - [`batch`]: tokenized examples with their learned spans, micro-batches, the label NLL, the
+//!   eval split, the LoRA config of a new adapter;
+//! - this file: the setup of the model and tokenizer, gradient accumulation, and the
+//!   forward/backward of one micro-batch (with optional activation checkpointing);
+//! - [`trainer`]: what a method's step updates through (AdamW, schedule, clipping, the f16
+//!   loss scaler, the non-finite guard, accumulation of micro-batches);
+//! - `optim.rs` (AdamW, schedule, clipping, loss scaler), `checkpoint.rs`, `plot.rs`, and
+//!   PPO's `roles.rs` and `ppo_math.rs`.
+pub mod batch;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
-pub mod looper;
 pub mod optim;
 pub mod pipeline;
 pub mod plot;
 pub mod ppo;
+pub mod ppo_math;
 pub mod rm;
 pub mod roles;
+pub mod session;
 pub mod sft;
+pub mod trainer;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+pub use batch::held_out;
 
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
@@ -185,80 +197,4 @@ pub fn epoch_batches(lens: &[usize], batch_size: usize, seed: u64, epoch: usize,
     let mut idx: Vec<usize> = (0..batches.len()).collect();
     shuffle(&mut idx);
     idx.into_iter().map(|i| batches[i].clone()).collect()
-}
-
-/// Indices of the `fraction` of `n` items held out for evaluation (seeded).
-pub fn held_out(n: usize, fraction: f64, seed: u64) -> std::collections::HashSet<usize> {
-    let k = ((n as f64) * fraction).round() as usize;
-    let order = epoch_batches(&vec![0; n], 1, seed, usize::MAX, false);
-    order.iter().take(k).map(|b| b[0]).collect()
-}
-
-/// The files a training run writes into its output folder (and nothing else there).
-pub const RUN_FILES: &[&str] =
-    &["adapter_model.safetensors", "adapter_config.json", "config.toml", "metrics.jsonl", "loss.png", "summary.json", "lorafit.json", "samples.jsonl", "checkpoints"];
-
-/// Removes a previous run's files from `out` (`--force`), leaving anything else in place.
-pub fn remove_run_files(out: &Path) -> Result<()> {
-    for f in RUN_FILES {
-        let p = out.join(f);
-        if p.is_dir() {
-            std::fs::remove_dir_all(&p)?;
-        } else if p.exists() {
-            std::fs::remove_file(&p)?;
-        }
-    }
-    Ok(())
-}
-
-/// `metrics.jsonl`: one JSON object per logged step, appended and flushed as it goes.
-pub struct MetricsLog {
-    path: PathBuf,
-}
-
-impl MetricsLog {
-    /// Opens the log in `dir`. When resuming from `step`, lines logged after it (by the run
-    /// that was interrupted) are dropped so the log reads as one uninterrupted run.
-    pub fn open(dir: &Path, resume_from: Option<usize>) -> Result<Self> {
-        let path = dir.join("metrics.jsonl");
-        match resume_from {
-            Some(step) if path.is_file() => {
-                let kept: Vec<String> = std::fs::read_to_string(&path)?
-                    .lines()
-                    .filter(|l| {
-                        serde_json::from_str::<serde_json::Value>(l)
-                            .ok()
-                            .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                            .is_some_and(|s| s as usize <= step)
-                    })
-                    .map(|l| format!("{l}\n"))
-                    .collect();
-                crate::io::atomic_write(&path, kept.concat().as_bytes())?;
-            }
-            _ => crate::io::atomic_write(&path, b"")?,
-        }
-        Ok(Self { path })
-    }
-
-    pub fn log(&self, v: &serde_json::Value) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&self.path)?;
-        writeln!(f, "{v}")?;
-        Ok(())
-    }
-
-    /// Every logged line, parsed.
-    pub fn read(&self) -> Result<Vec<serde_json::Value>> {
-        Ok(std::fs::read_to_string(&self.path)?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
-    }
-}
-
-/// A progress bar on stderr (hidden when stderr is not a terminal).
-pub fn progress_bar(total: usize, done: usize) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(total as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    pb.set_position(done as u64);
-    pb
 }

@@ -6,6 +6,8 @@
 //! Stage outputs go to `<out.dir>/<stage>`; unless set, the reward model is stacked on the
 //! SFT adapter (InstructGPT starts the RM from the SFT model), PPO starts its policy and
 //! reference from the SFT adapter and scores with the reward model.
+//! The root folder is locked while the pipeline runs; each stage claims its own folder
+//! through its training session.
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -13,6 +15,7 @@ use serde::Serialize;
 
 use super::config::{apply_sets, merge, read_table, TrainConfig};
 use super::Start;
+use crate::outdir::OutDir;
 
 #[derive(Debug, Serialize)]
 pub struct PipelineSummary {
@@ -23,6 +26,11 @@ pub struct PipelineSummary {
 
 /// The config of each stage, resolved.
 pub fn stage_configs(file: &Path, sets: &[String]) -> Result<[TrainConfig; 3]> {
+    Ok(resolve(file, sets)?.1)
+}
+
+/// The pipeline's root folder and the config of each stage.
+fn resolve(file: &Path, sets: &[String]) -> Result<(String, [TrainConfig; 3])> {
     let mut table = read_table(Some(file))?;
     apply_sets(&mut table, sets)?;
     let stages = match table.remove("stages") {
@@ -52,34 +60,71 @@ pub fn stage_configs(file: &Path, sets: &[String]) -> Result<[TrainConfig; 3]> {
         }
         out.push(TrainConfig::from_table(t, &format!("{} [stages.{stage}]", file.display()))?.for_stage(stage));
     }
-    Ok(out.try_into().map_err(|_| anyhow::anyhow!("three stages")).unwrap())
+    Ok((root, out.try_into().map_err(|_| anyhow::anyhow!("three stages")).unwrap()))
+}
+
+/// A stage's summary.json (a finished stage that `--resume` skips).
+fn read_summary<S: serde::de::DeserializeOwned>(cfg: &TrainConfig) -> Result<S> {
+    let p = Path::new(&cfg.out.dir).join("summary.json");
+    serde_json::from_str(&std::fs::read_to_string(&p)?).with_context(|| format!("{}: cannot read the stage's summary", p.display()))
 }
 
 /// Runs the three stages in order. `Start::Resume` skips finished stages (those with a
-/// summary.json) and resumes the interrupted one.
+/// summary.json), resumes the interrupted one, and restarts one that stopped before its first
+/// checkpoint.
 pub fn run(file: &Path, sets: &[String], start: Start) -> Result<PipelineSummary> {
-    let [sft, rm, ppo] = stage_configs(file, sets)?;
-    let how = |cfg: &TrainConfig| -> Option<Start> {
+    let _span = tracing::info_span!("pipeline").entered();
+    let (root, [sft, rm, ppo]) = resolve(file, sets)?;
+    // The root is locked while the pipeline runs (a second pipeline into it fails at once).
+    let inputs: Vec<(&str, &Path)> = [&sft, &rm, &ppo]
+        .iter()
+        .flat_map(|c| [("model.name", Path::new(&c.model.name)), ("data.path", Path::new(&c.data.path)), ("data.eval_path", Path::new(&c.data.eval_path))])
+        .collect();
+    crate::outdir::check_not_input(Path::new(&root), "out.dir", &inputs)?;
+    let dir = OutDir::lock(Path::new(&root))?;
+    if dir.contents()?.is_empty() || dir.marker().is_some() {
+        dir.write_marker("pipeline", &[])?;
+    }
+    let finished = |cfg: &TrainConfig| start == Start::Resume && Path::new(&cfg.out.dir).join("summary.json").is_file();
+    let how = |cfg: &TrainConfig| -> Start {
         let out = Path::new(&cfg.out.dir);
+        let has_run = super::session::RUN_FILES.iter().any(|f| out.join(f).exists());
         match start {
-            Start::Resume if out.join("summary.json").is_file() => None,
-            Start::Resume if super::checkpoint::list(out).map(|l| !l.is_empty()).unwrap_or(false) => Some(Start::Resume),
-            Start::Resume => Some(Start::Fresh),
-            s => Some(s),
+            Start::Resume if super::checkpoint::list(out).map(|l| !l.is_empty()).unwrap_or(false) => Start::Resume,
+            // Stopped before its first checkpoint: lorafit's own partial output, started again.
+            Start::Resume if has_run => Start::Force,
+            Start::Resume => Start::Fresh,
+            s => s,
         }
     };
-    let mut summary = PipelineSummary { sft: None, rm: None, ppo: None };
-    if let Some(s) = how(&sft) {
-        tracing::info!("pipeline 1/3: SFT -> {}", sft.out.dir);
-        summary.sft = Some(super::sft::run(&sft, s).context("pipeline stage sft")?);
+    let all_done = finished(&sft) && finished(&rm) && finished(&ppo);
+    let summary = PipelineSummary {
+        sft: Some(if finished(&sft) {
+            read_summary(&sft)?
+        } else {
+            tracing::info!("1/3: SFT -> {}", sft.out.dir);
+            super::sft::run(&sft, how(&sft)).context("pipeline stage sft")?
+        }),
+        rm: Some(if finished(&rm) {
+            read_summary(&rm)?
+        } else {
+            tracing::info!("2/3: reward model -> {}", rm.out.dir);
+            super::rm::run(&rm, how(&rm)).context("pipeline stage rm")?
+        }),
+        ppo: Some(if finished(&ppo) {
+            read_summary(&ppo)?
+        } else {
+            tracing::info!("3/3: PPO -> {}", ppo.out.dir);
+            super::ppo::run(&ppo, how(&ppo)).context("pipeline stage ppo")?
+        }),
+    };
+    if all_done {
+        tracing::info!("{root} holds a finished pipeline (sft, rm and ppo are done): nothing to resume");
+    } else {
+        tracing::info!("done: sft, rm and ppo in {root}");
     }
-    if let Some(s) = how(&rm) {
-        tracing::info!("pipeline 2/3: reward model -> {}", rm.out.dir);
-        summary.rm = Some(super::rm::run(&rm, s).context("pipeline stage rm")?);
-    }
-    if let Some(s) = how(&ppo) {
-        tracing::info!("pipeline 3/3: PPO -> {}", ppo.out.dir);
-        summary.ppo = Some(super::ppo::run(&ppo, s).context("pipeline stage ppo")?);
-    }
+    let (m, policy) = (super::session::shell_word(&ppo.model.name), super::session::shell_word(&ppo.out.dir));
+    tracing::info!("next: lorafit generate --model {m} --adapter {policy} --prompt \"...\"");
+    drop(dir);
     Ok(summary)
 }

@@ -6,52 +6,70 @@
 //! adapters it was stacked on) and its head, frozen; critic = a trainable value head (and
 //! optionally a trainable copy of the RM adapter), initialised from the reward model.
 //!
-//! One iteration (Ouyang et al. 2022; Ziegler et al. 2019; TRL's `PPOTrainer`):
-//! 1. sample prompts, generate responses (KV-cached, batched, left-padded); the old log-probs
-//!    (and the logged entropy) come from the sampler's own logits, not a second policy forward;
-//! 2. score `template(prompt) + response (+ eos)` at its last token; clip / whiten; without a
-//!    critic adapter the critic's features (the reward model's hidden states) are kept from
-//!    this pass, so values and the value-head update need no forward of their own;
-//! 3. log-probs of the response tokens under the reference, and values;
-//! 4. per-token reward `-β (log π - log π_ref)`, plus the score at the last token;
-//! 5. GAE (γ, λ) and whitened advantages;
-//! 6. `ppo_epochs` passes over minibatches: clipped policy loss, clipped value loss, optional
-//!    entropy bonus; a minibatch whose mean ratio explodes is skipped.
-//! Log-probs use the sampling temperature and LoRA dropout is off throughout; the old
-//! log-probs are those of the distribution sampled from: the logged KL (the k3
-//! estimator, `r - 1 - log r` with `r = π_ref/π`) cannot go negative by construction.
+//! One iteration (Ouyang et al. 2022; Ziegler et al. 2019; TRL's `PPOTrainer`) is three steps,
+//! as in torchtune's PPO recipe:
+//! - `rollout`: generate responses (KV-cached, batched; the old log-probs and the logged
+//!   entropy come from the sampler's own logits); score `template(prompt) + response (+ eos)`
+//!   with the reward model (without a critic adapter, the critic's features are kept from this
+//!   pass); reference log-probs and values; per-token rewards `-β (log π - log π_ref)` plus the
+//!   score on the last token; GAE and whitened advantages;
+//! - `update`: `ppo_epochs` passes over minibatches: clipped policy loss (+ entropy bonus),
+//!   clipped value loss, one update each; a minibatch whose mean ratio explodes is skipped;
+//! - `log`: the adaptive KL coefficient, the metrics line, sample responses.
+//! Log-probs use the sampling temperature and LoRA dropout is off throughout, so the logged KL
+//! (k3, `r - 1 - log r` with `r = π_ref/π`) cannot go negative. The roles are built in
+//! `roles.rs`, the formulas are in `ppo_math.rs`; the output folder, data cursor, checkpoints,
+//! optimizer (with the f16 loss scaler) and export are the session's (`session.rs`).
 use std::cell::RefCell;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
-use serde::Serialize;
-use serde_json::{json, Value};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
 
-use super::checkpoint::{self, TrainState};
+use super::batch::{make_batch, tokenize_prompts, SftExample};
 use super::config::TrainConfig;
-use super::looper::RunDir;
-use super::optim::{clip_grad_norm, lr_at, AdamW};
-use super::roles::{gae, whiten, Roles, CRITIC, POLICY, REFERENCE, REWARD, V_HEAD_KEY};
-use super::sft::{lora_config, make_batch, SftExample};
-use super::{epoch_batches, forward_backward, progress_bar, remove_run_files, GradAccum, MetricsLog, Setup, Start};
+use super::plot::PanelSpec;
+use super::ppo_math::{adapt_kl_coef, clipped_policy_loss, clipped_value_loss, gae, kl_rewards, shape_scores, whiten};
+use super::roles::{self, Roles, POLICY};
+use super::session::{Method, PhaseTimes, Session, StepOut, Trainer};
+use super::{epoch_batches, forward_backward, GradAccum, Setup, Start};
 use crate::generate::{generate_with_logprobs, SamplingConfig};
-use crate::lora::Adapter;
-use crate::reward::{load_reward_adapter, RewardHead};
-use crate::runtime::{fmt_bytes, peak_rss_bytes};
+use crate::runtime::fmt_bytes;
+use crate::tokenizer::Tokenizer;
 
 /// One rollout: sequences (prompt ++ response) and per-response-token quantities.
 struct Rollout {
     ex: Vec<SftExample>,
+    /// The reward model's scores, as scored (before clipping / whitening).
     scores: Vec<f32>,
     old_logp: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
     adv: Vec<Vec<f32>>,
     returns: Vec<Vec<f32>>,
+    /// KL to the reference per sequence: k3 and k1 estimators.
+    kl: Vec<f64>,
+    kl_k1: Vec<f64>,
+    /// The sampler's mean entropy at the sampled positions.
+    entropy: f64,
+    /// The critic's features at the response positions (N, C), when it has no adapter.
+    critic_feats: Option<Tensor>,
 }
 
-#[derive(Debug, Serialize)]
+/// Means over the minibatch updates of one iteration.
+#[derive(Default)]
+struct UpdateStats {
+    policy_loss: f64,
+    value_loss: f64,
+    clipfrac: f64,
+    entropy: f64,
+    minibatches: usize,
+    skipped: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct PpoSummary {
     pub out_dir: PathBuf,
     pub iterations: usize,
@@ -61,146 +79,26 @@ pub struct PpoSummary {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Runs (or resumes) PPO as configured.
-pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
-    // 0. Check everything before any rollout or output.
-    let cfg = &cfg.for_stage("ppo");
-    let p = &cfg.ppo;
-    let t = &cfg.train;
-    let run = RunDir::open(cfg, start)?;
-    if p.reward_adapter.is_empty() {
-        bail!("ppo.reward_adapter is not set: pass --reward-adapter DIR (a folder written by `lorafit rm`)")
-    }
-    if !matches!(p.reward_normalize.as_str(), "none" | "batch") {
-        bail!("ppo.reward_normalize = {:?}: expected none or batch", p.reward_normalize)
-    }
-    if p.minibatch_size == 0 || p.ppo_epochs == 0 || p.max_new_tokens == 0 {
-        bail!("ppo.minibatch_size, ppo.ppo_epochs and ppo.max_new_tokens must be at least 1")
-    }
-    let setup = Setup::new(cfg)?;
-    let (template, device, arch, tok) = (&setup.template, setup.device.clone(), &setup.arch, &setup.tok);
-    let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token")?;
-    if p.max_prompt_len + p.max_new_tokens > arch.max_positions() {
-        bail!(
-            "ppo.max_prompt_len ({}) + ppo.max_new_tokens ({}) exceed the model's context of {} tokens",
-            p.max_prompt_len, p.max_new_tokens, arch.max_positions()
-        )
-    }
-    let (prompts, skipped) = crate::data::read_prompts(Path::new(&cfg.data.path), cfg.data.skip_bad_rows)?;
-    let mut cut = 0;
-    let prompt_ids: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|pr| {
-            let mut ids = tok.encode(&template.render(pr))?;
-            if ids.len() > p.max_prompt_len {
-                cut += 1;
-                ids.drain(..ids.len() - p.max_prompt_len);
-            }
-            Ok(ids)
-        })
-        .collect::<Result<_>>()?;
-    let mut stop = vec![eos];
-    for s in &p.stop {
-        match tok.encode_plain(s)?.as_slice() {
-            [id] => stop.push(*id),
-            other => bail!("ppo.stop {s:?} is {} tokens; a stop text must be a single token", other.len()),
-        }
-    }
-    tracing::info!("data: {} prompts ({cut} cut to {} tokens, {skipped} bad rows skipped)", prompts.len(), p.max_prompt_len);
+/// PPO as a [`Method`] of the training session.
+struct Ppo<'a> {
+    cfg: &'a TrainConfig,
+    roles: Roles<'a>,
+    tok: &'a Tokenizer,
+    prompts: Vec<Vec<u32>>,
+    stop: Vec<u32>,
+    eos: u32,
+    pad: u32,
+    device: Device,
+    /// The KL coefficient β (adaptive when `ppo.target_kl` > 0; resumable state).
+    kl_coef: f64,
+    out: PathBuf,
+    laps: PhaseTimes,
+}
 
-    // 1. The roles: adapters over the one base, loaded once.
-    let mut adapters: Vec<std::sync::Arc<Adapter>> = vec![];
-    let resume = run.resume_dir().map(Path::to_path_buf);
-    let has_reference = !p.sft_adapter.is_empty();
-    if has_reference {
-        adapters.push(crate::peft::load_adapter(Path::new(&p.sft_adapter), REFERENCE, 1.0, false)?);
-    }
-    let policy = match (&resume, has_reference) {
-        (Some(dir), _) => crate::peft::load_adapter(dir, POLICY, 1.0, true)?,
-        (None, true) => crate::peft::load_adapter(Path::new(&p.sft_adapter), POLICY, 1.0, true)?,
-        (None, false) => Adapter::fresh(POLICY, lora_config(cfg, arch), t.seed)?,
-    };
-    adapters.push(policy.clone());
-    let rm_dir = Path::new(&p.reward_adapter);
-    let (rm_adapters, rm_head) = load_reward_adapter(rm_dir, REWARD, false)
-        .with_context(|| format!("ppo.reward_adapter {}", rm_dir.display()))?;
-    let reward_names: Vec<String> = rm_adapters.iter().map(|a| a.name.clone()).collect();
-    adapters.extend(rm_adapters);
-    let aux = resume.as_ref().map(|d| candle_core::safetensors::load(d.join(checkpoint::AUX_FILE), &candle_core::Device::Cpu)).transpose()?;
-    let mut critic_names = reward_names.clone();
-    if p.critic_adapter {
-        let (mut c, _) = load_reward_adapter(rm_dir, CRITIC, true)?;
-        let critic = c.pop().unwrap();
-        critic_names.pop();
-        critic_names.push(CRITIC.into());
-        adapters.push(critic);
-    }
-    let model = setup.load_model(adapters)?;
-    let hidden = arch.hidden_size();
-    let v_head_init = match &aux {
-        Some(a) => a.get(V_HEAD_KEY).context("checkpoint has no value head")?.clone(),
-        None => rm_head.clone(),
-    };
-    let roles = Roles {
-        model: &model,
-        reward_head: RewardHead::from_tensor(rm_head, false, hidden, &device)?,
-        v_head: RewardHead::from_tensor(v_head_init, true, hidden, &device)?,
-        reward_names,
-        critic_names: critic_names.clone(),
-        has_reference,
-        cfg,
-    };
-    if let (Some(a), Some(critic)) = (&aux, model.adapters.get(CRITIC)) {
-        for (k, v) in critic.vars() {
-            v.set(&a.get(&format!("critic.{k}")).with_context(|| format!("checkpoint has no critic tensor {k}"))?.to_device(&device)?)?;
-        }
-    }
-    model.adapters.set_training(false); // no LoRA dropout in PPO: old and new log-probs must agree
-    let mut vars = policy.vars();
-    if let Some(c) = model.adapters.get(CRITIC) {
-        vars.extend(c.vars().into_iter().map(|(k, v)| (format!("critic.{k}"), v)));
-    }
-    vars.push((V_HEAD_KEY.into(), roles.v_head.var.clone().unwrap()));
-    let mut opt = AdamW::new(vars, t)?;
-
-    // Output folder, metrics and the resumable state.
-    let total = if t.max_steps > 0 { t.max_steps } else { t.epochs * prompts.len().div_ceil(t.batch_size) };
-    let (mut step, mut epoch, mut cursor, mut kl_coef) = (0, 0, 0, p.kl_coef);
-    if let Some((dir, state)) = &run.ckpt {
-        checkpoint::load_optimizer(dir, &mut opt)?;
-        (step, epoch, cursor) = (state.step, state.epoch, state.batch_in_epoch);
-        kl_coef = state.extra["kl_coef"].as_f64().unwrap_or(kl_coef);
-    }
-    if run.start == Start::Force {
-        remove_run_files(&run.out)?;
-    }
-    std::fs::create_dir_all(&run.out).with_context(|| format!("cannot create {}", run.out.display()))?;
-    crate::io::atomic_write(&run.out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-    let metrics = MetricsLog::open(&run.out, run.ckpt.as_ref().map(|(_, s)| s.step))?;
-    let lens: Vec<usize> = prompt_ids.iter().map(Vec::len).collect();
-    let mut order = epoch_batches(&lens, t.batch_size, t.seed, epoch, false);
-    let pad = tok.padding_id();
-    let pb = progress_bar(total, step);
-    let (mut first_reward, mut last_reward, mut last_kl) = (None, None, None);
-
-    while step < total {
-        if cursor == order.len() {
-            (epoch, cursor) = (epoch + 1, 0);
-            order = epoch_batches(&lens, t.batch_size, t.seed, epoch, false);
-        }
-        let batch_prompts: Vec<Vec<u32>> = order[cursor].iter().map(|&i| prompt_ids[i].clone()).collect();
-        cursor += 1;
-        let mut timing = serde_json::Map::new();
-        let mut clock = Instant::now();
-        let mut lap = |name: &str, timing: &mut serde_json::Map<String, Value>| {
-            timing.insert(format!("time_{name}_s"), clock.elapsed().as_secs_f64().into());
-            // The process's peak so far: which phase sets the run's peak memory.
-            if let Some(b) = peak_rss_bytes() {
-                timing.insert(format!("peak_rss_after_{name}_mib"), (b as f64 / 1048576.0).round().into());
-            }
-            clock = Instant::now();
-        };
-
+impl Ppo<'_> {
+    /// Generate, score, reference log-probs and values, rewards, advantages.
+    fn rollout(&mut self, prompts: &[Vec<u32>], step: usize) -> Result<Rollout> {
+        let (p, t, roles, model) = (&self.cfg.ppo, &self.cfg.train, &self.roles, self.roles.model);
         // 1. Generate with the policy (seeded per iteration, so a resumed run samples the same).
         let sampling = SamplingConfig {
             max_new_tokens: p.max_new_tokens,
@@ -209,22 +107,18 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
             top_p: p.top_p,
             repetition_penalty: 1.0,
             seed: t.seed ^ (step as u64).wrapping_mul(0x9E3779B97F4A7C15),
-            stop_tokens: stop.clone(),
+            stop_tokens: self.stop.clone(),
         };
         roles.activate(&[POLICY.into()]);
-        let samples = generate_with_logprobs(&model, &batch_prompts, pad, &sampling)?;
-        let (responses, old_logp) = (samples.tokens, samples.logp);
+        let samples = generate_with_logprobs(model, prompts, self.pad, &sampling)?;
         // The policy's entropy at the sampled positions, from the sampler's logits (as TRL logs
         // it); recomputed in the update only when it is part of the loss (ent_coef > 0).
         let n_resp: usize = samples.entropy.iter().map(Vec::len).sum();
-        let rollout_entropy = samples.entropy.iter().flatten().map(|&h| h as f64).sum::<f64>() / n_resp.max(1) as f64;
-        let ex: Vec<SftExample> = batch_prompts
-            .iter()
-            .zip(&responses)
-            .map(|(pr, r)| SftExample { ids: pr.iter().chain(r).copied().collect(), prompt_len: pr.len() })
-            .collect();
+        let entropy = samples.entropy.iter().flatten().map(|&h| h as f64).sum::<f64>() / n_resp.max(1) as f64;
+        let ex: Vec<SftExample> =
+            prompts.iter().zip(&samples.tokens).map(|(pr, r)| SftExample::completion(pr.iter().chain(r).copied().collect(), pr.len())).collect();
         let refs: Vec<&SftExample> = ex.iter().collect();
-        lap("generate", &mut timing);
+        self.laps.lap("generate");
 
         // 2. Score with the reward model at the last token (eos appended if the response was cut).
         //    Without a critic adapter the critic reads the reward model's hidden states, so its
@@ -232,211 +126,267 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
         //    change earlier positions under the causal mask) and kept for values and the update.
         let _no_grad = model.adapters.no_grad();
         roles.activate(&roles.reward_names);
-        let (raw, critic_feats) = roles.score(&ex, eos, pad, t.batch_size, !p.critic_adapter)?;
-        let mut scores = raw.clone();
-        if p.reward_clip > 0.0 {
-            scores.iter_mut().for_each(|s| *s = s.clamp(-p.reward_clip as f32, p.reward_clip as f32));
-        }
-        if p.reward_normalize == "batch" && scores.len() > 1 {
-            let mut v = vec![scores.clone()];
-            whiten(&mut v);
-            scores = v.pop().unwrap();
-        }
-        lap("score", &mut timing);
+        let (raw, critic_feats) = roles.score(&ex, self.eos, self.pad, t.batch_size, !p.critic_adapter)?;
+        let scores = shape_scores(&raw, p.reward_clip, &p.reward_normalize);
+        self.laps.lap("score");
 
         // 3. Reference log-probs and values (the old log-probs came with the samples); no graph.
-        let b = make_batch(&refs, pad, &device)?;
-        let reference = if roles.has_reference {
-            roles.activate(&[REFERENCE.into()]);
-            roles.logp(&model.hidden(&b.ids, &b.pos, &b.mask, None)?, &b)?
-        } else {
-            let _off = model.adapters.disabled();
-            roles.logp(&model.hidden(&b.ids, &b.pos, &b.mask, None)?, &b)?
-        }
-        .to_vec1::<f32>()?;
-        let values = match &critic_feats {
-            Some(f) => f.matmul(&roles.v_head.weight.t()?)?.squeeze(1)?,
-            None => {
-                roles.activate(&roles.critic_names);
-                roles.values(&model.hidden(&b.ids, &b.pos, &b.mask, None)?, &b)?
-            }
-        }
-        .to_vec1::<f32>()?;
+        let b = make_batch(&refs, self.pad, &self.device)?;
+        let reference = roles.reference_logp(&b)?.to_vec1::<f32>()?;
+        let values = roles.rollout_values(&b, critic_feats.as_ref())?.to_vec1::<f32>()?;
         drop(_no_grad);
-        lap("logprobs", &mut timing);
+        self.laps.lap("logprobs");
 
-        // 4. Per-token rewards: -β·(log π - log π_ref), plus the score on the last token.
+        // 4. Per-token rewards (KL penalty + score on the last token), GAE, whitened advantages.
         let (ref_logp, values) = (Roles::split(reference, &refs), Roles::split(values, &refs));
-        let mut kl_seq = vec![];
-        let mut kl1_seq = vec![];
-        let mut rewards = vec![];
-        for (i, (lp, lr)) in old_logp.iter().zip(&ref_logp).enumerate() {
-            let k1: Vec<f32> = lp.iter().zip(lr).map(|(a, b)| a - b).collect();
-            // k3 = r - 1 - log r with r = π_ref / π: >= 0 for every token.
-            kl_seq.push(k1.iter().map(|&d| ((-d).exp() - 1.0 + d) as f64).sum::<f64>());
-            kl1_seq.push(k1.iter().map(|&d| d as f64).sum::<f64>());
-            let mut r: Vec<f32> = k1.iter().map(|d| (-kl_coef * *d as f64) as f32).collect();
-            *r.last_mut().unwrap() += scores[i];
-            rewards.push(r);
-        }
-
-        // 5. GAE and whitened advantages.
-        let (mut adv, mut returns) = (vec![], vec![]);
-        for (r, v) in rewards.iter().zip(&values) {
-            let (a, ret) = gae(r, v, p.gamma, p.lam);
+        let (mut kl, mut kl_k1, mut adv, mut returns) = (vec![], vec![], vec![], vec![]);
+        for (i, (lp, lr)) in samples.logp.iter().zip(&ref_logp).enumerate() {
+            let k = kl_rewards(lp, lr, self.kl_coef, scores[i]);
+            let (a, ret) = gae(&k.rewards, &values[i], p.gamma, p.lam);
+            kl.push(k.kl);
+            kl_k1.push(k.kl_k1);
             adv.push(a);
             returns.push(ret);
         }
         whiten(&mut adv);
-        let ro = Rollout { ex, scores: raw, old_logp, values, adv, returns };
+        Ok(Rollout { ex, scores: raw, old_logp: samples.logp, values, adv, returns, kl, kl_k1, entropy, critic_feats })
+    }
 
-        // 6. PPO epochs over minibatches. offsets[i]: the first response token of example i.
-        let offsets: Vec<usize> = std::iter::once(0).chain(ro.ex.iter().scan(0, |a, e| { *a += e.ids.len() - e.prompt_len; Some(*a) })).collect();
-        let (mut pl_sum, mut vl_sum, mut cf_sum, mut ent_sum, mut n_mb, mut skipped_mb) = (0.0, 0.0, 0.0, 0.0, 0usize, 0usize);
+    /// `ppo_epochs` passes over shuffled minibatches of the rollout, one update each.
+    fn update(&mut self, ro: &Rollout, tr: &mut Trainer) -> Result<UpdateStats> {
+        let (p, t, roles, model) = (&self.cfg.ppo, &self.cfg.train, &self.roles, self.roles.model);
+        // offsets[i]: the first response token of example i in the flat rollout vectors.
+        let offsets: Vec<usize> = std::iter::once(0).chain(ro.ex.iter().scan(0, |a, e| { *a += e.ids.len() - e.prompt_len(); Some(*a) })).collect();
+        let mut st = UpdateStats::default();
+        let scale = tr.loss_scale();
+        let scaled = |loss: Tensor| -> Result<Tensor> { Ok(if scale != 1.0 { (loss * scale)? } else { loss }) };
         for e in 0..p.ppo_epochs {
-            let mb_order = epoch_batches(&vec![1; ro.ex.len()], p.minibatch_size, t.seed ^ step as u64, e, false);
+            let mb_order = epoch_batches(&vec![1; ro.ex.len()], p.minibatch_size, t.seed ^ tr.step as u64, e, false);
             for mb in mb_order {
                 let mex: Vec<&SftExample> = mb.iter().map(|&i| &ro.ex[i]).collect();
                 let flat = |x: &Vec<Vec<f32>>| -> Vec<f32> { mb.iter().flat_map(|&i| x[i].clone()).collect() };
-                let dev = &device;
+                let dev = &self.device;
                 let (old_t, adv_t, ret_t, val_t) = (
                     Tensor::new(flat(&ro.old_logp).as_slice(), dev)?,
                     Tensor::new(flat(&ro.adv).as_slice(), dev)?,
                     Tensor::new(flat(&ro.returns).as_slice(), dev)?,
                     Tensor::new(flat(&ro.values).as_slice(), dev)?,
                 );
-                let mbb = make_batch(&mex, pad, dev)?;
-                let mut acc = GradAccum::new(opt.vars.len());
+                let mbb = make_batch(&mex, self.pad, dev)?;
+                let mut acc = GradAccum::new(tr.vars().len());
                 let stats = RefCell::new((0.0, 0.0, 1.0, 0.0));
-                // 6a. Policy: clipped surrogate (+ entropy bonus).
+                // a. Policy: clipped surrogate (+ entropy bonus).
                 roles.activate(&[POLICY.into()]);
                 let policy_loss = |h: &Tensor| -> Result<Tensor> {
-                    let logp = roles.logp(h, &mbb)?;
-                    let ratio = (&logp - &old_t)?.exp()?;
-                    let pg1 = (adv_t.neg()? * &ratio)?;
-                    let pg2 = (adv_t.neg()? * ratio.clamp(1.0 - p.clip_range, 1.0 + p.clip_range)?)?;
-                    let mut loss = pg1.maximum(&pg2)?.mean_all()?;
-                    let r: Vec<f32> = ratio.detach().to_vec1()?;
-                    let clipfrac = r.iter().filter(|&&x| (x as f64 - 1.0).abs() > p.clip_range).count() as f64 / r.len() as f64;
-                    let mean_ratio = r.iter().map(|&x| x as f64).sum::<f64>() / r.len() as f64;
+                    let (mut loss, clipfrac, mean_ratio) = clipped_policy_loss(&roles.logp(h, &mbb)?, &old_t, &adv_t, p.clip_range)?;
                     let ent = if p.ent_coef > 0.0 {
                         let ent = roles.entropy(h, &mbb)?;
                         loss = (loss - (&ent * p.ent_coef)?)?;
                         ent.detach().to_scalar::<f32>()? as f64
                     } else {
-                        rollout_entropy
+                        ro.entropy
                     };
-                    let pl = loss.detach().to_scalar::<f32>()? as f64;
-                    *stats.borrow_mut() = (pl, clipfrac, mean_ratio, ent);
-                    Ok(loss)
+                    *stats.borrow_mut() = (loss.detach().to_scalar::<f32>()? as f64, clipfrac, mean_ratio, ent);
+                    scaled(loss)
                 };
-                forward_backward(&model, &mbb.ids, &mbb.pos, mbb.mask.clone(), t.grad_checkpointing, &policy_loss, &opt.vars, &mut acc)?;
+                forward_backward(model, &mbb.ids, &mbb.pos, mbb.mask.clone(), t.grad_checkpointing, &policy_loss, tr.vars(), &mut acc)?;
                 let (pl, clipfrac, mean_ratio, ent) = stats.into_inner();
                 if !(mean_ratio < p.ratio_threshold && mean_ratio > 1.0 / p.ratio_threshold) {
-                    tracing::warn!("iteration {}: skipping a minibatch whose mean ratio is {mean_ratio:.3}", step + 1);
-                    skipped_mb += 1;
+                    tracing::warn!("iteration {}: skipping a minibatch whose mean ratio is {mean_ratio:.3}", tr.step + 1);
+                    st.skipped += 1;
                     continue;
                 }
-                // 6b. Critic: clipped value loss (on the kept features when the critic has no
-                //     adapter of its own: its value head is then all that trains).
+                // b. Critic: clipped value loss (on the kept features when the critic has no
+                //    adapter of its own: its value head is then all that trains).
                 roles.activate(&roles.critic_names);
                 let vl_cell = RefCell::new(0.0);
                 let value_loss = |v: &Tensor| -> Result<Tensor> {
-                    let vc = (&val_t + (v - &val_t)?.clamp(-p.value_clip, p.value_clip)?)?;
-                    let l1 = (v - &ret_t)?.sqr()?;
-                    let l2 = (&vc - &ret_t)?.sqr()?;
-                    let loss = (l1.maximum(&l2)?.mean_all()? * 0.5)?;
+                    let loss = clipped_value_loss(v, &val_t, &ret_t, p.value_clip)?;
                     *vl_cell.borrow_mut() = loss.detach().to_scalar::<f32>()? as f64;
-                    Ok((loss * p.vf_coef)?)
+                    scaled((loss * p.vf_coef)?)
                 };
-                match &critic_feats {
+                match &ro.critic_feats {
                     Some(f) => {
                         let rows: Vec<Tensor> = mb.iter().map(|&i| f.narrow(0, offsets[i], offsets[i + 1] - offsets[i])).collect::<candle_core::Result<_>>()?;
                         let v = Tensor::cat(&rows, 0)?.matmul(&roles.v_head.weight.t()?)?.squeeze(1)?; // (n,)
-                        acc.add(&value_loss(&v)?.backward()?, &opt.vars)?;
+                        acc.add(&value_loss(&v)?.backward()?, tr.vars())?;
                     }
                     None => {
                         let critic_loss = |h: &Tensor| value_loss(&roles.values(h, &mbb)?);
-                        forward_backward(&model, &mbb.ids, &mbb.pos, mbb.mask.clone(), t.grad_checkpointing, &critic_loss, &opt.vars, &mut acc)?;
+                        forward_backward(model, &mbb.ids, &mbb.pos, mbb.mask.clone(), t.grad_checkpointing, &critic_loss, tr.vars(), &mut acc)?;
                     }
                 }
-                let mut grads = acc.finish(&opt.vars)?;
-                clip_grad_norm(&mut grads, t.max_grad_norm)?;
-                opt.step(&grads, lr_at(t, step, total))?;
-                (pl_sum, vl_sum, cf_sum, ent_sum, n_mb) = (pl_sum + pl, vl_sum + vl_cell.into_inner(), cf_sum + clipfrac, ent_sum + ent, n_mb + 1);
+                // c. One update of policy and critic.
+                tr.apply(acc)?;
+                st.policy_loss += pl;
+                st.value_loss += vl_cell.into_inner();
+                st.clipfrac += clipfrac;
+                st.entropy += ent;
+                st.minibatches += 1;
             }
         }
-        lap("update", &mut timing);
-        step += 1;
+        self.laps.lap("update");
+        Ok(st)
+    }
 
-        // 7. Adaptive KL, metrics, samples, checkpoint.
+    /// The adaptive KL coefficient, the iteration's metrics, and a sample response.
+    fn log(&mut self, ro: &Rollout, st: &UpdateStats, step: usize) -> Result<Map<String, Value>> {
+        let p = &self.cfg.ppo;
         let n = ro.scores.len() as f64;
         let reward_mean = ro.scores.iter().map(|&s| s as f64).sum::<f64>() / n;
         let reward_std = (ro.scores.iter().map(|&s| (s as f64 - reward_mean).powi(2)).sum::<f64>() / n).sqrt();
-        let kl_mean = kl_seq.iter().sum::<f64>() / n;
-        if p.target_kl > 0.0 {
-            let err = (kl_mean / p.target_kl - 1.0).clamp(-0.2, 0.2);
-            kl_coef *= 1.0 + err * (ro.ex.len() as f64) / p.kl_horizon;
-        }
-        let resp_len = ro.ex.iter().map(|e| (e.ids.len() - e.prompt_len) as f64).sum::<f64>() / n;
-        let nmb = n_mb.max(1) as f64;
-        let mut line = json!({"step": step, "epoch": epoch, "reward_mean": reward_mean, "reward_std": reward_std,
+        let kl_mean = ro.kl.iter().sum::<f64>() / n;
+        self.kl_coef = adapt_kl_coef(self.kl_coef, kl_mean, p.target_kl, ro.ex.len(), p.kl_horizon);
+        let resp_len = ro.ex.iter().map(|e| (e.ids.len() - e.prompt_len()) as f64).sum::<f64>() / n;
+        let nmb = st.minibatches.max(1) as f64;
+        let mut line = json!({"reward_mean": reward_mean, "reward_std": reward_std,
             "score_mean": ro.scores.iter().map(|&s| s as f64).sum::<f64>() / n,
-            "kl_mean": kl_mean, "kl_k1_mean": kl1_seq.iter().sum::<f64>() / n, "kl_coef": kl_coef,
-            "policy_loss": pl_sum / nmb, "value_loss": vl_sum / nmb, "clipfrac": cf_sum / nmb, "entropy": ent_sum / nmb,
-            "response_len": resp_len, "skipped_minibatches": skipped_mb});
-        line.as_object_mut().unwrap().extend(timing);
-        metrics.log(&line)?;
-        first_reward.get_or_insert(reward_mean);
-        (last_reward, last_kl) = (Some(reward_mean), Some(kl_mean));
+            "kl_mean": kl_mean, "kl_k1_mean": ro.kl_k1.iter().sum::<f64>() / n, "kl_coef": self.kl_coef,
+            "policy_loss": st.policy_loss / nmb, "value_loss": st.value_loss / nmb, "clipfrac": st.clipfrac / nmb,
+            "entropy": st.entropy / nmb, "response_len": resp_len, "skipped_minibatches": st.skipped});
+        let mut line = std::mem::take(line.as_object_mut().unwrap());
+        line.extend(std::mem::take(&mut self.laps.fields));
         if p.sample_every > 0 && (step % p.sample_every == 0 || step == 1) {
             let e = &ro.ex[0];
-            let text = tok.decode(&e.ids[e.prompt_len..])?;
+            let text = self.tok.decode(&e.ids[e.prompt_len()..])?;
             tracing::info!("iteration {step}: sample response (score {:.3}): {text:?}", ro.scores[0]);
-            let sample = json!({"step": step, "prompt": tok.decode(&e.ids[..e.prompt_len])?, "response": text, "score": ro.scores[0]});
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(run.out.join("samples.jsonl"))?;
-            use std::io::Write;
+            let sample = json!({"step": step, "prompt": self.tok.decode(&e.ids[..e.prompt_len()])?, "response": text, "score": ro.scores[0]});
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(self.out.join("samples.jsonl"))?;
             writeln!(f, "{sample}")?;
         }
-        pb.set_message(format!("reward {reward_mean:.3}  kl {kl_mean:.4}"));
-        pb.set_position(step as u64);
-        if (t.save_every > 0 && step % t.save_every == 0) || step == total {
-            let state = TrainState {
-                step,
-                epoch,
-                batch_in_epoch: cursor,
-                dropout_rng: model.adapters.adapters.iter().map(|a| a.dropout_rng().state()).collect(),
-                tokens_seen: 0,
-                config: cfg.to_toml()?,
-                extra: json!({"kl_coef": kl_coef}),
-            };
-            let mut aux = vec![(V_HEAD_KEY.to_string(), roles.v_head.weight.clone())];
-            if let Some(c) = model.adapters.get(CRITIC) {
-                aux.extend(c.vars().into_iter().map(|(k, v)| (format!("critic.{k}"), v.as_tensor().clone())));
-            }
-            checkpoint::save(&run.out, &policy, &cfg.model.name, &opt, &state, t.keep_last, &[], &aux)?;
+        Ok(line)
+    }
+}
+
+impl Method for Ppo<'_> {
+    fn lens(&self) -> Vec<usize> {
+        self.prompts.iter().map(Vec::len).collect()
+    }
+
+    fn batches_per_step(&self) -> usize {
+        1
+    }
+
+    fn group_by_length(&self) -> bool {
+        false
+    }
+
+    fn step(&mut self, tr: &mut Trainer, batches: &[Vec<usize>]) -> Result<StepOut> {
+        self.laps = PhaseTimes::start();
+        let prompts: Vec<Vec<u32>> = batches[0].iter().map(|&i| self.prompts[i].clone()).collect();
+        let ro = self.rollout(&prompts, tr.step)?;
+        let st = self.update(&ro, tr)?;
+        let metrics = self.log(&ro, &st, tr.step + 1)?;
+        let show = format!("reward {:.3}  kl {:.4}", metrics["reward_mean"].as_f64().unwrap_or(f64::NAN), metrics["kl_mean"].as_f64().unwrap_or(f64::NAN));
+        let tokens = ro.ex.iter().map(|e| e.ids.len() - e.prompt_len()).sum();
+        Ok(StepOut { metrics, show, tokens })
+    }
+
+    fn logs_throughput(&self) -> bool {
+        false
+    }
+
+    fn aux_tensors(&self) -> Vec<(String, Tensor)> {
+        self.roles.critic_tensors()
+    }
+
+    fn state(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("kl_coef".into(), self.kl_coef.into());
+        m
+    }
+
+    fn restore(&mut self, state: &Value) -> Result<()> {
+        self.kl_coef = state["kl_coef"].as_f64().unwrap_or(self.kl_coef);
+        Ok(())
+    }
+
+    fn plot(&self) -> (&'static str, Vec<PanelSpec>) {
+        ("reward.png", vec![
+            PanelSpec { y_label: "reward", line: ("reward_mean", "reward (mean score)"), dots: None },
+            PanelSpec { y_label: "KL", line: ("kl_mean", "KL to the reference"), dots: None },
+        ])
+    }
+}
+
+/// The prompts (through the template, cut from the left to `ppo.max_prompt_len`), the stop
+/// tokens and eos.
+fn load_data(cfg: &TrainConfig, setup: &Setup) -> Result<(Vec<Vec<u32>>, Vec<u32>, u32)> {
+    let (p, tok) = (&cfg.ppo, &setup.tok);
+    let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token")?;
+    if p.max_prompt_len + p.max_new_tokens > setup.arch.max_positions() {
+        bail!(
+            "ppo.max_prompt_len ({}) + ppo.max_new_tokens ({}) exceed the model's context of {} tokens",
+            p.max_prompt_len, p.max_new_tokens, setup.arch.max_positions()
+        )
+    }
+    let (prompts, skipped) = crate::data::read_prompts(Path::new(&cfg.data.path), cfg.data.skip_bad_rows)?;
+    let (ids, cut) = tokenize_prompts(&prompts, tok, &setup.template, p.max_prompt_len)?;
+    let mut stop = vec![eos];
+    for s in &p.stop {
+        match tok.encode_plain(s)?.as_slice() {
+            [id] => stop.push(*id),
+            other => bail!("ppo.stop {s:?} is {} tokens; a stop text must be a single token", other.len()),
         }
     }
-    pb.finish_and_clear();
+    tracing::info!("data: {} prompts ({cut} cut to {} tokens, {skipped} bad rows skipped)", prompts.len(), p.max_prompt_len);
+    Ok((ids, stop, eos))
+}
 
-    // 8. The policy adapter, in PEFT causal-LM format.
-    crate::peft::save_adapter(&policy, &run.out, &cfg.model.name, &[])?;
+/// Runs (or resumes) PPO as configured.
+pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
+    let _span = tracing::info_span!("ppo").entered();
+    // 1. Claim the output folder and check everything before any rollout or output.
+    let cfg = &cfg.for_stage("ppo");
+    let p = &cfg.ppo;
+    let inputs = [
+        ("--model", cfg.model.name.as_str()),
+        ("--data", &cfg.data.path),
+        ("--sft-adapter", &p.sft_adapter),
+        ("--reward-adapter", &p.reward_adapter),
+    ];
+    let mut session = Session::open(cfg, "ppo", start, &inputs)?;
+    if let Some(done) = session.finished()? {
+        return Ok(done);
+    }
+    if p.reward_adapter.is_empty() {
+        bail!("ppo.reward_adapter is not set: pass --reward-adapter DIR (a folder written by `lorafit rm`)")
+    }
+    let setup = Setup::new(cfg)?;
+    let (device, tok) = (setup.device.clone(), &setup.tok);
+
+    // 2. Data: the prompts through the template, cut to max_prompt_len; the stop tokens.
+    let (prompts, stop, eos) = load_data(cfg, &setup)?;
+
+    // 3. The roles: adapters over the one base, loaded once; on --resume, the checkpoint's.
+    let (model, policy, parts) = roles::load(&setup, cfg, session.resume_dir())?;
+    let roles = Roles::new(&model, parts, cfg);
+    model.adapters.set_training(false); // no LoRA dropout in PPO: old and new log-probs must agree
+    let vars = roles.trainables(&policy);
+
+    // 4. The session's loop: rollout, update and log per iteration; checkpoints; the export.
+    let out = session.out().to_path_buf();
+    let mut method =
+        Ppo { cfg, roles, tok, prompts, stop, eos, pad: tok.padding_id(), device, kl_coef: p.kl_coef, out, laps: PhaseTimes::start() };
+    let s = session.train(&model, &policy, vars, &mut method)?;
+
+    // 5. The run's record, and what to do with the policy.
     let summary = PpoSummary {
-        out_dir: run.out.clone(),
-        iterations: step,
-        first_reward_mean: first_reward,
-        last_reward_mean: last_reward,
-        last_kl_mean: last_kl,
-        peak_rss_bytes: peak_rss_bytes(),
+        out_dir: session.out().to_path_buf(),
+        iterations: s.steps,
+        first_reward_mean: s.first("reward_mean"),
+        last_reward_mean: s.last("reward_mean"),
+        last_kl_mean: s.last("kl_mean"),
+        peak_rss_bytes: s.peak_rss_bytes,
     };
-    crate::io::atomic_write(&run.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    tracing::info!(
-        "done: {step} iterations, reward {:.3} -> {:.3}, KL {:.4}, peak memory {}; policy adapter in {}",
-        first_reward.unwrap_or(f64::NAN),
-        last_reward.unwrap_or(f64::NAN),
-        last_kl.unwrap_or(f64::NAN),
-        summary.peak_rss_bytes.map(fmt_bytes).unwrap_or("n/a".into()),
-        run.out.display()
+    let headline = format!(
+        "{} iterations, reward {:.3} -> {:.3}, KL {:.4}, peak memory {}",
+        s.steps,
+        summary.first_reward_mean.unwrap_or(f64::NAN),
+        summary.last_reward_mean.unwrap_or(f64::NAN),
+        summary.last_kl_mean.unwrap_or(f64::NAN),
+        s.peak_rss_bytes.map(fmt_bytes).unwrap_or("n/a".into()),
     );
+    session.finish(&summary, &headline, &session.try_adapter())?;
     Ok(summary)
 }

@@ -11,17 +11,18 @@
 //! With `rm.sft_adapter`, the SFT adapter is *stacked* (frozen) under the new one rather than
 //! merged: merging would need a modified copy of every adapted weight, while stacking keeps
 //! the one frozen base that PPO's four roles share. `lorafit.json` records the stack.
+//! The output folder, checkpoints, the optimizer and the export are the session's.
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::batch::{evaluating, lora_config, split_held_out};
 use super::config::TrainConfig;
-use super::looper::{train_loop, Method, MicroOut, RunDir};
-use super::sft::lora_config;
+use super::session::{shell_word, Method, MicroOut, Session, StepOut, Trainer};
 use super::{forward_backward, GradAccum, Setup, Start};
 use crate::data::{read_ranked, RankedRow};
 use crate::lora::Adapter;
@@ -84,7 +85,7 @@ fn pair_loss(r: &Tensor, exs: &[&RankedExample], margin: f64) -> Result<(Tensor,
     Ok((loss, correct, d.len() as f64, d.iter().map(|&x| x as f64).sum()))
 }
 
-/// The reward model as a [`Method`] of the shared loop.
+/// The reward model as a [`Method`] of the training session.
 struct Rm<'a> {
     model: &'a Model,
     head: &'a RewardHead,
@@ -95,24 +96,15 @@ struct Rm<'a> {
 }
 
 impl Rm<'_> {
-    /// Rewards of every completion of `exs` (one forward), through `f` for the graph.
+    /// The padded batch of every completion of `exs`, where each ends, and its token count.
     fn batch(&self, exs: &[&RankedExample]) -> Result<(Tensor, Tensor, Tensor, Vec<usize>, usize)> {
         let seqs: Vec<Vec<u32>> = exs.iter().flat_map(|e| e.seqs.iter().cloned()).collect();
         let tokens = seqs.iter().map(Vec::len).sum();
         let (ids, pos, mask, last) = pad_batch(&seqs, self.pad, &self.model.device)?;
         Ok((ids, pos, mask, last, tokens))
     }
-}
 
-impl Method for Rm<'_> {
-    fn lens(&self) -> Vec<usize> {
-        self.train.iter().map(|e| e.seqs.iter().map(Vec::len).max().unwrap_or(0)).collect()
-    }
-
-    fn weight(&self, items: &[usize]) -> f64 {
-        items.len() as f64
-    }
-
+    /// Forward and backward of the prompts `items`: all their completions in one batch.
     fn micro_step(&self, items: &[usize], denom: f64, vars: &[(String, Var)], acc: &mut GradAccum) -> Result<MicroOut> {
         let exs: Vec<&RankedExample> = items.iter().map(|&i| &self.train[i]).collect();
         let (ids, pos, mask, last, tokens) = self.batch(&exs)?;
@@ -128,20 +120,9 @@ impl Method for Rm<'_> {
         Ok(MicroOut { loss, tokens, sums: vec![("correct", correct), ("pairs", n), ("margin", margin)] })
     }
 
-    fn step_metrics(&self, sums: &[(&'static str, f64)], _: f64) -> Map<String, Value> {
-        let get = |k: &str| sums.iter().find(|(n, _)| *n == k).map(|(_, v)| *v).unwrap_or(0.0);
-        let n = get("pairs").max(1.0);
+    /// Pairwise loss, accuracy and margin on the held-out prompts.
+    fn eval_metrics(&self) -> Result<Map<String, Value>> {
         let mut m = Map::new();
-        m.insert("accuracy".into(), (get("correct") / n).into());
-        m.insert("margin".into(), (get("margin") / n).into());
-        m
-    }
-
-    fn evaluate(&self) -> Result<Map<String, Value>> {
-        let mut m = Map::new();
-        if self.eval.is_empty() {
-            return Ok(m);
-        }
         let (mut loss, mut correct, mut n, mut margin) = (0.0, 0.0, 0.0, 0.0);
         for group in self.eval.chunks(self.cfg.train.batch_size) {
             let exs: Vec<&RankedExample> = group.iter().collect();
@@ -157,13 +138,44 @@ impl Method for Rm<'_> {
         m.insert("eval_margin".into(), (margin / n.max(1.0)).into());
         Ok(m)
     }
+}
+
+impl Method for Rm<'_> {
+    fn lens(&self) -> Vec<usize> {
+        self.train.iter().map(|e| e.seqs.iter().map(Vec::len).max().unwrap_or(0)).collect()
+    }
+
+    fn batches_per_step(&self) -> usize {
+        self.cfg.train.grad_accum
+    }
+
+    fn group_by_length(&self) -> bool {
+        self.cfg.train.group_by_length
+    }
+
+    fn step(&mut self, tr: &mut Trainer, batches: &[Vec<usize>]) -> Result<StepOut> {
+        // Normalised by the prompts of the whole step: each prompt counts once.
+        let a = tr.accumulate(batches, |items| items.len() as f64, |items, denom, vars, acc| self.micro_step(items, denom, vars, acc))?;
+        let n = a.sum("pairs").max(1.0);
+        let mut m = a.metrics();
+        m.insert("accuracy".into(), (a.sum("correct") / n).into());
+        m.insert("margin".into(), (a.sum("margin") / n).into());
+        Ok(StepOut { metrics: m, show: format!("loss {:.4}", a.loss), tokens: a.tokens })
+    }
+
+    fn evaluate(&self) -> Result<Map<String, Value>> {
+        if self.eval.is_empty() {
+            return Ok(Map::new());
+        }
+        evaluating(self.model, || self.eval_metrics())
+    }
 
     fn extra_tensors(&self) -> Vec<(String, Tensor)> {
         vec![(SCORE_KEY.to_string(), self.head.weight.clone())]
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RmSummary {
     pub out_dir: PathBuf,
     pub steps: usize,
@@ -179,33 +191,37 @@ pub struct RmSummary {
 
 /// Runs (or resumes) reward-model training as configured.
 pub fn run(cfg: &TrainConfig, start: Start) -> Result<RmSummary> {
-    // 1. Check everything before anything is written.
+    let _span = tracing::info_span!("rm").entered();
+    // 1. Claim the output folder and check everything before anything is written.
     let cfg = &cfg.for_stage("rm");
-    let run = RunDir::open(cfg, start)?;
+    let inputs = [
+        ("--model", cfg.model.name.as_str()),
+        ("--data", &cfg.data.path),
+        ("data.eval_path", &cfg.data.eval_path),
+        ("--sft-adapter", &cfg.rm.sft_adapter),
+    ];
+    let mut session = Session::open(cfg, "rm", start, &inputs)?;
+    if let Some(done) = session.finished()? {
+        return Ok(done);
+    }
     let setup = Setup::new(cfg)?;
     let (template, device, arch, tok) = (&setup.template, &setup.device, &setup.arch, &setup.tok);
 
     // 2. Data: ranked rows -> tokenized completions + pairs; held-out prompts for eval.
     let (rows, skipped) = read_ranked(Path::new(&cfg.data.path), cfg.data.skip_bad_rows)?;
     let max_len = cfg.data.max_len.min(arch.max_positions());
-    let (mut all, truncated) = prepare(&rows, tok, template, max_len)?;
+    let (all, truncated) = prepare(&rows, tok, template, max_len)?;
     let pairs: usize = all.iter().map(|e| e.pairs.len()).sum();
-    let eval = if !cfg.data.eval_path.is_empty() {
+    let (train, eval) = if !cfg.data.eval_path.is_empty() {
         let (erows, _) = read_ranked(Path::new(&cfg.data.eval_path), cfg.data.skip_bad_rows)?;
-        prepare(&erows, tok, template, max_len)?.0
+        (all, prepare(&erows, tok, template, max_len)?.0)
     } else {
-        let held = super::held_out(all.len(), cfg.data.eval_fraction, cfg.train.seed);
-        let (mut tr, mut ev) = (vec![], vec![]);
-        for (i, e) in all.drain(..).enumerate() {
-            if held.contains(&i) { ev.push(e) } else { tr.push(e) }
-        }
-        all = tr;
-        ev
+        split_held_out(all, cfg.data.eval_fraction, cfg.train.seed)
     };
-    if all.is_empty() {
+    if train.is_empty() {
         bail!("{}: no training prompts left after the eval split", cfg.data.path)
     }
-    tracing::info!("data: {} prompts, {pairs} pairs -> {} train / {} eval prompts; {truncated} sequences truncated, {skipped} bad rows skipped", rows.len(), all.len(), eval.len());
+    tracing::info!("data: {} prompts, {pairs} pairs -> {} train / {} eval prompts; {truncated} sequences truncated, {skipped} bad rows skipped", rows.len(), train.len(), eval.len());
 
     // 3. The model: [SFT adapter, frozen] + new reward adapter + head.
     let mut adapters = vec![];
@@ -215,7 +231,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<RmSummary> {
         adapters.push(crate::peft::load_adapter(&p, "sft", 1.0, false)?);
         stack.push(p);
     }
-    let (adapter, head) = match run.resume_dir() {
+    let (adapter, head) = match session.resume_dir() {
         Some(dir) => {
             let (mut a, h) = crate::reward::load_reward_adapter(dir, "rm", true)?;
             let rm = a.pop().unwrap();
@@ -234,35 +250,39 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<RmSummary> {
     let mut vars = adapter.vars();
     vars.push((SCORE_KEY.to_string(), head.var.clone().expect("a trainable head")));
 
-    // 4. The shared loop.
-    let method = Rm { model: &model, head: &head, train: &all, eval: &eval, pad: tok.padding_id(), cfg };
-    let s = train_loop(cfg, &run, &model, &adapter, vars, &method)?;
+    // 4. The session's loop, then the stack the adapter sits on.
+    let mut method = Rm { model: &model, head: &head, train: &train, eval: &eval, pad: tok.padding_id(), cfg };
+    let s = session.train(&model, &adapter, vars, &mut method)?;
     if !stack.is_empty() {
-        crate::peft::write_stack(&run.out, &stack)?;
+        crate::peft::write_stack(session.out(), &stack)?;
     }
 
-    // 5. The run's record.
-    let ev = |k: &str| s.final_eval.get(k).and_then(Value::as_f64);
+    // 5. The run's record, and what to do with the reward model.
     let summary = RmSummary {
-        out_dir: run.out.clone(),
+        out_dir: session.out().to_path_buf(),
         steps: s.steps,
         prompts: rows.len(),
         pairs,
         truncated,
         skipped_bad: skipped,
-        final_loss: s.final_loss,
-        eval_accuracy: ev("eval_accuracy"),
-        eval_margin: ev("eval_margin"),
+        final_loss: s.last("loss"),
+        eval_accuracy: s.last("eval_accuracy"),
+        eval_margin: s.last("eval_margin"),
         peak_rss_bytes: s.peak_rss_bytes,
     };
-    crate::io::atomic_write(&run.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    tracing::info!(
-        "done: {} steps, held-out accuracy {}, margin {}, peak memory {}; reward model in {}",
+    let headline = format!(
+        "{} steps, held-out accuracy {}, margin {}, peak memory {}",
         s.steps,
         summary.eval_accuracy.map(|a| format!("{a:.3}")).unwrap_or("-".into()),
         summary.eval_margin.map(|a| format!("{a:.3}")).unwrap_or("-".into()),
         s.peak_rss_bytes.map(fmt_bytes).unwrap_or("n/a".into()),
-        run.out.display()
     );
+    let (m, o) = (shell_word(&cfg.model.name), shell_word(&session.out().display().to_string()));
+    let sft = if cfg.rm.sft_adapter.is_empty() { "SFT_ADAPTER".to_string() } else { shell_word(&cfg.rm.sft_adapter) };
+    let next = [
+        format!("lorafit score --model {m} --adapter {o} --data ANSWERS.jsonl"),
+        format!("lorafit ppo --model {m} --sft-adapter {sft} --reward-adapter {o} --data PROMPTS.jsonl"),
+    ];
+    session.finish(&summary, &headline, &next)?;
     Ok(summary)
 }

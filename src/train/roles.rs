@@ -1,13 +1,22 @@
-//! PPO's pieces: the four roles over one base (which adapters each activates, and the
-//! quantities read from a pass: response log-probs at the sampling temperature, entropy,
-//! values), and the advantage math (GAE, whitening). The loop is in `ppo.rs`.
-use anyhow::Result;
-use candle_core::{DType, Tensor};
+//! PPO's roles: the four roles over one base, loaded once ([`load`]): policy = a trainable
+//! copy of the SFT adapter (or a new adapter); reference = the SFT adapter, frozen (or the bare
+//! base, adapters off); reward = the RM adapter (+ the adapters it was stacked on) and its
+//! head, frozen; critic = a trainable value head (and optionally a trainable copy of the RM
+//! adapter), initialised from the reward model. [`Roles`] says which adapters each activates
+//! and reads the quantities of a pass: response log-probs at the sampling temperature,
+//! entropy, values, reward-model scores. The formulas are in `ppo_math.rs`, the loop in `ppo.rs`.
+use std::path::Path;
+use std::sync::Arc;
 
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::batch::{lora_config, Batch, SftExample};
 use super::config::TrainConfig;
-use super::sft::{Batch, SftExample};
+use super::Setup;
+use crate::lora::Adapter;
 use crate::model::Model;
-use crate::reward::RewardHead;
+use crate::reward::{load_reward_adapter, RewardHead};
 
 pub const POLICY: &str = "policy";
 pub const REFERENCE: &str = "reference";
@@ -24,6 +33,91 @@ pub struct Roles<'a> {
     pub critic_names: Vec<String>,
     pub has_reference: bool,
     pub cfg: &'a TrainConfig,
+}
+
+/// What [`load`] builds besides the model: the heads and which adapters each role activates.
+pub struct RoleParts {
+    reward_head: RewardHead,
+    v_head: RewardHead,
+    reward_names: Vec<String>,
+    critic_names: Vec<String>,
+    has_reference: bool,
+}
+
+/// The base, loaded once, with every role's adapters attached: [reference], policy, reward
+/// (and its stack), [critic]; the policy, critic and value head from `resume` (a checkpoint)
+/// when given. Returns the model, the policy adapter and the rest of the roles.
+pub fn load(setup: &Setup, cfg: &TrainConfig, resume: Option<&Path>) -> Result<(Model, Arc<Adapter>, RoleParts)> {
+    let p = &cfg.ppo;
+    let mut adapters: Vec<Arc<Adapter>> = vec![];
+    let has_reference = !p.sft_adapter.is_empty();
+    if has_reference {
+        adapters.push(crate::peft::load_adapter(Path::new(&p.sft_adapter), REFERENCE, 1.0, false)?);
+    }
+    let policy = match (resume, has_reference) {
+        (Some(dir), _) => crate::peft::load_adapter(dir, POLICY, 1.0, true)?,
+        (None, true) => crate::peft::load_adapter(Path::new(&p.sft_adapter), POLICY, 1.0, true)?,
+        (None, false) => Adapter::fresh(POLICY, lora_config(cfg, &setup.arch), cfg.train.seed)?,
+    };
+    adapters.push(policy.clone());
+    let rm_dir = Path::new(&p.reward_adapter);
+    let (rm_adapters, rm_head) = load_reward_adapter(rm_dir, REWARD, false).with_context(|| format!("ppo.reward_adapter {}", rm_dir.display()))?;
+    let reward_names: Vec<String> = rm_adapters.iter().map(|a| a.name.clone()).collect();
+    adapters.extend(rm_adapters);
+    let aux = resume.map(|d| candle_core::safetensors::load(d.join(super::checkpoint::AUX_FILE), &Device::Cpu)).transpose()?;
+    let mut critic_names = reward_names.clone();
+    if p.critic_adapter {
+        let (mut c, _) = load_reward_adapter(rm_dir, CRITIC, true)?;
+        critic_names.pop();
+        critic_names.push(CRITIC.into());
+        adapters.push(c.pop().unwrap());
+    }
+    let model = setup.load_model(adapters)?;
+    let (hidden, device) = (setup.arch.hidden_size(), &setup.device);
+    let v_head_init = match &aux {
+        Some(a) => a.get(V_HEAD_KEY).context("checkpoint has no value head")?.clone(),
+        None => rm_head.clone(),
+    };
+    if let (Some(a), Some(critic)) = (&aux, model.adapters.get(CRITIC)) {
+        for (k, v) in critic.vars() {
+            v.set(&a.get(&format!("critic.{k}")).with_context(|| format!("checkpoint has no critic tensor {k}"))?.to_device(device)?)?;
+        }
+    }
+    let parts = RoleParts {
+        reward_head: RewardHead::from_tensor(rm_head, false, hidden, device)?,
+        v_head: RewardHead::from_tensor(v_head_init, true, hidden, device)?,
+        reward_names,
+        critic_names,
+        has_reference,
+    };
+    Ok((model, policy, parts))
+}
+
+impl<'a> Roles<'a> {
+    pub fn new(model: &'a Model, parts: RoleParts, cfg: &'a TrainConfig) -> Self {
+        let RoleParts { reward_head, v_head, reward_names, critic_names, has_reference } = parts;
+        Self { model, reward_head, v_head, reward_names, critic_names, has_reference, cfg }
+    }
+
+    /// What PPO trains, in a fixed order: the policy's LoRA tensors, the critic's (if it has
+    /// an adapter), the value head.
+    pub fn trainables(&self, policy: &Adapter) -> Vec<(String, Var)> {
+        let mut vars = policy.vars();
+        if let Some(c) = self.model.adapters.get(CRITIC) {
+            vars.extend(c.vars().into_iter().map(|(k, v)| (format!("critic.{k}"), v)));
+        }
+        vars.push((V_HEAD_KEY.into(), self.v_head.var.clone().expect("a trainable value head")));
+        vars
+    }
+
+    /// The critic's trainables as checkpoints keep them (value head, critic adapter).
+    pub fn critic_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut aux = vec![(V_HEAD_KEY.to_string(), self.v_head.weight.clone())];
+        if let Some(c) = self.model.adapters.get(CRITIC) {
+            aux.extend(c.vars().into_iter().map(|(k, v)| (format!("critic.{k}"), v.as_tensor().clone())));
+        }
+        aux
+    }
 }
 
 impl Roles<'_> {
@@ -43,6 +137,30 @@ impl Roles<'_> {
             crate::ops::lm_head_cross_entropy(&hs, &head.w_in_out()?, &b.targets, self.cfg.train.loss_chunk)?
         };
         Ok(nll.neg()?)
+    }
+
+    /// Log-probs (N,) of the batch's learned tokens under the reference: the SFT adapter, or
+    /// the bare base (adapters off) when there is none.
+    pub fn reference_logp(&self, b: &Batch) -> Result<Tensor> {
+        if self.has_reference {
+            self.activate(&[REFERENCE.into()]);
+            self.logp(&self.model.hidden(&b.ids, &b.pos, &b.mask, None)?, b)
+        } else {
+            let _off = self.model.adapters.disabled();
+            self.logp(&self.model.hidden(&b.ids, &b.pos, &b.mask, None)?, b)
+        }
+    }
+
+    /// Values (N,) at the batch's learned positions: from the critic's features kept by the
+    /// scoring pass, or from a pass of the critic's own adapter.
+    pub fn rollout_values(&self, b: &Batch, feats: Option<&Tensor>) -> Result<Tensor> {
+        match feats {
+            Some(f) => Ok(f.matmul(&self.v_head.weight.t()?)?.squeeze(1)?),
+            None => {
+                self.activate(&self.critic_names);
+                self.values(&self.model.hidden(&b.ids, &b.pos, &b.mask, None)?, b)
+            }
+        }
     }
 
     /// Mean entropy of the next-token distributions at the selected positions.
@@ -93,36 +211,12 @@ impl Roles<'_> {
         let mut out = vec![];
         let mut at = 0;
         for e in ex {
-            let n = e.ids.len() - e.prompt_len;
+            let n = e.ids.len() - e.prompt_len();
             out.push(flat[at..at + n].to_vec());
             at += n;
         }
         out
     }
-}
-
-/// GAE over one response: returns (advantages, returns).
-pub fn gae(rewards: &[f32], values: &[f32], gamma: f64, lam: f64) -> (Vec<f32>, Vec<f32>) {
-    let n = rewards.len();
-    let mut adv = vec![0f32; n];
-    let mut last = 0f64;
-    for t in (0..n).rev() {
-        let next = if t + 1 < n { values[t + 1] as f64 } else { 0.0 };
-        let delta = rewards[t] as f64 + gamma * next - values[t] as f64;
-        last = delta + gamma * lam * last;
-        adv[t] = last as f32;
-    }
-    let ret = adv.iter().zip(values).map(|(a, v)| a + v).collect();
-    (adv, ret)
-}
-
-pub fn whiten(xs: &mut [Vec<f32>]) {
-    let all: Vec<f32> = xs.iter().flatten().copied().collect();
-    let n = all.len().max(1) as f64;
-    let mean = all.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let var = all.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
-    let std = var.sqrt() + 1e-8;
-    xs.iter_mut().flatten().for_each(|x| *x = ((*x as f64 - mean) / std) as f32);
 }
 
 /// The hidden states at the positions that predict each response token, f32, detached:
@@ -132,7 +226,7 @@ fn response_features(h: &Tensor, exs: &[SftExample]) -> Result<Tensor> {
     let idx: Vec<u32> = exs
         .iter()
         .enumerate()
-        .flat_map(|(r, e)| (e.prompt_len.max(1)..e.ids.len()).map(move |j| (r * t + j - 1) as u32))
+        .flat_map(|(r, e)| e.targets().map(move |j| (r * t + j - 1) as u32))
         .collect();
     let idx = Tensor::new(idx.as_slice(), h.device())?;
     Ok(h.reshape((b * t, c))?.index_select(&idx, 0)?.to_dtype(DType::F32)?.detach())

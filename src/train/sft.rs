@@ -6,34 +6,31 @@
 //! micro-batches), so accumulation gives the same gradient as one big batch.
 //! Only positions that carry a label reach the LM head, through the fused chunked
 //! head + cross-entropy (`ops::lm_head_cross_entropy`).
+//! The output folder, checkpoints, the optimizer and the export are the session's
+//! (`session.rs`); this file is the data and the step.
 //! References: KoChatGPT `train_sft.py` (what it does), TRL `SFTTrainer` (completion-only loss),
 //! nanoGPT `train.py` (the loop).
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
-use serde::Serialize;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use super::batch::{eval_loss, label_nll_sum, lora_config, make_batch, Batch, SftExample};
+use super::batch::{evaluating, split_held_out};
 use super::config::TrainConfig;
-use super::looper::{train_loop, Method, MicroOut, RunDir};
+use super::session::{shell_word, Method, MicroOut, Session, StepOut, Trainer};
 use super::{forward_backward, GradAccum, Setup, Start};
 use crate::data::{read_sft, SftRow};
-use crate::lora::{Adapter, LoraConfig, TargetModules};
-use crate::model::{causal_mask, Arch, Model};
+use crate::lora::Adapter;
+use crate::model::Model;
 use crate::runtime::fmt_bytes;
 use crate::template::Template;
 use crate::tokenizer::Tokenizer;
 
-/// One tokenized row: `ids[..prompt_len]` is the prompt, the rest is learned.
-#[derive(Clone, Debug)]
-pub struct SftExample {
-    pub ids: Vec<u32>,
-    pub prompt_len: usize,
-}
-
 /// What happened to the rows on the way to examples.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PrepStats {
     pub rows: usize,
     pub truncated: usize,
@@ -60,7 +57,9 @@ pub fn prepare(rows: &[SftRow], tok: &Tokenizer, template: &Template, max_len: u
         c.push(eos);
         if p.len() + c.len() > max_len {
             stats.truncated += 1;
-            let keep_p = p.len().min(max_len.saturating_sub(c.len()).max(max_len / 2)).max(1);
+            // At least one prompt token when there is one (it predicts the first completion
+            // token); an empty prompt (template "{prompt}", prompt "") stays empty.
+            let keep_p = p.len().min(max_len.saturating_sub(c.len()).max(max_len / 2).max(1));
             p.drain(..p.len() - keep_p);
             c.truncate(max_len - keep_p);
         }
@@ -70,96 +69,13 @@ pub fn prepare(rows: &[SftRow], tok: &Tokenizer, template: &Template, max_len: u
         }
         let prompt_len = p.len();
         p.extend(c);
-        out.push(SftExample { ids: p, prompt_len });
+        out.push(SftExample::completion(p, prompt_len));
     }
     Ok((out, stats))
 }
 
-/// A right-padded micro-batch and where its labels are.
-pub struct Batch {
-    /// (B, T) u32 ids and positions; (B, 1, T, T) additive mask.
-    pub ids: Tensor,
-    pub pos: Tensor,
-    pub mask: Tensor,
-    /// (N,) flat indices b*T + t of the positions that predict a learned token, and those tokens.
-    pub select: Tensor,
-    pub targets: Tensor,
-    /// Non-pad tokens in the batch.
-    pub tokens: usize,
-}
-
-pub fn make_batch(exs: &[&SftExample], pad: u32, dev: &Device) -> Result<Batch> {
-    let (b, t) = (exs.len(), exs.iter().map(|e| e.ids.len()).max().unwrap_or(1));
-    let (mut ids, mut valid, mut select, mut targets) = (Vec::with_capacity(b * t), vec![], vec![], vec![]);
-    for (r, e) in exs.iter().enumerate() {
-        ids.extend(e.ids.iter().copied().chain(std::iter::repeat_n(pad, t - e.ids.len())));
-        valid.push((0..t).map(|j| j < e.ids.len()).collect::<Vec<_>>());
-        for j in e.prompt_len.max(1)..e.ids.len() {
-            select.push((r * t + j - 1) as u32);
-            targets.push(e.ids[j]);
-        }
-    }
-    let pos = Tensor::arange(0u32, t as u32, dev)?.unsqueeze(0)?.repeat((b, 1))?;
-    Ok(Batch {
-        ids: Tensor::from_vec(ids, (b, t), dev)?,
-        pos,
-        mask: causal_mask(&valid, t, 0, dev)?,
-        select: Tensor::new(select.as_slice(), dev)?,
-        targets: Tensor::new(targets.as_slice(), dev)?,
-        tokens: exs.iter().map(|e| e.ids.len()).sum(),
-    })
-}
-
-/// Sum of the NLL of the batch's learned tokens, from final hidden states h (B, T, C).
-pub fn label_nll_sum(model: &Model, h: &Tensor, batch: &Batch, chunk: usize) -> Result<Tensor> {
-    let (b, t, c) = h.dims3()?;
-    let h = h.reshape((b * t, c))?.index_select(&batch.select, 0)?; // (N, C)
-    let head = model.lm_head_layer();
-    let nll = if head.has_lora() {
-        crate::ops::cross_entropy(&head.forward(&h)?, &batch.targets)?
-    } else {
-        crate::ops::lm_head_cross_entropy(&h, &head.w_in_out()?, &batch.targets, chunk)?
-    };
-    Ok(nll.sum_all()?)
-}
-
-/// Mean NLL over the learned tokens of `exs` (no update), and the token count.
-pub fn eval_loss(model: &Model, exs: &[SftExample], batch_size: usize, pad: u32, chunk: usize) -> Result<(f64, usize)> {
-    let (mut sum, mut n) = (0.0, 0);
-    for group in exs.chunks(batch_size) {
-        let refs: Vec<&SftExample> = group.iter().collect();
-        let batch = make_batch(&refs, pad, &model.device)?;
-        let h = model.hidden(&batch.ids, &batch.pos, &batch.mask, None)?;
-        sum += label_nll_sum(model, &h, &batch, chunk)?.detach().to_scalar::<f32>()? as f64;
-        n += batch.targets.dim(0)?;
-    }
-    Ok((sum / n.max(1) as f64, n))
-}
-
-/// The LoRA config of a new adapter from the `[lora]` section (PEFT's default targets if none).
-pub fn lora_config(cfg: &TrainConfig, arch: &Arch) -> LoraConfig {
-    let l = &cfg.lora;
-    let targets = if l.target_modules.is_empty() {
-        match arch {
-            Arch::Gpt2(_) => vec!["c_attn".to_string()],
-            Arch::Llama(_) => vec!["q_proj".to_string(), "v_proj".to_string()],
-        }
-    } else {
-        l.target_modules.clone()
-    };
-    LoraConfig {
-        r: l.r,
-        lora_alpha: l.lora_alpha,
-        lora_dropout: l.lora_dropout,
-        target_modules: TargetModules::List(targets),
-        use_rslora: l.use_rslora,
-        base_model_name_or_path: Some(cfg.model.name.clone()),
-        ..Default::default()
-    }
-}
-
 /// What a finished run reports.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct SftSummary {
     pub out_dir: PathBuf,
     pub steps: usize,
@@ -171,7 +87,7 @@ pub struct SftSummary {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// SFT as a [`Method`] of the shared loop.
+/// SFT as a [`Method`] of the training session.
 struct Sft<'a> {
     model: &'a Model,
     train: &'a [SftExample],
@@ -180,15 +96,8 @@ struct Sft<'a> {
     cfg: &'a TrainConfig,
 }
 
-impl Method for Sft<'_> {
-    fn lens(&self) -> Vec<usize> {
-        self.train.iter().map(|e| e.ids.len()).collect()
-    }
-
-    fn weight(&self, items: &[usize]) -> f64 {
-        items.iter().map(|&i| self.train[i].ids.len() - self.train[i].prompt_len.max(1)).sum::<usize>() as f64
-    }
-
+impl Sft<'_> {
+    /// Forward and backward of one micro-batch; its loss is the NLL sum over `denom`.
     fn micro_step(&self, items: &[usize], denom: f64, vars: &[(String, Var)], acc: &mut GradAccum) -> Result<MicroOut> {
         let exs: Vec<&SftExample> = items.iter().map(|&i| &self.train[i]).collect();
         let b = make_batch(&exs, self.pad, &self.model.device)?;
@@ -197,23 +106,37 @@ impl Method for Sft<'_> {
         let loss = forward_backward(self.model, &b.ids, &b.pos, b.mask.clone(), t.grad_checkpointing, &loss_fn, vars, acc)?;
         Ok(MicroOut { loss, tokens: b.tokens, sums: vec![] })
     }
+}
 
-    fn step_metrics(&self, _: &[(&'static str, f64)], _: f64) -> Map<String, Value> {
-        Map::new()
+impl Method for Sft<'_> {
+    fn lens(&self) -> Vec<usize> {
+        self.train.iter().map(|e| e.ids.len()).collect()
+    }
+
+    fn batches_per_step(&self) -> usize {
+        self.cfg.train.grad_accum
+    }
+
+    fn group_by_length(&self) -> bool {
+        self.cfg.train.group_by_length
+    }
+
+    fn step(&mut self, tr: &mut Trainer, batches: &[Vec<usize>]) -> Result<StepOut> {
+        // Normalised by the learned tokens of the whole step.
+        let weight = |items: &[usize]| items.iter().map(|&i| self.train[i].n_targets()).sum::<usize>() as f64;
+        let a = tr.accumulate(batches, weight, |items, denom, vars, acc| self.micro_step(items, denom, vars, acc))?;
+        Ok(StepOut { metrics: a.metrics(), show: format!("loss {:.4}", a.loss), tokens: a.tokens })
     }
 
     fn evaluate(&self) -> Result<Map<String, Value>> {
         let mut m = Map::new();
         if !self.eval.is_empty() {
-            let (l, _) = eval_loss(self.model, self.eval, self.cfg.train.batch_size, self.pad, self.cfg.train.loss_chunk)?;
+            let t = &self.cfg.train;
+            let (l, _) = evaluating(self.model, || eval_loss(self.model, self.eval, t.batch_size, self.pad, t.loss_chunk))?;
             m.insert("eval_loss".into(), l.into());
             m.insert("eval_ppl".into(), l.exp().into());
         }
         Ok(m)
-    }
-
-    fn extra_tensors(&self) -> Vec<(String, Tensor)> {
-        vec![]
     }
 }
 
@@ -221,19 +144,13 @@ impl Method for Sft<'_> {
 fn load_data(cfg: &TrainConfig, tok: &Tokenizer, max_len: usize) -> Result<(Vec<SftExample>, Vec<SftExample>, PrepStats)> {
     let template = Template::or_default(&cfg.data.template)?;
     let (rows, format, skipped) = read_sft(Path::new(&cfg.data.path), cfg.data.skip_bad_rows)?;
-    let (mut train, mut prep) = prepare(&rows, tok, &template, max_len, cfg.data.strip_leading_quote)?;
+    let (all, mut prep) = prepare(&rows, tok, &template, max_len, cfg.data.strip_leading_quote)?;
     prep.skipped_bad = skipped;
-    let mut eval = if !cfg.data.eval_path.is_empty() {
+    let (train, mut eval) = if !cfg.data.eval_path.is_empty() {
         let (erows, _, _) = read_sft(Path::new(&cfg.data.eval_path), cfg.data.skip_bad_rows)?;
-        prepare(&erows, tok, &template, max_len, cfg.data.strip_leading_quote)?.0
+        (all, prepare(&erows, tok, &template, max_len, cfg.data.strip_leading_quote)?.0)
     } else {
-        let held = super::held_out(train.len(), cfg.data.eval_fraction, cfg.train.seed);
-        let (mut tr, mut ev) = (vec![], vec![]);
-        for (i, e) in train.drain(..).enumerate() {
-            if held.contains(&i) { ev.push(e) } else { tr.push(e) }
-        }
-        train = tr;
-        ev
+        split_held_out(all, cfg.data.eval_fraction, cfg.train.seed)
     };
     if train.is_empty() {
         bail!("{}: no training examples left ({} rows, {} dropped)", cfg.data.path, prep.rows, prep.dropped)
@@ -248,48 +165,55 @@ fn load_data(cfg: &TrainConfig, tok: &Tokenizer, max_len: usize) -> Result<(Vec<
 
 /// Runs (or resumes) SFT as configured.
 pub fn run(cfg: &TrainConfig, start: Start) -> Result<SftSummary> {
-    // 1. Check everything that can be wrong before anything is written.
+    let _span = tracing::info_span!("sft").entered();
+    // 1. Claim the output folder and check everything before anything is written.
     let cfg = &cfg.for_stage("sft");
-    let run = RunDir::open(cfg, start)?;
+    let inputs = [("--model", cfg.model.name.as_str()), ("--data", &cfg.data.path), ("data.eval_path", &cfg.data.eval_path)];
+    let mut session = Session::open(cfg, "sft", start, &inputs)?;
+    if let Some(done) = session.finished()? {
+        return Ok(done);
+    }
     let setup = Setup::new(cfg)?;
     let (arch, tok) = (&setup.arch, &setup.tok);
 
     // 2. Data: rows -> tokenized examples (prompt masked, eos learned); a held-out split.
-    let (train, eval, prep) = load_data(cfg, &tok, cfg.data.max_len.min(arch.max_positions()))?;
+    let (train, eval, prep) = load_data(cfg, tok, cfg.data.max_len.min(arch.max_positions()))?;
 
     // 3. The model with the adapter attached at construction: new, or the checkpoint's.
-    let adapter = match run.resume_dir() {
+    let adapter = match session.resume_dir() {
         Some(dir) => crate::peft::load_adapter(dir, "sft", 1.0, true)?,
         None => Adapter::fresh("sft", lora_config(cfg, arch), cfg.train.seed)?,
     };
     let model = setup.load_model(vec![adapter.clone()])?;
     model.adapters.set_training(true);
 
-    // 4. The shared loop: accumulation, AdamW, schedule, eval, metrics, checkpoints, export.
-    let method = Sft { model: &model, train: &train, eval: &eval, pad: tok.padding_id(), cfg };
-    let s = train_loop(cfg, &run, &model, &adapter, adapter.vars(), &method)?;
+    // 4. The session's loop: accumulation, AdamW, schedule, eval, metrics, checkpoints, export.
+    let mut method = Sft { model: &model, train: &train, eval: &eval, pad: tok.padding_id(), cfg };
+    let s = session.train(&model, &adapter, adapter.vars(), &mut method)?;
 
-    // 5. The run's record.
-    let eval_loss = s.final_eval.get("eval_loss").and_then(Value::as_f64);
+    // 5. The run's record, and what to do with the adapter.
+    let eval_loss = s.last("eval_loss");
     let summary = SftSummary {
-        out_dir: run.out.clone(),
+        out_dir: session.out().to_path_buf(),
         steps: s.steps,
-        first_loss: s.first_loss,
-        final_loss: s.final_loss,
+        first_loss: s.first("loss"),
+        final_loss: s.last("loss"),
         eval_loss,
         eval_perplexity: eval_loss.map(f64::exp),
         prep,
         peak_rss_bytes: s.peak_rss_bytes,
     };
-    crate::io::atomic_write(&run.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    tracing::info!(
-        "done: {} steps, loss {:.4} -> {:.4}, eval loss {}, peak memory {} (process RSS); adapter in {}",
+    let headline = format!(
+        "{} steps, loss {:.4} -> {:.4}, eval loss {}, peak memory {} (process RSS)",
         s.steps,
-        s.first_loss.unwrap_or(f64::NAN),
-        s.final_loss.unwrap_or(f64::NAN),
+        summary.first_loss.unwrap_or(f64::NAN),
+        summary.final_loss.unwrap_or(f64::NAN),
         eval_loss.map(|e| format!("{e:.4} (ppl {:.2})", e.exp())).unwrap_or("-".into()),
         s.peak_rss_bytes.map(fmt_bytes).unwrap_or("n/a".into()),
-        run.out.display()
     );
+    let mut next = session.try_adapter();
+    let (m, o) = (shell_word(&cfg.model.name), shell_word(&session.out().display().to_string()));
+    next.push(format!("lorafit rm --model {m} --sft-adapter {o} --data RANKINGS.jsonl   (a reward model on top)"));
+    session.finish(&summary, &headline, &next)?;
     Ok(summary)
 }
