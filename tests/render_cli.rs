@@ -34,7 +34,7 @@ fn prompt_completion_rows_render_as_sft_prepares_them() {
         for (row, ex) in rows.iter().zip(&exs) {
             let e = &r.encode_example(&Example::Completion { prompt: row.prompt.clone(), completion: row.completion.clone() }).unwrap()[0];
             assert_eq!(e.ids, ex.ids, "max_len {max_len}");
-            let want: Vec<bool> = (0..ex.ids.len()).map(|j| j >= ex.prompt_len).collect();
+            let want: Vec<bool> = (0..ex.ids.len()).map(|j| ex.learned.iter().any(|r| r.contains(&j))).collect();
             assert_eq!(e.mask, want, "max_len {max_len}");
         }
     }
