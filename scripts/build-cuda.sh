@@ -4,12 +4,10 @@
 #   scripts/build-cuda.sh [COMPUTE_CAP]     # 90 = H100/H200 (default), 89 = RTX 40xx, 86 = RTX 30xx, 80 = A100
 #
 # What it does (idempotent: a second run reuses the venv, the stubs and cargo's cache):
-#   1. a venv (.venv-cuda/) with NVIDIA's pinned CUDA 13.0 pip wheels: nvcc, crt, nvvm, runtime, cccl;
-#   2. PATH / CUDA_HOME / CUDA_COMPUTE_CAP / CUDARC_CUDA_VERSION pointing at them;
-#   3. link-only stub libraries for the CUDA libraries cudarc links against (libcuda, cuBLAS,
-#      cuBLASLt, cuRAND, NVRTC), one empty function per symbol cudarc declares, each with the real
-#      library's soname, so the binary records the real sonames and the device's real libraries
-#      are loaded at run time. They live in target-cuda/cuda-stubs/ and must never be shipped;
+#   1-3. scripts/cuda-env.sh (shared with scripts/check-cuda.sh): NVIDIA's pinned CUDA 13.0 pip
+#      wheels in a venv cached under target-cuda/cuda-toolkit/, the environment pointing at them,
+#      and link-only stub libraries (target-cuda/cuda-stubs/, never shipped) for the CUDA libraries
+#      cudarc links against, so the binary records the real sonames;
 #   4. `cargo build --release --features cuda` into target-cuda/ (never the main target/);
 #   5. a stripped copy, target-cuda/bin/lorafit, and target-cuda/dist/ = lorafit.xz (the same,
 #      xz-compressed: what to carry to a GPU machine) + BUILD-INFO.txt; prints sizes and sonames.
@@ -23,117 +21,12 @@ case "$CAP" in
   *) echo "usage: $0 [COMPUTE_CAP]   (e.g. 90, 89, 86, 80; got '$CAP')" >&2; exit 2 ;;
 esac
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-VENV="${LORAFIT_CUDA_VENV:-$ROOT/.venv-cuda}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target-cuda}"
-STUBS="$CARGO_TARGET_DIR/cuda-stubs"
-DIST="$CARGO_TARGET_DIR/dist"
-NICE="${NICE-19}"
-nice_() { if [ -n "$NICE" ] && [ "$NICE" != 0 ]; then nice -n "$NICE" "$@"; else "$@"; fi; }
-log() { printf '[build-cuda] %s\n' "$*" >&2; }
-
-# The CUDA 13.0 toolkit wheels. Pinned: cudarc reads the CUDA version from `nvcc --version` and
-# knows 11.4..13.4 only (13.5 makes its build script panic), and PTX from a newer nvcc than the
-# device's driver is refused at load time (the device machines run a CUDA 13.0 driver, 580.x).
-WHEELS=(
-  nvidia-cuda-nvcc==13.0.88
-  nvidia-cuda-crt==13.0.88
-  nvidia-nvvm==13.0.88
-  nvidia-cuda-runtime==13.0.96
-  nvidia-cuda-cccl==13.0.85
-)
-CUDA_MM=13.0          # must match the nvcc wheel above
-CUDARC_VER=13000      # the same, as cudarc's CUDARC_CUDA_VERSION
-
-for tool in python3 gcc g++ cargo readelf strip nm xz; do
-  command -v "$tool" >/dev/null || { echo "build-cuda: '$tool' not found on PATH" >&2; exit 1; }
-done
-
-# ---- 1. venv with the toolkit wheels ---------------------------------------------------------
-if [ ! -x "$VENV/bin/python" ]; then
-  log "creating $VENV"
-  python3 -m venv "$VENV"
-fi
-PY="$VENV/bin/python"
-need_install=0
-for w in "${WHEELS[@]}"; do
-  have="$("$PY" -m pip show "${w%%==*}" 2>/dev/null | sed -n 's/^Version: //p' || true)"
-  [ "$have" = "${w##*==}" ] || need_install=1
-done
-if [ "$need_install" = 1 ]; then
-  log "pip install ${WHEELS[*]}"
-  nice_ "$PY" -m pip install --disable-pip-version-check -q "${WHEELS[@]}"
-else
-  log "toolkit wheels already installed in $VENV"
-fi
-CU="$("$PY" - <<'EOF'
-import os, sysconfig
-p = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu13")
-print(p)
-EOF
-)"
-[ -x "$CU/bin/nvcc" ] || { echo "build-cuda: no nvcc at $CU/bin/nvcc (wheel layout changed?)" >&2; exit 1; }
-
-# ---- 2. environment ---------------------------------------------------------------------------
-export PATH="$CU/bin:$PATH"
-export CUDA_HOME="$CU" CUDA_PATH="$CU" CUDA_ROOT="$CU" CUDA_TOOLKIT_ROOT_DIR="$CU"
-export CUDA_COMPUTE_CAP="$CAP"
-export CUDARC_CUDA_VERSION="$CUDARC_VER"
-unset NVCC || true
-NVCC_REL="$(nvcc --version | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')"
-[ "$NVCC_REL" = "$CUDA_MM" ] || { echo "build-cuda: nvcc on PATH reports CUDA '$NVCC_REL', expected $CUDA_MM ($(command -v nvcc))" >&2; exit 1; }
-log "nvcc $CU/bin/nvcc (CUDA $NVCC_REL), compute capability $CAP"
-
-# ---- 3. link-only stubs -----------------------------------------------------------------------
-CUDARC_SRC="$(cargo metadata --format-version 1 --features cuda 2>/dev/null \
-  | "$PY" -c 'import json,sys,os; m=json.load(sys.stdin); print(next(os.path.dirname(p["manifest_path"]) for p in m["packages"] if p["name"]=="cudarc"))' || true)"
-if [ -z "$CUDARC_SRC" ] || [ ! -d "$CUDARC_SRC/src" ]; then
-  log "cargo fetch (cudarc sources)"
-  nice_ cargo fetch
-  CUDARC_SRC="$(cargo metadata --format-version 1 --features cuda \
-    | "$PY" -c 'import json,sys,os; m=json.load(sys.stdin); print(next(os.path.dirname(p["manifest_path"]) for p in m["packages"] if p["name"]=="cudarc"))')"
-fi
-log "cudarc sources: $CUDARC_SRC"
-CUDART_REAL="$(ls "$CU"/lib/libcudart.so.13* 2>/dev/null | head -1)"
-[ -n "$CUDART_REAL" ] || { echo "build-cuda: no libcudart.so.13 under $CU/lib" >&2; exit 1; }
-
-mkdir -p "$STUBS"
-# module dir in cudarc/src : link name : soname of the real library
-STUB_LIBS=(
-  "driver:cuda:libcuda.so.1"
-  "cublas:cublas:libcublas.so.13"
-  "cublaslt:cublasLt:libcublasLt.so.13"
-  "curand:curand:libcurand.so.10"
-  "nvrtc:nvrtc:libnvrtc.so.13"
-)
-stamp_src="$(cd "$CUDARC_SRC" && cat "$ROOT/scripts/build-cuda.sh" src/{driver,cublas,cublaslt,curand,nvrtc}/sys/mod.rs | sha256sum | cut -c1-16)"
-if [ "$(cat "$STUBS/.stamp" 2>/dev/null)" != "$stamp_src" ]; then
-  for entry in "${STUB_LIBS[@]}"; do
-    IFS=: read -r module name soname <<<"$entry"
-    modrs="$CUDARC_SRC/src/$module/sys/mod.rs"
-    # The extern "C" declarations: `fn name(args) -> ret;` on one line (bindgen output).
-    grep -oE '^[[:space:]]+fn [A-Za-z_][A-Za-z0-9_]*\(.*;[[:space:]]*$' "$modrs" \
-      | sed -E 's/^[[:space:]]+fn ([A-Za-z_][A-Za-z0-9_]*)\(.*/\1/' | sort -u >"$STUBS/$name.symbols"
-    n="$(wc -l <"$STUBS/$name.symbols")"
-    [ "$n" -gt 5 ] || { echo "build-cuda: found only $n symbols in $modrs" >&2; exit 1; }
-    {
-      echo "/* link-only stub for $soname, generated by scripts/build-cuda.sh from cudarc's $module/sys. NEVER SHIP. */"
-      sed 's/.*/void &(void) {}/' "$STUBS/$name.symbols"
-    } >"$STUBS/$name.c"
-    gcc -shared -fPIC -O0 -w -Wl,-soname,"$soname" -o "$STUBS/lib$name.so" "$STUBS/$name.c"
-    log "stub lib$name.so ($soname): $n symbols"
-  done
-  echo "$stamp_src" >"$STUBS/.stamp"
-else
-  log "stubs up to date in $STUBS"
-fi
-# cudart is real (from the wheel): candle-kernels links libmoe.a against it. The link-time name
-# libcudart.so points at the wheel's libcudart.so.13, whose soname is what the binary records.
-ln -sfn "$CUDART_REAL" "$STUBS/libcudart.so"
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+LOG_TAG=build-cuda
+# shellcheck source=scripts/cuda-env.sh
+source "$SCRIPT_DIR/cuda-env.sh"
 
 # ---- 4. cargo build ---------------------------------------------------------------------------
-export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-L native=$STUBS"
 log "cargo build --release --features cuda  (CARGO_TARGET_DIR=$CARGO_TARGET_DIR, RUSTFLAGS=$RUSTFLAGS)"
 t0=$(date +%s)
 nice_ cargo build --release --features cuda --bin lorafit

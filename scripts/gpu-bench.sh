@@ -10,6 +10,10 @@
 #   setup        find the CUDA 13 user-space libraries, nvidia-smi, `ldd -r` of the binary
 #   smoke        lorafit bench sft on builtin:tiny-gpt2 on the GPU (plain and --quantize nf4)
 #   correctness  eval NLL per line of data/eval_sample.txt: CPU f32 vs CUDA f32 (tiny GPT-2)
+#   training-correctness  the same seeded SFT (20 steps), RM (10) and PPO (2 iterations) of every
+#                family fixture in scripts/gpu/training-correctness.tsv (one line per fixture and
+#                method) on CPU f32 and on CUDA f32, bf16, f16 (loss scaler), and one NF4 step:
+#                per-step losses and final adapters compared (scripts/gpu/train_check.py)
 #   kogpt2       SFT steps, KoGPT2 shape (builtin:kogpt2-shape), bf16, batch 8 x 512, LoRA r8 on
 #                c_attn,c_proj,c_fc: lorafit bench sft, then PEFT (scripts/gpu/peft_bench.py)
 #   ppo          lorafit sft (1 step) + rm (1 step) on the KoGPT2 shape, then ppo, 2 iterations of
@@ -23,6 +27,12 @@
 # before it (the process's whole footprint, CUDA context included; same method for both tools).
 # Targets reported against: KoGPT2 SFT >= 1.3x PEFT's tokens/s at <= 0.6x its GPU peak;
 # 7B f16 LoRA SFT < 15 GiB; 7B NF4 < 6 GiB.
+#
+# DRY_RUN=1: the whole script on the CPU in a minute or two, so it cannot rot (.ci/run runs it):
+# DEVICE=cpu, tiny sizes (builtin:tiny-gpt2 for the KoGPT2 stages, tests/fixtures/llama-a for the
+# LLaMA ones), target/release/lorafit, no nvidia-smi needed, the "device" side of both correctness
+# stages with LORAFIT_GENERIC_OPS=1 (CPU fast paths vs the generic code CUDA runs), PEFT stages
+# skipped when $PYTHON lacks torch/transformers/peft, and STRICT=1 (exit 1 when a stage fails).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,11 +43,21 @@ mkdir -p "$OUT"
 DIST="$ROOT/target-cuda/dist"
 BIN="${LORAFIT_BIN:-}"
 DEADLINE_S="${DEADLINE_S:-575}"
-STAGES="${STAGES:-setup smoke correctness kogpt2 ppo llama7b}"
+STAGES="${STAGES:-setup smoke correctness training-correctness kogpt2 ppo llama7b}"
 PY="${PYTHON:-python3}"
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  : "${DEVICE:=cpu}" "${LORAFIT_BIN:=$ROOT/target/release/lorafit}" "${KO_MODEL:=builtin:tiny-gpt2}" "${KO_BATCH:=1}"
+  : "${KO_SEQ:=32}" "${KO_DTYPE:=f32}" "${L_MODEL:=tests/fixtures/llama-a}" "${L_SEQ:=32}" "${L_DTYPE:=f32}" "${STRICT:=1}"
+  BIN="$LORAFIT_BIN"
+fi
 # Knobs for testing this script on a CPU box with tiny sizes (defaults are the real benchmark):
 DEV="${DEVICE:-cuda}" KO_BATCH="${KO_BATCH:-8}" KO_SEQ="${KO_SEQ:-512}" KO_DTYPE="${KO_DTYPE:-bf16}"
 L_SEQ="${L_SEQ:-512}" L_DTYPE="${L_DTYPE:-f16}"
+KO="${KO_MODEL:-builtin:kogpt2-shape}"   # the KoGPT2-shaped model of the kogpt2 and ppo stages
+L_MODEL="${L_MODEL:-}"                    # a LLaMA folder to use instead of make_llama.py's 7B shape
+STRICT="${STRICT:-0}"                     # 1: exit 1 when a stage that ran failed
+# The "device" side of the correctness stages: on the CPU (a dry run), the generic op branches.
+DEV_ENV=(); [ "$DEV" = cpu ] && DEV_ENV=(LORAFIT_GENERIC_OPS=1)
 read -r -a LLAMA_ARGS <<<"${LLAMA_ARGS:-}"
 WORK="${WORK:-/tmp/gpu-bench}"
 RESULTS="$OUT/results.jsonl"
@@ -52,7 +72,8 @@ T_START=$SECONDS
 say() { printf '\n=== [%4ds] %s\n' "$((SECONDS - T_START))" "$*"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 left() { echo $((DEADLINE_S - (SECONDS - T_START))); }
-gpu_mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 2>/dev/null | head -1 | tr -dc '0-9.'; }
+HAVE_SMI=0; command -v nvidia-smi >/dev/null && HAVE_SMI=1
+gpu_mem() { [ "$HAVE_SMI" = 1 ] && nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 2>/dev/null | head -1 | tr -dc '0-9.'; }
 note() { "$PY" "$REPORT" record --out "$RESULTS" --stage "$1" --rc "${2:-0}" --set "note=$3" >/dev/null; }
 
 # measure STAGE CAP_S [record args...] -- command...
@@ -71,14 +92,19 @@ measure() {
   [ "$cap" -lt "$budget" ] || cap=$budget
   say "$stage (timeout ${cap}s): $*"
   local base; base=$(gpu_mem); base=${base:-0}
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 100 >"$WORK/$stage.mem" 2>/dev/null &
-  local sampler=$!
+  local sampler=""
+  if [ "$HAVE_SMI" = 1 ]; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 100 >"$WORK/$stage.mem" 2>/dev/null &
+    sampler=$!
+  else
+    : >"$WORK/$stage.mem"
+  fi
   local t0; t0=$(date +%s.%N)
   timeout --signal=TERM --kill-after=10 "$cap" "$@" >"$WORK/$stage.out" 2>"$WORK/$stage.err"
   local rc=$?
   local wall; wall=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
   sleep 0.3
-  kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
+  [ -n "$sampler" ] && { kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null; }
   tail -n 25 "$WORK/$stage.err" | sed 's/\x1b\[[0-9;]*m//g; s/^/  | /'
   tail -n 3 "$WORK/$stage.out" | cut -c1-600 | sed 's/^/  > /'
   local extra=()
@@ -91,8 +117,12 @@ measure() {
 # ---- setup ---------------------------------------------------------------------------------------
 say "setup: $(date -u +%Y-%m-%dT%H:%M:%SZ), OUT=$OUT"
 {
-  nvidia-smi || echo "nvidia-smi failed"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+  if [ "$HAVE_SMI" = 1 ]; then
+    nvidia-smi || echo "nvidia-smi failed"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+  else
+    echo "no nvidia-smi on PATH (DEVICE=$DEV)"
+  fi
 } 2>&1 | tee "$OUT/system.txt"
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null | head -1)"
 DRIVER="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader -i 0 2>/dev/null | head -1)"
@@ -119,6 +149,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 PYVERS="$("$PY" -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)' 2>&1 | tail -1)"
+HAVE_PEFT=0; "$PY" -c 'import torch, transformers, peft' 2>/dev/null && HAVE_PEFT=1
+[ "$HAVE_PEFT" = 1 ] || PYVERS="- - - (no torch/transformers/peft in $PY: $PYVERS)"
 echo "python: $PYVERS"
 
 # The CUDA 13 user-space libraries the binary needs, by soname: ldconfig's cache first, then the
@@ -169,6 +201,7 @@ echo "LD_LIBRARY_PATH for lorafit: ${LIBDIRS:-(none needed)}" | tee -a "$OUT/sys
 # that `timeout` signals lorafit itself.
 LDP="$LORAFIT_LD_LIBRARY_PATH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 LF=(env "LD_LIBRARY_PATH=$LDP" "$BIN")
+LFD=(env "LD_LIBRARY_PATH=$LDP" "${DEV_ENV[@]}" "$BIN")   # the device side of a CPU-vs-device comparison
 echo "ldd -r (missing libraries or symbols would show here):"
 LD_LIBRARY_PATH="$LDP" ldd -r "$BIN" 2>&1 | tee -a "$OUT/system.txt" | sed 's/^/  /'
 missing="$(LD_LIBRARY_PATH="$LDP" ldd -r "$BIN" 2>&1 | grep -cE 'not found|undefined symbol')"
@@ -201,7 +234,7 @@ fi
 # ---- correctness ------------------------------------------------------------------------------------
 if want correctness; then
   "${LF[@]}" eval --model builtin:tiny-gpt2 --device cpu --dtype f32 --data data/eval_sample.txt --json >"$WORK/eval-cpu.jsonl" 2>"$WORK/eval-cpu.err"
-  measure correctness-cuda 60 -- "${LF[@]}" eval --model builtin:tiny-gpt2 --device "$DEV" --dtype f32 --data data/eval_sample.txt --json
+  measure correctness-cuda 60 -- "${LFD[@]}" eval --model builtin:tiny-gpt2 --device "$DEV" --dtype f32 --data data/eval_sample.txt --json
   cmp_note="$("$PY" - "$WORK/eval-cpu.jsonl" "$WORK/correctness-cuda.out" <<'EOF'
 import json, sys
 def load(p):
@@ -219,21 +252,42 @@ else:
 EOF
 )"
   echo "CPU vs CUDA: $cmp_note"
-  note correctness 0 "$cmp_note"
+  case "$cmp_note" in *OK*) note correctness 0 "$cmp_note" ;; *) note correctness 1 "$cmp_note" ;; esac
 fi
 
-KO=builtin:kogpt2-shape
+# ---- training-correctness ---------------------------------------------------------------------------
+# Every (fixture, method) of scripts/gpu/training-correctness.tsv, seeded, on CPU f32 and on the
+# device in f32, bf16 and f16, plus one NF4 step: per-step losses and final adapters compared.
+# The CPU reference chains run first, in parallel (a few seconds); then the device runs, one at a time.
+if want training-correctness; then
+  tc_env=(); for kv in "${DEV_ENV[@]}"; do tc_env+=(--device-env "$kv"); done
+  rm -f "$WORK/tc-result.jsonl"
+  measure training-correctness-runs 180 -- "$PY" scripts/gpu/train_check.py --bin "$BIN" --ld-path "$LDP" --device "$DEV" \
+    --work "$WORK/tc" --results "$WORK/tc-result.jsonl" --dtypes "${TC_DTYPES:-f32 bf16 f16}" --run-timeout 60 "${tc_env[@]}"
+  tc_rc=$?
+  if [ -s "$WORK/tc-result.jsonl" ]; then
+    cat "$WORK/tc-result.jsonl" >>"$RESULTS"   # the stage's line, with every check (report.py renders it)
+  else
+    note training-correctness "$tc_rc" "train_check.py wrote no result (rc $tc_rc): see stage-stderr.txt"
+  fi
+fi
+
 KO_TARGETS=c_attn,c_proj,c_fc
+# skip_peft STAGE: records a PEFT stage as skipped when $PY has no torch/transformers/peft.
+skip_peft() { [ "$HAVE_PEFT" = 1 ] && return 1; say "$1: skipped (no torch/transformers/peft in $PY)"; note "$1" 125 "skipped: no torch/transformers/peft in $PY"; }
 # ---- kogpt2 SFT: lorafit then PEFT --------------------------------------------------------------
 if want kogpt2; then
   # Write the builtin model outside the timed process (on CPU, once).
   "${LF[@]}" eval --model "$KO" --device cpu --data data/eval_sample.txt >/dev/null 2>"$WORK/kogpt2-write.err" || true
-  KO_DIR="$(ls -d "$LORAFIT_CACHE"/builtin/kogpt2-shape-v* 2>/dev/null | head -1)"
+  KO_DIR="$(ls -d "$LORAFIT_CACHE"/builtin/"${KO#builtin:}"-v* 2>/dev/null | head -1)"
+  case "$KO" in builtin:*) ;; *) KO_DIR="$KO" ;; esac
   measure lorafit-kogpt2 150 -- "${LF[@]}" bench sft --model "$KO" --device "$DEV" --dtype "$KO_DTYPE" --batch "$KO_BATCH" --seq "$KO_SEQ" --steps 5 --targets "$KO_TARGETS" --r 8 --json
-  if [ -n "$KO_DIR" ]; then
+  if skip_peft peft-kogpt2; then
+    :
+  elif [ -n "$KO_DIR" ]; then
     measure peft-kogpt2 180 -- "$PY" scripts/gpu/peft_bench.py --device "$DEV" --model "$KO_DIR" --dtype "$KO_DTYPE" --batch "$KO_BATCH" --seq "$KO_SEQ" --steps 5 --targets "$KO_TARGETS" --r 8
   else
-    note peft-kogpt2 1 "no kogpt2-shape folder in $LORAFIT_CACHE (lorafit could not write it)"
+    note peft-kogpt2 1 "no $KO folder in $LORAFIT_CACHE (lorafit could not write it)"
   fi
 fi
 
@@ -263,14 +317,20 @@ want llama7b && STAGES="$STAGES llama7b-f16 llama7b-peft llama7b-nf4"
 if want llama7b-f16 || want llama7b-peft || want llama7b-nf4; then
   L_TARGETS=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
   shm_free=$(df -B1G --output=avail /dev/shm 2>/dev/null | tail -1 | tr -dc '0-9')
-  if [ "${shm_free:-0}" -ge 20 ]; then L_DIR=/dev/shm/llama7b-shape; else L_DIR="$WORK/llama7b-shape"; fi
+  if [ -n "$L_MODEL" ]; then L_DIR="$L_MODEL"
+  elif [ "${shm_free:-0}" -ge 20 ]; then L_DIR=/dev/shm/llama7b-shape; else L_DIR="$WORK/llama7b-shape"; fi
   TOK="$(ls -d "$LORAFIT_CACHE"/builtin/tiny-gpt2-v*/tokenizer.json 2>/dev/null | head -1)"
   [ -n "$TOK" ] || { "${LF[@]}" eval --model builtin:tiny-gpt2 --device cpu --data data/eval_sample.txt >/dev/null 2>&1; TOK="$(ls -d "$LORAFIT_CACHE"/builtin/tiny-gpt2-v*/tokenizer.json | head -1)"; }
-  if measure make-llama7b 150 -- "$PY" scripts/gpu/make_llama.py --out "$L_DIR" --tokenizer "$TOK" "${LLAMA_ARGS[@]}"; then
+  if [ -n "$L_MODEL" ]; then
+    note make-llama7b 0 "L_MODEL=$L_MODEL used as is"; made=1
+  else
+    measure make-llama7b 150 -- "$PY" scripts/gpu/make_llama.py --out "$L_DIR" --tokenizer "$TOK" "${LLAMA_ARGS[@]}" && made=1 || made=0
+  fi
+  if [ "$made" = 1 ]; then
     if want llama7b-f16; then
       measure lorafit-llama7b-f16 180 -- "${LF[@]}" bench sft --model "$L_DIR" --device "$DEV" --dtype "$L_DTYPE" --batch 1 --seq "$L_SEQ" --steps 3 --targets "$L_TARGETS" --r 16 --grad-checkpointing --json
     fi
-    if want llama7b-peft; then
+    if want llama7b-peft && ! skip_peft peft-llama7b-f16; then
       measure peft-llama7b-f16 180 -- "$PY" scripts/gpu/peft_bench.py --device "$DEV" --model "$L_DIR" --dtype "$L_DTYPE" --batch 1 --seq "$L_SEQ" --steps 3 --targets "$L_TARGETS" --r 16 --grad-checkpointing
     fi
     if want llama7b-nf4 && [ "$NF4_BENCH" = 1 ]; then
@@ -291,7 +351,15 @@ json.dump(rows, open('$WORK/syn.json', 'w'))"
           --set train.save_every=0 --set train.grad_checkpointing=true
     fi
   fi
-  rm -rf "$L_DIR"
+  [ -n "$L_MODEL" ] || rm -rf "$L_DIR"
 fi
 
+if [ "$STRICT" = 1 ]; then
+  # A stage that ran and failed (rc not 0; 125 = skipped) fails the whole run.
+  failed="$("$PY" -c 'import json, sys
+bad = [r["stage"] + " (rc " + str(r.get("rc")) + ")" for r in map(json.loads, open(sys.argv[1])) if r.get("rc") not in (0, 125)]
+print(" ".join(bad))' "$RESULTS")"
+  if [ -n "$failed" ]; then say "STRICT: failed stages: $failed"; exit 1; fi
+  say "STRICT: every stage that ran passed"
+fi
 exit 0

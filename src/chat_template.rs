@@ -475,15 +475,14 @@ pub fn check_private_chars(messages: &[Message]) -> Result<()> {
 /// Makes the merged model folder `out` carry a chat template in its tokenizer_config.json, so
 /// every runtime picks it up: `template` when given (the one an adapter was trained with),
 /// else the base model's (from its chat_template.jinja or tokenizer_config.json). A folder
-/// whose tokenizer_config.json already holds that template is left as it is.
+/// without tokenizer_config.json, or whose file already holds that template, is left as it is.
 pub fn install_chat_template(model_dir: &Path, out: &Path, template: Option<&str>) -> Result<()> {
     let base = ModelChatFiles::read(model_dir)?;
     let Some(text) = template.map(str::to_string).or(base.template.map(|(t, _)| t)) else { return Ok(()) };
     let path = out.join("tokenizer_config.json");
-    let mut cfg: serde_json::Value = match std::fs::read_to_string(&path) {
-        Ok(t) => serde_json::from_str(&t).with_context(|| format!("{}: invalid JSON", path.display()))?,
-        Err(_) => serde_json::json!({}),
-    };
+    // Only a tokenizer_config.json the merge copied is edited (merge installs the files it lists).
+    let Ok(raw) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let mut cfg: serde_json::Value = serde_json::from_str(&raw).with_context(|| format!("{}: invalid JSON", path.display()))?;
     if cfg.get("chat_template").and_then(|v| v.as_str()) == Some(text.as_str()) {
         return Ok(());
     }

@@ -41,6 +41,10 @@ pub enum Kind {
     NoCuda,
     /// A reward model given where a plain (policy/SFT) adapter is expected.
     RewardModelAsAdapter,
+    /// An adapter file holding NaN or Inf values.
+    NonFiniteAdapter,
+    /// A tokenizer whose token ids do not fit the model's embedding.
+    TokenizerModelMismatch,
 }
 
 impl Kind {
@@ -80,6 +84,12 @@ impl Kind {
             }
             Kind::NoCuda => return None,
             Kind::RewardModelAsAdapter => "a reward model from `lorafit rm` belongs in --reward-adapter (ppo) or `lorafit score --adapter`",
+            Kind::NonFiniteAdapter => {
+                "the adapter is damaged or comes from a run that diverged: use an earlier checkpoint (checkpoints/step-*), download it again, or train again with a lower train.lr"
+            }
+            Kind::TokenizerModelMismatch => {
+                "use the tokenizer.json that came with this model (the tokenizer and the weights must come from the same model)"
+            }
         })
     }
 }
@@ -131,6 +141,35 @@ pub fn kind_of(e: &anyhow::Error) -> Option<Kind> {
         return Some(t.kind);
     }
     e.chain().find_map(|c| c.downcast_ref::<Tagged>()).map(|t| t.kind)
+}
+
+thread_local! {
+    /// Set while [`catch_panic`] runs: the panic hook stays quiet (the panic becomes an error).
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic inside it into an error `what(): <panic message>`. For calls into
+/// dependencies that panic on malformed input (the `tokenizers` crate does on some damaged
+/// tokenizer.json files): lorafit's own code returns errors, and no input may end in a panic.
+/// The panic is not printed (the process's hook is wrapped once, quiet on this thread only
+/// while `f` runs).
+pub fn catch_panic<T>(what: impl FnOnce() -> String, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                previous(info)
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was));
+    r.unwrap_or_else(|p| {
+        let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+        Err(anyhow::anyhow!("{}: {msg}", what()))
+    })
 }
 
 #[cfg(test)]

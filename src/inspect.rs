@@ -1,6 +1,6 @@
 //! `lorafit inspect PATH`: what an adapter folder or a merged model folder holds and what it
 //! was made from, read from the metadata the stages and `merge` write: `adapter_config.json`
-//! (base model, targets, rank), `lorafit.json` (adapters stacked underneath), the run's
+//! (base model, targets, rank), `lorafit.json` (adapters stacked underneath, kept inside the folder), the run's
 //! `config.toml` and `summary.json`, and a merged folder's `config.json` (`lorafit_merge`).
 use std::fmt::Write;
 use std::path::Path;
@@ -20,8 +20,23 @@ pub fn describe(dir: &Path) -> Result<String> {
 
 fn describe_adapter(dir: &Path) -> Result<String> {
     let mut s = crate::peft::describe(dir)?;
-    for below in crate::peft::read_stack(dir)? {
-        writeln!(s, "stacked on:     {} (apply it under this adapter)", below.display())?;
+    let root = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let from: Vec<String> = std::fs::read_to_string(dir.join(crate::peft::STACK_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| serde_json::from_value(v["copied_from"].clone()).ok())
+        .unwrap_or_default();
+    let stack = match crate::peft::read_stack(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            writeln!(s, "stacked on:     cannot be used: {e:#}")?;
+            vec![]
+        }
+    };
+    for (i, below) in stack.iter().enumerate() {
+        let shown = below.strip_prefix(&root).unwrap_or(below).display().to_string();
+        let origin = from.get(i).map(|f| format!(", copied from {f}")).unwrap_or_default();
+        writeln!(s, "stacked on:     {shown} (inside this folder{origin}; applied under this adapter)")?;
     }
     if let Ok(text) = std::fs::read_to_string(dir.join("config.toml")) {
         if let Ok(cfg) = toml::from_str::<crate::train::config::TrainConfig>(&text) {

@@ -6,7 +6,8 @@
 //! - [`lora`]: PEFT-semantics LoRA attached at construction; the frozen [`lora::Linear`], which runs
 //!   with its active adapters as one graph node (`ops/linear.rs`).
 //! - [`model`]: GPT-2 and LLaMA, numerically equal to transformers; [`model::Model`] is the entry point.
-//! - [`weights`], [`builtin`], [`tokenizer`]: finding and reading model folders.
+//! - [`weights`], [`builtin`], [`tokenizer`]: finding and reading model folders; [`pth`]:
+//!   `pytorch_model.bin` read by a bounded pickle reader, [`stream_load`]: safetensors.
 //! - [`peft`], [`io`]: adapter folders in PEFT's format, crash-safe writes.
 //! - [`merge`]: adapters folded into the base, written as a Hugging Face model folder.
 //! - [`generate`], [`eval`]: the KV-cached batched sampler and per-line NLL.
@@ -38,6 +39,7 @@ pub mod ops;
 pub mod peft;
 pub mod plan;
 pub mod progress;
+pub mod pth;
 pub mod quant;
 pub mod render;
 pub mod reward;

@@ -19,8 +19,13 @@
 //! shapes). Tensors are then processed one at a time (read, merge, cast, write), so the peak
 //! memory is about twice the largest tensor (its raw bytes and the tensor briefly coexist), not the model. The output keeps the base's own key
 //! names; a reward adapter (`lorafit rm`) gives a sequence-classification checkpoint
-//! (`score.weight`, as transformers' `*ForSequenceClassification`). Everything is written in a
-//! temporary folder next to `--out`, fsync'ed, then renamed. References: transformers
+//! (`score.weight`, as transformers' `*ForSequenceClassification`).
+//!
+//! `--out` is claimed first ([`crate::outdir`]): it must not be, or hold, an input; it is locked
+//! for the whole merge (a second merge into it fails at once, naming the first); a folder without
+//! lorafit's marker is never written, and `--force` replaces only an earlier merge's files (listed
+//! in the marker). Everything is written in a temp folder inside `--out`, fsync'ed, then moved
+//! in. References: transformers
 //! `modeling_utils.save_pretrained` (shards, index), safetensors' file format.
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -34,6 +39,7 @@ use serde_json::json;
 
 use crate::lora::{Adapter, AdapterSet};
 use crate::model::{gpt2, llama, Arch};
+use crate::outdir::OutDir;
 use crate::stream_load::StreamingSafetensors;
 use crate::weights::{ModelFiles, WeightFiles};
 
@@ -78,17 +84,18 @@ fn hf_name(dt: DType) -> &'static str {
 }
 
 /// The base checkpoint, read one tensor at a time: safetensors by positioned reads
-/// ([`StreamingSafetensors`]), a PyTorch pickle lazily by candle.
+/// ([`StreamingSafetensors`]), a PyTorch checkpoint likewise ([`crate::pth::PthFile`]); both
+/// validate the whole file's layout when opened.
 enum Source {
     St(StreamingSafetensors),
-    Pth(candle_core::pickle::PthTensors),
+    Pth(crate::pth::PthFile),
 }
 
 impl Source {
     fn open(w: &WeightFiles) -> Result<Self> {
         Ok(match w {
             WeightFiles::Safetensors(files) => Source::St(StreamingSafetensors::open(files)?),
-            WeightFiles::Pth(p) => Source::Pth(candle_core::pickle::PthTensors::new(p, None).with_context(|| format!("cannot read {}", p.display()))?),
+            WeightFiles::Pth(p) => Source::Pth(crate::pth::PthFile::open(p).with_context(|| format!("cannot read {}", p.display()))?),
         })
     }
 
@@ -96,7 +103,7 @@ impl Source {
     fn shapes(&self) -> Result<BTreeMap<String, (DType, Vec<usize>)>> {
         Ok(match self {
             Source::St(s) => s.infos()?.into_iter().map(|(k, d, s)| (k, (d, s))).collect(),
-            Source::Pth(p) => p.tensor_infos().iter().map(|(k, i)| (k.clone(), (i.dtype, i.layout.dims().to_vec()))).collect(),
+            Source::Pth(p) => p.infos().map(|(k, e)| (k.clone(), (e.dtype, e.shape.clone()))).collect(),
         })
     }
 
@@ -104,7 +111,7 @@ impl Source {
     fn load(&self, name: &str, dtype: DType) -> Result<Tensor> {
         match self {
             Source::St(s) => Ok(s.get_unchecked(name, dtype, &Device::Cpu)?),
-            Source::Pth(p) => Ok(p.get(name)?.with_context(|| format!("no tensor {name}"))?.contiguous()?),
+            Source::Pth(p) => p.load(name),
         }
     }
 }
@@ -145,30 +152,33 @@ struct Delta {
     conv1d: bool,
 }
 
-/// Loads the adapters (a reward folder brings the stack in its lorafit.json, at weight 1),
-/// its score head if any, and the record written into config.json.
+/// Loads the adapters (a reward folder brings the stack it holds, at weight 1), its score head
+/// if any, and the record written into config.json. `stacks[i]` is `list[i]`'s stack.
 type Loaded = (Vec<Arc<Adapter>>, Option<Tensor>, Vec<serde_json::Value>);
 
-fn load_adapters(list: &[(PathBuf, f64)]) -> Result<Loaded> {
-    let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-    let explicit: HashSet<PathBuf> = list.iter().map(|(d, _)| canon(d)).collect();
+fn load_adapters(list: &[(PathBuf, f64)], stacks: &[Vec<PathBuf>]) -> Result<Loaded> {
     let (mut adapters, mut head, mut record) = (vec![], None, vec![]);
-    for (dir, w) in list {
+    let mut reward: Option<String> = None;
+    for ((dir, w), stack) in list.iter().zip(stacks) {
         let name = dir.display().to_string();
-        let stack = crate::peft::read_stack(dir)?;
-        if let Some(b) = stack.iter().find(|b| explicit.contains(&canon(b))) {
-            bail!("--adapter {}: it is also stacked under {name} (see its {}), so it would be merged twice; drop that --adapter", b.display(), crate::peft::STACK_FILE)
+        // A stacked adapter is a copy inside `dir`: the same adapter passed explicitly too is
+        // found by its content.
+        if let Some((other, _)) = list.iter().find(|(d, _)| stack.iter().any(|b| same_adapter(d, b))) {
+            bail!("--adapter {}: it is also stacked under {name} (a copy in its {}/), so it would be merged twice; drop that --adapter", other.display(), crate::peft::STACK_DIR)
         }
-        for b in &stack {
-            record.push(json!({"path": b.display().to_string(), "weight": 1.0, "stacked_under": name}));
+        let root = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+        for b in stack {
+            let shown = Path::new(&name).join(b.strip_prefix(&root).unwrap_or(b));
+            record.push(json!({"path": shown.display().to_string(), "weight": 1.0, "stacked_under": name}));
         }
         let (_, other) = crate::peft::read_tensors(dir)?;
-        if other.contains_key(crate::reward::SCORE_KEY) || other.contains_key("base_model.model.score.modules_to_save.default.weight") {
+        if other.keys().any(|k| crate::reward::is_score_key(k)) {
             ensure!(head.is_none(), "--adapter {name}: a second reward model; a merged checkpoint has one score head");
             ensure!(*w == 1.0, "--adapter {name}:{w}: a reward model merges at weight 1 (its score head was trained with the LoRA at full strength)");
             let (a, h) = crate::reward::load_reward_adapter(dir, &name, false)?;
             adapters.extend(a);
             head = Some(h);
+            reward = Some(name.clone());
             record.push(json!({"path": name, "weight": w, "reward_head": true}));
         } else {
             for (i, b) in stack.iter().enumerate() {
@@ -178,12 +188,37 @@ fn load_adapters(list: &[(PathBuf, f64)]) -> Result<Loaded> {
             record.push(json!({"path": name, "weight": w}));
         }
     }
+    // A reward head reads the hidden states of exactly the model it was trained on: base +
+    // the reward model's own stack + its LoRA. Another adapter changes those states.
+    if let Some(rm) = &reward {
+        if let Some((d, _)) = list.iter().find(|(d, _)| d.display().to_string() != *rm) {
+            bail!(
+                "--adapter {}: merged together with the reward model {rm}. Its score head was trained on the base + \
+                 {rm}'s own stack + its LoRA only; another adapter changes the features the head reads, so the merged \
+                 checkpoint would score differently from the reward model. Merge the reward model alone (the adapters \
+                 it was trained on come with it, from its {}/ folder)",
+                d.display(),
+                crate::peft::STACK_DIR
+            )
+        }
+    }
     ensure!(!adapters.is_empty(), "nothing to merge: pass at least one --adapter");
     Ok((adapters, head, record))
 }
 
-/// Fails when the filesystem holding `dir` has less than `need` bytes free (statvfs).
-pub fn check_disk_space(dir: &Path, need: u64) -> Result<()> {
+/// Whether adapter folders `a` and `b` are the same adapter: the same folder, or the same
+/// weights file byte for byte (a stacked copy).
+fn same_adapter(a: &Path, b: &Path) -> bool {
+    if a.canonicalize().ok().is_some_and(|x| Some(x) == b.canonicalize().ok()) {
+        return true;
+    }
+    let w = |d: &Path| std::fs::read(d.join(crate::peft::WEIGHTS_FILE)).ok();
+    let size = |d: &Path| std::fs::metadata(d.join(crate::peft::WEIGHTS_FILE)).map(|m| m.len()).ok();
+    size(a).is_some() && size(a) == size(b) && w(a) == w(b)
+}
+
+/// Bytes available to this user and the block size of the filesystem holding `dir` (statvfs).
+fn fs_space(dir: &Path) -> Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -191,13 +226,25 @@ pub fn check_disk_space(dir: &Path, need: u64) -> Result<()> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot read the free space of {}", dir.display()));
     }
-    let free = s.f_bavail as u64 * s.f_frsize as u64;
+    Ok((s.f_bavail as u64 * s.f_frsize as u64, (s.f_frsize as u64).max(1)))
+}
+
+/// Fails when the filesystem holding `dir` has less than `need` bytes free.
+pub fn check_disk_space(dir: &Path, need: u64) -> Result<()> {
+    let (free, _) = fs_space(dir)?;
+    let exact = |b: u64| format!("{} ({b} bytes)", crate::runtime::fmt_bytes(b));
     ensure!(
         free >= need,
-        "not enough disk space in {}: the merged model needs {}, {} are free; nothing was written",
-        dir.display(), crate::runtime::fmt_bytes(need), crate::runtime::fmt_bytes(free)
+        "not enough disk space in {}: the merged model needs {}, {} are free ({} short); nothing was written",
+        dir.display(), exact(need), exact(free), exact(need - free)
     );
     Ok(())
+}
+
+/// Bytes the files of `sizes` take on a filesystem of blocks of `block` bytes (each file is
+/// rounded up to whole blocks), plus one block for the folder's entries.
+fn on_disk(sizes: impl IntoIterator<Item = u64>, block: u64) -> u64 {
+    sizes.into_iter().map(|s| s.div_ceil(block) * block).sum::<u64>() + block
 }
 
 /// `2GB`, `500MB`, `200KB` (powers of 1000, as transformers), `1GiB`, `64MiB`, or bytes.
@@ -213,15 +260,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
 /// Writes one safetensors file, computing each tensor only when its bytes are due (and
 /// checking it is finite).
 fn write_shard(path: &Path, items: &[&Item], get: impl Fn(&Item) -> Result<Tensor>) -> Result<()> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut off = 0;
-    for it in items {
-        header.insert(it.out.clone(), json!({"dtype": safetensors::Dtype::from(it.dtype), "shape": it.shape, "data_offsets": [off, off + it.bytes()]}));
-        off += it.bytes();
-    }
-    let mut h = serde_json::to_vec(&header)?;
-    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let h = shard_header(items)?;
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     f.write_all(&(h.len() as u64).to_le_bytes())?;
     f.write_all(&h)?;
@@ -232,6 +271,20 @@ fn write_shard(path: &Path, items: &[&Item], get: impl Fn(&Item) -> Result<Tenso
     }
     f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok(())
+}
+
+/// The safetensors header of a shard of `items` (JSON padded to 8 bytes, as safetensors writes it).
+fn shard_header(items: &[&Item]) -> Result<Vec<u8>> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut off = 0;
+    for it in items {
+        header.insert(it.out.clone(), json!({"dtype": safetensors::Dtype::from(it.dtype), "shape": it.shape, "data_offsets": [off, off + it.bytes()]}));
+        off += it.bytes();
+    }
+    let mut h = serde_json::to_vec(&header)?;
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    Ok(h)
 }
 
 /// One output tensor: its name, where it comes from (None = the score head), dtype, shape.
@@ -279,14 +332,22 @@ fn check_and_write(t: &Tensor, name: &str, f: &mut impl Write) -> Result<()> {
 
 pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     let t0 = std::time::Instant::now();
-    if o.out.exists() && !o.force {
-        bail!("--out {}: already exists; pass --force to replace it", o.out.display())
-    }
+    // 1. The inputs; --out must be none of them (nor hold one), whatever the flags.
     let files = ModelFiles::resolve(&o.model)?;
+    let stacks = o.adapters.iter().map(|(d, _)| crate::peft::read_stack(d)).collect::<Result<Vec<_>>>()?;
+    let mut inputs: Vec<(&str, &Path)> = vec![("--model", &files.dir)];
+    for ((d, _), stack) in o.adapters.iter().zip(&stacks) {
+        inputs.push(("--adapter", d));
+        inputs.extend(stack.iter().map(|b| ("a stacked adapter", b.as_path())));
+    }
+    crate::outdir::check_not_input(&o.out, "--out", &inputs)?;
+    // 2. Claim --out: locked until this merge ends; only lorafit's own earlier merge is replaced.
+    let out = claim(&o.out, o.force)?;
+
     let arch = Arch::from_file(&files.config)?;
     let src = Source::open(&files.weights)?;
     let shapes = src.shapes()?;
-    let (adapters, head, record) = load_adapters(&o.adapters)?;
+    let (adapters, head, record) = load_adapters(&o.adapters, &stacks)?;
 
     // Attach the adapters through the model loaders, over shapes only.
     let asked = Arc::new(Mutex::new(HashSet::new()));
@@ -387,16 +448,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
         (1..=n).map(|i| if n == 1 { "model.safetensors".into() } else { format!("model-{i:05}-of-{n:05}.safetensors") }).collect();
     let total: u64 = items.iter().map(Item::bytes).sum();
 
-    // Checks before anything is written: free space, then every merged tensor is finite.
-    let parent = o.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-    let leaf = o.out.file_name().with_context(|| format!("--out {}: must name a folder", o.out.display()))?.to_string_lossy().to_string();
-    std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let extra: u64 = EXTRA_FILES.iter().filter_map(|f| std::fs::metadata(files.dir.join(f)).ok()).map(|m| m.len()).sum();
-    check_disk_space(&parent, total + extra + 1024 * (items.len() as u64 + 16))?;
-    for it in items.iter().filter(|it| it.src.as_ref().is_none_or(|s| deltas.contains_key(s))) {
-        check_and_write(&tensor(it)?, &it.out, &mut std::io::sink())?;
-    }
-
+    // The small files, serialised now so that every size is known.
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files.config)?)?;
     let obj = cfg.as_object_mut().context("config.json is not a JSON object")?;
     let present: Vec<&str> = ["torch_dtype", "dtype"].into_iter().filter(|k| obj.contains_key(*k)).collect();
@@ -411,40 +463,63 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
         obj.insert("label2id".into(), json!({"LABEL_0": 0}));
     }
     obj.insert("lorafit_merge".into(), json!({"base_model": files.name, "adapters": record, "dtype": hf_name(dtype), "lorafit_version": env!("CARGO_PKG_VERSION")}));
+    let cfg = serde_json::to_string_pretty(&cfg)?;
+    let index = (n > 1).then(|| {
+        let map: BTreeMap<&str, &str> = shards.iter().zip(&names).flat_map(|(s, f)| s.iter().map(move |it| (it.out.as_str(), f.as_str()))).collect();
+        serde_json::to_string_pretty(&json!({"metadata": {"total_size": total}, "weight_map": map}))
+    });
+    let index = index.transpose()?;
+    let extras: Vec<&str> = EXTRA_FILES.iter().copied().filter(|f| files.dir.join(f).is_file()).collect();
+    let mut sizes: Vec<(String, u64)> = vec![];
+    for (shard, name) in shards.iter().zip(&names) {
+        sizes.push((name.clone(), 8 + shard_header(shard)?.len() as u64 + shard.iter().map(|it| it.bytes()).sum::<u64>()));
+    }
+    if let Some(i) = &index {
+        sizes.push(("model.safetensors.index.json".into(), i.len() as u64));
+    }
+    sizes.push(("config.json".into(), cfg.len() as u64));
+    for f in &extras {
+        sizes.push((f.to_string(), std::fs::metadata(files.dir.join(f))?.len()));
+    }
+    let written: Vec<String> = sizes.iter().map(|(n, _)| n.clone()).collect();
 
-    let tmp = parent.join(format!(".{leaf}.merge-tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let written = (|| -> Result<()> {
-        std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    // Checks before anything is written: lorafit's names are free in --out, the disk holds the
+    // files, every merged tensor is finite.
+    let previous = previous_files(&out);
+    if let Some(f) = written.iter().find(|f| out.path.join(f).symlink_metadata().is_ok() && !previous.contains(*f)) {
+        crate::bail_kind!(
+            crate::error::Kind::NotLorafitOutput,
+            "{} holds {f}, which lorafit's merge did not write there: refusing to replace it",
+            out.path.display()
+        )
+    }
+    let (_, block) = fs_space(&out.path)?;
+    check_disk_space(&out.path, on_disk(sizes.iter().map(|(_, s)| *s), block))?;
+    for it in items.iter().filter(|it| it.src.as_ref().is_none_or(|s| deltas.contains_key(s))) {
+        check_and_write(&tensor(it)?, &it.out, &mut std::io::sink())?;
+    }
+
+    // 3. Write everything into a temp folder inside --out (removed on any error; a killed
+    //    merge's is removed by the next claim), then move the files in.
+    let tmp = TempDir::create(out.path.join(format!(".{}.merge-tmp-{}", leaf_name(&out.path), std::process::id())))?;
+    (|| -> Result<()> {
         for (shard, name) in shards.iter().zip(&names) {
-            write_shard(&tmp.join(name), shard, tensor)?;
+            write_shard(&tmp.0.join(name), shard, tensor)?;
         }
-        if n > 1 {
-            let map: BTreeMap<&str, &str> = shards.iter().zip(&names).flat_map(|(s, f)| s.iter().map(move |it| (it.out.as_str(), f.as_str()))).collect();
-            let index = json!({"metadata": {"total_size": total}, "weight_map": map});
-            crate::io::atomic_write(&tmp.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
+        if let Some(i) = &index {
+            crate::io::atomic_write(&tmp.0.join("model.safetensors.index.json"), i.as_bytes())?;
         }
-        crate::io::atomic_write(&tmp.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
-        for f in EXTRA_FILES.iter().filter(|f| files.dir.join(f).is_file()) {
-            std::fs::copy(files.dir.join(f), tmp.join(f)).with_context(|| format!("cannot copy {f}"))?;
-            std::fs::File::open(tmp.join(f))?.sync_all()?;
+        crate::io::atomic_write(&tmp.0.join("config.json"), cfg.as_bytes())?;
+        for f in &extras {
+            std::fs::copy(files.dir.join(f), tmp.0.join(f)).with_context(|| format!("cannot copy {f}"))?;
+            std::fs::File::open(tmp.0.join(f))?.sync_all()?;
         }
-        crate::chat_template::install_chat_template(&files.dir, &tmp, None)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
+        crate::chat_template::install_chat_template(&files.dir, &tmp.0, None)?;
         Ok(())
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.context(format!("writing the merged model (nothing was written at {})", o.out.display())));
-    }
-    // Swap in: the old --out (with --force) is moved aside, the new folder renamed, the old removed.
-    let old = parent.join(format!(".{leaf}.merge-old-{}", std::process::id()));
-    if o.out.symlink_metadata().is_ok() {
-        std::fs::rename(&o.out, &old).with_context(|| format!("cannot move the old {} aside", o.out.display()))?;
-    }
-    std::fs::rename(&tmp, &o.out).with_context(|| format!("cannot rename {} to {}", tmp.display(), o.out.display()))?;
-    let _ = std::fs::remove_dir_all(&old).or_else(|_| std::fs::remove_file(&old));
-    std::fs::File::open(&parent)?.sync_all()?;
+    })()
+    .with_context(|| format!("writing the merged model (nothing was changed in {})", o.out.display()))?;
+    install(&out, &tmp.0, &previous, &written)?;
+    drop(tmp);
     Ok(MergeReport {
         out: o.out.display().to_string(),
         files: names,
@@ -456,4 +531,112 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
         seconds: t0.elapsed().as_secs_f64(),
         peak_rss_bytes: crate::runtime::peak_rss_bytes(),
     })
+}
+
+/// Claims `--out` for a merge and returns it locked. A folder lorafit did not write (no
+/// `.lorafit` marker, something in it) is refused before anything touches it, not even a lock
+/// file; a marked folder of another kind (a training run) too; an earlier merge needs `--force`.
+/// Merge temp folders left beside `--out` by killed merges of older versions are removed.
+fn claim(out: &Path, force: bool) -> Result<OutDir> {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let leaf = out.file_name().with_context(|| format!("--out {}: must name a folder", out.display()))?.to_string_lossy().to_string();
+    crate::outdir::remove_stale_siblings(parent, &leaf);
+    check_out(out, force)?;
+    let dir = OutDir::lock(out)?;
+    check_out(out, force)?; // again under the lock: another merge may have finished meanwhile
+    if dir.marker().is_none() {
+        dir.write_marker("merge", &[])?; // a killed merge's folder is then known as lorafit's
+    }
+    Ok(dir)
+}
+
+/// Whether a merge may write into `out` (see [`claim`]).
+fn check_out(out: &Path, force: bool) -> Result<()> {
+    use crate::error::Kind;
+    use crate::outdir::{read_marker, temp_owner, LOCK, MARKER};
+    let Ok(meta) = out.symlink_metadata() else { return Ok(()) };
+    if !meta.is_dir() {
+        bail!("--out {} exists and is not a folder", out.display())
+    }
+    let mut contents = vec![];
+    for e in std::fs::read_dir(out).with_context(|| format!("cannot list {}", out.display()))? {
+        let name = e?.file_name().to_string_lossy().to_string();
+        if name != LOCK && name != MARKER && temp_owner(&name).is_none() {
+            contents.push(name);
+        }
+    }
+    contents.sort();
+    match read_marker(out) {
+        None if contents.is_empty() => Ok(()),
+        None => {
+            let shown: Vec<&str> = contents.iter().take(3).map(String::as_str).collect();
+            let more = if contents.len() > 3 { format!(" and {} more", contents.len() - 3) } else { String::new() };
+            crate::bail_kind!(
+                Kind::NotLorafitOutput,
+                "--out {} already exists and was not written by lorafit (it has no {MARKER} marker and holds {}{more}): merge never replaces it, with --force or without",
+                out.display(),
+                shown.join(", ")
+            )
+        }
+        Some(m) if m.kind != "merge" => crate::bail_kind!(
+            Kind::NotLorafitOutput,
+            "--out {} holds lorafit {} output, not a merged model: merge never replaces it, with --force or without",
+            out.display(),
+            m.kind
+        ),
+        Some(_) if contents.is_empty() || force => Ok(()),
+        Some(_) => bail!("--out {}: already exists (an earlier lorafit merge); pass --force to replace it", out.display()),
+    }
+}
+
+/// The files an earlier merge recorded in `out`'s marker: plain names only (a marker naming
+/// `../x` or `a/b` is not lorafit's, and nothing outside the folder is ever removed).
+fn previous_files(out: &OutDir) -> Vec<String> {
+    let plain = |f: &String| !f.starts_with('.') && !f.contains('/') && !f.contains('\\') && !f.is_empty();
+    out.marker().map(|m| m.files.into_iter().filter(plain).collect()).unwrap_or_default()
+}
+
+/// Moves the files `new` from `tmp` into `out`, replacing an earlier merge's files `old`. The
+/// marker lists every file that may be lorafit's at each moment, so a merge killed half way
+/// leaves a folder the next `--force` can still clean up; files lorafit did not write stay.
+fn install(out: &OutDir, tmp: &Path, old: &[String], new: &[String]) -> Result<()> {
+    let mut both: Vec<String> = old.iter().chain(new).cloned().collect();
+    both.sort();
+    both.dedup();
+    out.write_marker("merge", &both)?;
+    for f in old.iter().filter(|f| !new.contains(f)) {
+        match std::fs::remove_file(out.path.join(f)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {} (from the earlier merge)", out.path.join(f).display()))
+            }
+            _ => {}
+        }
+    }
+    for f in new {
+        std::fs::rename(tmp.join(f), out.path.join(f)).with_context(|| format!("cannot move {f} into {}", out.path.display()))?;
+    }
+    out.write_marker("merge", new)?;
+    std::fs::File::open(&out.path)?.sync_all()?;
+    Ok(())
+}
+
+fn leaf_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into())
+}
+
+/// A temp folder removed when dropped (on success, on any error, on a panic).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn create(p: PathBuf) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir(&p).with_context(|| format!("cannot create {}", p.display()))?;
+        Ok(Self(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -10,8 +10,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
+use crate::error::Kind;
 use crate::io::{atomic_write, write_safetensors};
 use crate::lora::{parse_peft_key, peft_key, Adapter, LoraConfig};
 
@@ -34,23 +35,24 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
 
 /// Reads `adapter_model.safetensors` (or PEFT's older `adapter_model.bin`), keys normalised to
 /// [`peft_key`] form. Tensors that are not LoRA matrices are returned separately (e.g. the
-/// reward model's `score` head saved through `modules_to_save`).
+/// reward model's `score` head saved through `modules_to_save`). The file's layout is validated
+/// before anything is allocated, and every float value must be finite: a NaN or Inf adapter
+/// (a diverged run, a damaged download) is an error naming the tensor, never silently used.
 pub fn read_tensors(dir: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, Tensor>)> {
     let st = dir.join(WEIGHTS_FILE);
     let bin = dir.join("adapter_model.bin");
-    let raw: Vec<(String, Tensor)> = if st.is_file() {
-        crate::weights::check_safetensors_header(&st)?;
-        candle_core::safetensors::load(&st, &Device::Cpu)
-            .with_context(|| format!("cannot read {}", st.display()))?
-            .into_iter()
-            .collect()
+    let (file, raw): (std::path::PathBuf, Vec<(String, Tensor)>) = if st.is_file() {
+        let r = crate::stream_load::StreamingSafetensors::open(std::slice::from_ref(&st))?;
+        let raw = r.names().into_iter().map(|n| Ok((n.clone(), r.load_stored(&n)?))).collect::<Result<_>>();
+        (st.clone(), raw.with_context(|| format!("cannot read {}", st.display()))?)
     } else if bin.is_file() {
-        candle_core::pickle::read_all(&bin).with_context(|| format!("cannot read {}", bin.display()))?
+        (bin.clone(), crate::pth::PthFile::open(&bin)?.read_all().with_context(|| format!("cannot read {}", bin.display()))?)
     } else {
         bail!("{}: no {WEIGHTS_FILE} (nor adapter_model.bin)", dir.display())
     };
     let (mut lora, mut other) = (HashMap::new(), HashMap::new());
     for (k, t) in raw {
+        check_finite(&t).map_err(|e| crate::error::tagged(Kind::NonFiniteAdapter, format!("{}: tensor {k} {e}", file.display())))?;
         match parse_peft_key(&k) {
             Some((path, which)) => {
                 lora.insert(peft_key(&path, which), t);
@@ -63,10 +65,36 @@ pub fn read_tensors(dir: &Path) -> Result<(HashMap<String, Tensor>, HashMap<Stri
     Ok((lora, other))
 }
 
+/// Ok when every value of a float tensor is finite; else says which value is not.
+fn check_finite(t: &Tensor) -> std::result::Result<(), String> {
+    if !t.dtype().is_float() || t.elem_count() == 0 {
+        return Ok(());
+    }
+    let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_dtype(candle_core::DType::F32)).and_then(|t| t.to_vec1()).map_err(|e| e.to_string())?;
+    match v.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "has a non-finite value ({} at flat index {i} of shape {:?}; {} of its {} values are not finite)",
+            v[i],
+            t.dims(),
+            v.iter().filter(|x| !x.is_finite()).count(),
+            v.len()
+        )),
+    }
+}
+
 /// An adapter folder written by PEFT or lorafit, ready to attach. `weight` scales it when stacking.
 pub fn load_adapter(dir: &Path, name: &str, weight: f64, trainable: bool) -> Result<Arc<Adapter>> {
     let config = read_config(dir)?;
     let (lora, other) = read_tensors(dir)?;
+    if let Some(k) = other.keys().find(|k| crate::reward::is_score_key(k)) {
+        crate::bail_kind!(
+            Kind::RewardModelAsAdapter,
+            "{} is a reward model (its {WEIGHTS_FILE} holds the score head {k}), not a plain LoRA adapter: \
+             it scores text, it does not change what the model generates",
+            dir.display()
+        )
+    }
     if let Some(k) = other.keys().next() {
         bail!(
             "{}: tensor {k} is not a LoRA matrix (expected keys like base_model.model.<module>.lora_A.weight)",
@@ -102,21 +130,111 @@ pub fn save_adapter(adapter: &Adapter, dir: &Path, base_model: &str, extra: &[(S
 
 /// lorafit's own note next to an adapter: the adapters it was trained on top of (stacked,
 /// frozen), which must be applied under it. PEFT ignores this file.
+///
+/// An adapter folder is self-contained: the adapters of its stack travel inside it, as
+/// `stack/sft/` (then `stack/sft-2/`, ...), each an `adapter_config.json` and its weights, and
+/// `lorafit.json` lists them relative to the folder: `{"stack": ["stack/sft"], "copied_from":
+/// [...]}` (`copied_from` is only shown by `inspect`). Paths in an adapter's metadata are never
+/// followed outside its folder: a downloaded adapter cannot point lorafit at other files.
 pub const STACK_FILE: &str = "lorafit.json";
+/// The folder inside an adapter folder that holds its stack.
+pub const STACK_DIR: &str = "stack";
+/// The most adapters a stack may hold.
+const MAX_STACK: usize = 8;
 
+/// Copies the adapters `below` (bottom first) into `dir/stack/` and records them in
+/// `dir/lorafit.json`. Only each adapter's own files are copied (its config and weights), as
+/// that is what was applied under `dir`'s adapter. The new `stack/` replaces an older one whole.
 pub fn write_stack(dir: &Path, below: &[std::path::PathBuf]) -> Result<()> {
-    let v = serde_json::json!({ "stacked_on": below.iter().map(|p| p.display().to_string()).collect::<Vec<_>>() });
+    let pid = std::process::id();
+    let tmp = dir.join(format!(".{STACK_DIR}.tmp-{pid}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut names = vec![];
+    let copied = (|| -> Result<()> {
+        for (i, src) in below.iter().enumerate() {
+            let name = if i == 0 { "sft".to_string() } else { format!("sft-{}", i + 1) };
+            let to = tmp.join(&name);
+            std::fs::create_dir_all(&to).with_context(|| format!("cannot create {}", to.display()))?;
+            let weights = [WEIGHTS_FILE, "adapter_model.bin"].into_iter().find(|f| src.join(f).is_file());
+            let weights = weights.with_context(|| format!("{}: no {WEIGHTS_FILE} to copy into {}", src.display(), dir.display()))?;
+            for f in [CONFIG_FILE, weights] {
+                std::fs::copy(src.join(f), to.join(f)).with_context(|| format!("cannot copy {} into {}", src.join(f).display(), to.display()))?;
+                std::fs::File::open(to.join(f))?.sync_all()?;
+            }
+            names.push(format!("{STACK_DIR}/{name}"));
+        }
+        Ok(())
+    })();
+    if let Err(e) = copied {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    // Swap in: an older stack/ is moved aside, then removed.
+    let live = dir.join(STACK_DIR);
+    let old = dir.join(format!(".{STACK_DIR}-old.tmp-{pid}"));
+    if live.symlink_metadata().is_ok() {
+        std::fs::rename(&live, &old).with_context(|| format!("cannot move the old {} aside", live.display()))?;
+    }
+    std::fs::rename(&tmp, &live).with_context(|| format!("cannot rename {} to {}", tmp.display(), live.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    let from: Vec<String> = below.iter().map(|p| p.display().to_string()).collect();
+    let v = serde_json::json!({ "stack": names, "copied_from": from });
     atomic_write(&dir.join(STACK_FILE), serde_json::to_string_pretty(&v)?.as_bytes())
 }
 
-/// The adapters `dir` was stacked on (empty when it stands alone).
+/// The adapter folders `dir` was stacked on, bottom first (empty when it stands alone). Each
+/// lies inside `dir` (symlinks resolved); an entry that leads outside is an error. Folders from
+/// older lorafit versions (`"stacked_on"`: paths relative to where `rm` ran) are read when the
+/// path still lies inside `dir`, else the error says how to make the folder self-contained.
 pub fn read_stack(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let p = dir.join(STACK_FILE);
     if !p.is_file() {
         return Ok(vec![]);
     }
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p)?).with_context(|| format!("{} is not valid JSON", p.display()))?;
-    Ok(v["stacked_on"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(Into::into)).collect()).unwrap_or_default())
+    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", p.display()))?;
+    let (key, old_style) = if v.get("stack").is_some() { ("stack", false) } else { ("stacked_on", true) };
+    let entries = match v.get(key) {
+        None => return Ok(vec![]),
+        Some(serde_json::Value::Array(a)) => a,
+        Some(other) => bail!("{}: \"{key}\" must be a list of folder names, found {}", p.display(), crate::data::kind_of(other)),
+    };
+    if entries.len() > MAX_STACK {
+        bail!("{}: \"{key}\" lists {} adapters; lorafit stacks at most {MAX_STACK}", p.display(), entries.len())
+    }
+    let root = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let mut out = vec![];
+    for e in entries {
+        let s = e.as_str().with_context(|| format!("{}: \"{key}\" holds {}, not a folder name", p.display(), crate::data::kind_of(e)))?;
+        let rel = Path::new(s);
+        // New style: a plain relative path. Old style: as written (absolute, or relative to
+        // where `rm` ran), else relative to the folder.
+        let plain = !s.is_empty() && rel.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        let candidates: Vec<std::path::PathBuf> = match (old_style, plain) {
+            (false, true) => vec![dir.join(rel)],
+            (false, false) => vec![],
+            (true, _) => vec![rel.to_path_buf(), dir.join(rel)],
+        };
+        let inside = candidates.iter().filter_map(|c| c.canonicalize().ok()).find(|c| c.starts_with(&root) && c != &root);
+        match inside {
+            Some(c) => out.push(c),
+            None if old_style => bail!(
+                "{}: \"stacked_on\" points at {s}, outside the adapter folder {} (or missing). lorafit no longer follows \
+                 paths out of an adapter folder (a downloaded adapter could point anywhere). Make the folder \
+                 self-contained: copy that SFT adapter's adapter_config.json and adapter_model.safetensors into \
+                 {}/{STACK_DIR}/sft and replace {STACK_FILE} with {{\"stack\": [\"{STACK_DIR}/sft\"]}}",
+                p.display(),
+                dir.display(),
+                dir.display()
+            ),
+            None => bail!(
+                "{}: \"stack\" entry {s:?} is not a folder inside {} (stacked adapters travel inside the adapter folder, e.g. {STACK_DIR}/sft)",
+                p.display(),
+                dir.display()
+            ),
+        }
+    }
+    Ok(out)
 }
 
 /// Parses `--adapter PATH[:WEIGHT]`.

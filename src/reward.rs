@@ -15,6 +15,11 @@ use crate::model::{causal_mask, Model};
 /// PEFT's key for the trained head.
 pub const SCORE_KEY: &str = "base_model.model.score.weight";
 
+/// Whether `key` is a reward head's tensor (PEFT's `modules_to_save` key, or its older form).
+pub fn is_score_key(key: &str) -> bool {
+    key == SCORE_KEY || key == "base_model.model.score.modules_to_save.default.weight"
+}
+
 /// The scalar head, (1, C) f32.
 #[derive(Clone)]
 pub struct RewardHead {
@@ -98,11 +103,13 @@ pub fn score_with(
 }
 
 /// Loads a reward-model folder: its LoRA adapter and its head (required), and the adapters it
-/// was stacked on (`lorafit.json`), all frozen unless `trainable`.
+/// was stacked on (inside the folder, see [`crate::peft::read_stack`]), all frozen unless
+/// `trainable`.
 pub fn load_reward_adapter(dir: &Path, name: &str, trainable: bool) -> Result<(Vec<Arc<Adapter>>, Tensor)> {
     let config = crate::peft::read_config(dir)?;
     let (lora, mut other) = crate::peft::read_tensors(dir)?;
-    let head = other.remove(SCORE_KEY).or_else(|| other.remove("base_model.model.score.modules_to_save.default.weight"));
+    let key = other.keys().find(|k| is_score_key(k)).cloned();
+    let head = key.and_then(|k| other.remove(&k));
     let head = head.with_context(|| {
         format!(
             "{}: no reward head ({SCORE_KEY}): this is not a reward-model adapter (an SFT adapter has no head; train one with `lorafit rm`)",

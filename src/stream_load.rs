@@ -28,32 +28,38 @@ pub struct StreamingSafetensors {
 }
 
 impl StreamingSafetensors {
+    /// Opens the files; each header is validated whole first
+    /// ([`crate::weights::check_safetensors_header`]), so every later read lies inside its file.
     pub fn open(paths: &[PathBuf]) -> anyhow::Result<Self> {
         let mut files = vec![];
         let mut entries = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
-            crate::weights::check_safetensors_header(p)?;
-            let f = File::open(p)?;
-            let mut n = [0u8; 8];
-            f.read_exact_at(&mut n, 0)?;
-            let len = u64::from_le_bytes(n);
-            let mut header = vec![0u8; len as usize];
-            f.read_exact_at(&mut header, 8)?;
-            let meta: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)?;
-            for (name, v) in meta {
-                if name == "__metadata__" {
-                    continue;
+            for e in crate::weights::check_safetensors_header(p)? {
+                if entries.contains_key(&e.name) {
+                    anyhow::bail!("{}: tensor {} is also in {}", p.display(), e.name, files.iter().map(|(f, _): &(PathBuf, File)| f.display().to_string()).collect::<Vec<_>>().join(", "));
                 }
-                let dtype: safetensors::Dtype = serde_json::from_value(v["dtype"].clone())
-                    .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", p.display()))?;
-                let shape: Vec<usize> = serde_json::from_value(v["shape"].clone())?;
-                let off: Vec<u64> = serde_json::from_value(v["data_offsets"].clone())?;
-                let base = 8 + len;
-                entries.insert(name, Entry { file: i, dtype, shape, start: base + off[0], end: base + off[1] });
+                entries.insert(e.name, Entry { file: i, dtype: e.dtype, shape: e.shape, start: e.start, end: e.end });
             }
+            let f = File::open(p).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", p.display()))?;
             files.push((p.clone(), f));
         }
         Ok(Self { files, entries })
+    }
+
+    /// The tensors' names and where they are, for readers that need every tensor.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.entries.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The tensor `name` in the dtype it is stored in (for readers that keep it as is).
+    pub fn load_stored(&self, name: &str) -> candle_core::Result<Tensor> {
+        let e = self.entries.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        let dtype = DType::try_from(e.dtype).map_err(|_| {
+            candle_core::Error::Msg(format!("{}: tensor {name} has dtype {:?}, which lorafit cannot read", self.files[e.file].0.display(), e.dtype))
+        })?;
+        self.load(name, dtype, &Device::Cpu)
     }
 
     /// Every tensor's name, dtype and shape, from the headers (no data is read).

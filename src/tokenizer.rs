@@ -28,6 +28,27 @@ fn first_id(v: Option<&serde_json::Value>) -> Option<u32> {
     }
 }
 
+/// Every id the tokenizer can produce (its vocabulary and added tokens) must be a row of the
+/// model's embedding: otherwise the first such token fails deep in the model
+/// ("index-select invalid index"). Checked at load, naming both numbers.
+fn check_fits_model(inner: &tokenizers::Tokenizer, tokenizer_json: &Path, config_json: &Path) -> Result<()> {
+    let Ok(arch) = crate::model::Arch::from_file(config_json) else {
+        return Ok(()); // config.json's own errors are reported where the model is loaded
+    };
+    let vocab = arch.vocab_size();
+    let top = inner.get_vocab(true).into_iter().max_by_key(|(_, id)| *id);
+    if let Some((token, id)) = top.filter(|(_, id)| *id as usize >= vocab) {
+        crate::bail_kind!(
+            crate::error::Kind::TokenizerModelMismatch,
+            "{}: token {token:?} has id {id}, but the model's embedding has {vocab} rows (vocab_size {vocab} in {}): \
+             the largest token id must be below vocab_size",
+            tokenizer_json.display(),
+            config_json.display()
+        )
+    }
+    Ok(())
+}
+
 impl Tokenizer {
     /// Loads `tokenizer.json`; special ids come from `config.json` first, then the vocab.
     pub fn load(tokenizer_json: &Path, config_json: &Path) -> Result<Self> {
@@ -37,8 +58,8 @@ impl Tokenizer {
                 tokenizer_json.display()
             )
         }
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
-            .map_err(|e| anyhow!("{e}"))
+        let what = || format!("cannot load {} (the tokenizers library failed on it; is the file damaged?)", tokenizer_json.display());
+        let inner = crate::error::catch_panic(what, || tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| anyhow!("{e}")))
             .with_context(|| format!("cannot load {}", tokenizer_json.display()))?;
         let cfg: serde_json::Value = std::fs::read_to_string(config_json)
             .ok()
@@ -65,24 +86,25 @@ impl Tokenizer {
                 }
             }
         }
+        check_fits_model(&inner, tokenizer_json, config_json)?;
         Ok(Self { inner, eos_id, bos_id, pad_id, end_ids })
     }
 
     /// Token ids of `text` under the tokenizer's own rules (nothing else added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, true).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
+        let enc = crate::error::catch_panic(|| format!("tokenizing {text:?}"), || self.inner.encode(text, true).map_err(|e| anyhow!("tokenizing {text:?}: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Token ids of `text` with no special tokens at all (a completion appended to a prompt).
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
+        let enc = crate::error::catch_panic(|| format!("tokenizing {text:?}"), || self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing {text:?}: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`, special tokens kept (KoGPT2's emoji are special tokens).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow!("decoding {ids:?}: {e}"))
+        crate::error::catch_panic(|| format!("decoding {ids:?}"), || self.inner.decode(ids, false).map_err(|e| anyhow!("decoding {ids:?}: {e}")))
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -3,7 +3,7 @@
 //! lorafit writes itself, for offline smoke runs; see `builtin.rs`).
 //!
 //! Weights may be `model.safetensors`, sharded `model.safetensors.index.json` + shards, or
-//! `pytorch_model.bin` (read by candle's pickle reader, which executes no code).
+//! `pytorch_model.bin` (read by our bounded pickle reader, `pth.rs`, which executes no code).
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -152,8 +152,10 @@ impl ModelFiles {
                     .with_context(|| format!("cannot read the weights in {}", self.dir.display()))?;
                 VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
             }
-            WeightFiles::Pth(p) => VarBuilder::from_pth(p, dtype, device)
-                .with_context(|| format!("cannot read {} (a PyTorch checkpoint)", p.display()))?,
+            WeightFiles::Pth(p) => {
+                let backend = crate::pth::PthFile::open(p).with_context(|| format!("cannot read {} (a PyTorch checkpoint)", p.display()))?;
+                VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+            }
         })
     }
 
@@ -189,40 +191,102 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-/// A readable message for a truncated or corrupt safetensors file, before mmap-ing it: the
-/// header must be JSON and the file must hold every byte its tensors' `data_offsets` name.
-pub fn check_safetensors_header(path: &Path) -> Result<()> {
+/// The largest safetensors header lorafit reads (the safetensors crate's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// One tensor of a safetensors file, as its validated header describes it.
+#[derive(Clone, Debug)]
+pub struct SafetensorsEntry {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte range of the tensor's data in the file.
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Validates the whole header of a safetensors file before anything else is read or allocated,
+/// and returns its tensors. The format (safetensors' README): 8 bytes little-endian `N`, then
+/// `N` bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
+/// {str: str}}`, then the data. Checked: `N` is sane and inside the file; the JSON is an object;
+/// every tensor has a known dtype, a shape, and exactly two offsets `begin <= end` whose span is
+/// shape x dtype size (checked arithmetic); sorted by offset the tensors tile the data exactly
+/// (from 0, contiguous, no overlap, no hole, up to the end of the file). Any allocation a reader
+/// makes afterwards is then bounded by the file's size.
+pub fn check_safetensors_header(path: &Path) -> Result<Vec<SafetensorsEntry>> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let len = f.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
+    let file = path.display();
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {file}"))?;
+    let len = f.metadata().with_context(|| format!("cannot read {file}"))?.len();
     let mut n = [0u8; 8];
     if len < 8 || f.read_exact(&mut n).is_err() {
-        bail!("{} is not a safetensors file (too short: {len} bytes)", path.display())
+        bail!("{file} is not a safetensors file (too short: {len} bytes)")
     }
     let header = u64::from_le_bytes(n);
     if header > len - 8 {
-        bail!(
-            "{} is truncated or not a safetensors file (header of {header} bytes, file of {len}); \
-             if it was downloaded, download it again",
-            path.display()
-        )
+        bail!("{file} is truncated or not a safetensors file (header of {header} bytes, file of {len}); if it was downloaded, download it again")
+    }
+    if !(2..=MAX_HEADER).contains(&header) {
+        bail!("{file} is not a safetensors file (a header of {header} bytes; a valid one has 2 to {MAX_HEADER})")
     }
     let mut text = vec![0u8; header as usize];
-    f.read_exact(&mut text).with_context(|| format!("cannot read {}", path.display()))?;
+    f.read_exact(&mut text).with_context(|| format!("cannot read {file}"))?;
     let meta: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
-        .with_context(|| format!("{} is not a safetensors file (its header is not a JSON object)", path.display()))?;
-    let end = meta
-        .values()
-        .filter_map(|t| t.get("data_offsets")?.as_array()?.get(1)?.as_u64())
-        .max()
-        .unwrap_or(0);
+        .with_context(|| format!("{file} is not a safetensors file (its header is not a JSON object)"))?;
     let data = len - 8 - header;
-    if end > data {
-        bail!(
-            "{} is truncated: its tensors need {end} bytes of data, the file holds {data}; \
-             if it was downloaded, download it again",
-            path.display()
-        )
+    let base = 8 + header;
+    let mut entries = Vec::with_capacity(meta.len());
+    for (name, v) in meta {
+        if name == "__metadata__" {
+            let ok = v.as_object().is_some_and(|m| m.values().all(|x| x.is_string()));
+            anyhow::ensure!(ok, "{file}: __metadata__ must be an object of strings, found {}", crate::data::kind_of(&v));
+            continue;
+        }
+        let field = |k: &str| v.get(k).with_context(|| format!("{file}: tensor {name}: no \"{k}\" in the header"));
+        let dtype: safetensors::Dtype = serde_json::from_value(field("dtype")?.clone())
+            .map_err(|e| anyhow::anyhow!("{file}: tensor {name}: field \"dtype\": {e}"))?;
+        let shape: Vec<usize> = serde_json::from_value(field("shape")?.clone())
+            .map_err(|e| anyhow::anyhow!("{file}: tensor {name}: field \"shape\" must be a list of sizes: {e}"))?;
+        let offsets: Vec<u64> = serde_json::from_value(field("data_offsets")?.clone())
+            .map_err(|e| anyhow::anyhow!("{file}: tensor {name}: field \"data_offsets\" must be [begin, end]: {e}"))?;
+        let [begin, end] = offsets[..] else {
+            bail!("{file}: tensor {name}: field \"data_offsets\" has {} numbers; it must be [begin, end]", offsets.len())
+        };
+        if begin > end {
+            bail!("{file}: tensor {name}: data_offsets [{begin}, {end}] are reversed (begin > end)")
+        }
+        if end > data {
+            bail!("{file} is truncated: tensor {name} needs bytes up to {end} of the data, the file holds {data}; if it was downloaded, download it again")
+        }
+        let bits = shape.iter().try_fold(dtype.bitsize() as u64, |acc, &d| acc.checked_mul(d as u64));
+        let bytes = bits.filter(|b| b % 8 == 0).map(|b| b / 8);
+        if bytes != Some(end - begin) {
+            bail!(
+                "{file}: tensor {name}: shape {shape:?} of {dtype:?} needs {} bytes, its data_offsets [{begin}, {end}] span {}",
+                bytes.map_or("more than 2^64".into(), |b| b.to_string()),
+                end - begin
+            )
+        }
+        entries.push(SafetensorsEntry { name, dtype, shape, start: base + begin, end: base + end });
     }
-    Ok(())
+    // The tensors must tile the data: sorted by offset, each starts where the previous ended.
+    entries.sort_by_key(|e| (e.start, e.end));
+    let mut at = base;
+    let mut prev: Option<&str> = None;
+    for e in &entries {
+        if e.start != at {
+            let what = match prev {
+                Some(p) if e.start < at => format!("overlaps tensor {p}"),
+                Some(p) => format!("leaves {} unused bytes after tensor {p}", e.start - at),
+                None => format!("starts at byte {} of the data, not 0", e.start - base),
+            };
+            bail!("{file}: tensor {}: {what} (data_offsets must tile the data without holes or overlaps)", e.name)
+        }
+        at = e.end;
+        prev = Some(&e.name);
+    }
+    if at != len {
+        bail!("{file}: {} bytes after the last tensor belong to no tensor; this is not a valid safetensors file", len - at)
+    }
+    Ok(entries)
 }

@@ -210,6 +210,7 @@ fn tied_head_adapter_is_refused() {
 
 #[test]
 fn existing_output_is_refused_unless_force() {
+    // Issue 11: --force replaces only an earlier merge (lorafit's marker), never other files.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
@@ -221,17 +222,28 @@ fn existing_output_is_refused_unless_force() {
         cmd.args(["--out", &out.display().to_string()]).args(force.then_some("--force"));
         cmd.output().unwrap()
     };
+    for force in [false, true] {
+        let o = run(force);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("was not written by lorafit"), "{o:?}");
+        assert!(out.join("keep.txt").is_file() && !out.join("model.safetensors").exists());
+    }
+    // An earlier merge: refused without --force, replaced with it (files of the user's stay).
+    std::fs::remove_file(out.join("keep.txt")).unwrap();
+    assert!(run(false).status.success());
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
     let o = run(false);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("already exists; pass --force"), "{o:?}");
-    assert!(out.join("keep.txt").is_file() && !out.join("model.safetensors").exists());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already exists (an earlier lorafit merge); pass --force"), "{o:?}");
     let o = run(true);
     assert!(o.status.success(), "{o:?}");
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["merged_tensors"], 8);
-    assert!(!out.join("keep.txt").exists() && out.join("model.safetensors").is_file());
+    assert!(out.join("keep.txt").is_file() && out.join("model.safetensors").is_file());
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers.len(), 1, "no temporary folders left: {leftovers:?}");
+    let inside: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    assert!(inside.iter().all(|n| !n.contains("merge-tmp")), "no temporary folders left: {inside:?}");
 }
 
 #[test]

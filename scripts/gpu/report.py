@@ -203,6 +203,22 @@ def table(a):
         w("## CPU vs CUDA (tiny GPT-2, eval NLL per line)\n")
         w(f"{r.get('note', '')}\n")
 
+    if "training-correctness" in by:
+        r = by["training-correctness"]
+        w("## Training: CPU f32 vs the device (scripts/gpu/train_check.py)\n")
+        w(f"{r.get('note', '')}. Metric: the largest relative difference of a compared per-step metric; "
+          "adapter: max |diff| (f32, NF4) and the worst tensor's ||diff|| / ||ref|| (bf16, f16).\n")
+        w("| fixture | method | config | verdict | steps | max rel metric (where) | adapter max abs | adapter rel L2 | f16 skipped steps | tolerance | s (device / CPU) |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|")
+        for c in r.get("checks") or []:
+            verdict = "ok" if c.get("ok") else "FAIL: " + "; ".join(c.get("problems") or [c.get("error", "")])
+            w(f"| {c['fixture']} | {c['method']} | {c['config']} | {verdict} | {c.get('steps', '-')} | "
+              f"{fmt(c.get('max_rel_metric'), 7) if c.get('max_rel_metric') is None else format(c['max_rel_metric'], '.2e')} ({c.get('worst_metric', '')}) | "
+              f"{'-' if c.get('adapter_max_abs') is None else format(c['adapter_max_abs'], '.2e')} | "
+              f"{'-' if c.get('adapter_rel_l2') is None else format(c['adapter_rel_l2'], '.2e')} | {c.get('skipped_steps', '-')} | "
+              f"{c.get('tol', '')} | {c.get('wall_s', '-')} / {c.get('ref_wall_s', '-')} |")
+        w("")
+
     with open(a.out, "w") as f:
         f.write("\n".join(out) + "\n")
     sys.stdout.write("\n".join(out) + "\n")

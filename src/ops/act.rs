@@ -11,7 +11,8 @@
 //! (14% of a GPT-2 step's CPU time in libm, docs/BENCHMARKS.md). Here forward and backward are one
 //! pass each over contiguous f32 on the CPU, split over rayon's threads, with a rational tanh
 //! (Eigen's `ptanh_float`, a few ulp from libm's and branch-free, so it vectorises). Other
-//! devices and dtypes use candle's ops and the same formula as tensor ops.
+//! devices and dtypes use candle's ops and the same formula as tensor ops (the CPU too under
+//! `LORAFIT_GENERIC_OPS=1`: `ops::fast_cpu`).
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -156,7 +157,7 @@ impl CustomOp2 for ActGrad {
 
 /// f(x) without a graph.
 fn act_fwd(x: &Tensor, kind: Kind) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fast_cpu(x.device()) && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1_no_bwd(&Act(kind));
     }
     match kind {
@@ -167,7 +168,7 @@ fn act_fwd(x: &Tensor, kind: Kind) -> candle_core::Result<Tensor> {
 
 /// dx = g f'(x) without a graph.
 fn act_bwd(x: &Tensor, g: &Tensor, kind: Kind) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && g.dtype() == DType::F32 {
+    if super::fast_cpu(x.device()) && x.dtype() == DType::F32 && g.dtype() == DType::F32 {
         return x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &ActGrad(kind));
     }
     // Other devices / dtypes: the same formula as tensor ops in f32.
@@ -190,7 +191,7 @@ fn act_bwd(x: &Tensor, g: &Tensor, kind: Kind) -> candle_core::Result<Tensor> {
 }
 
 fn act(x: &Tensor, kind: Kind) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fast_cpu(x.device()) && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(Act(kind));
     }
     pre(kind).apply(kind.name(), x)

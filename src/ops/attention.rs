@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor, D};
 
+use super::matmul;
+
 /// (B, T, 3C) packed `[q | k | v]` -> q, k, v as (B, H, T, D), contiguous.
 fn split_heads(qkv: &Tensor, n_head: usize) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let (b, t, c3) = qkv.dims3()?;
@@ -38,10 +40,10 @@ fn sdpa_fwd(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> ca
     let (h_kv, tk) = (k.dim(1)?, k.dim(2)?);
     let rep = h / h_kv;
     let q2 = q.reshape((b, h_kv, rep * t, d))?;
-    let s = (q2.matmul(&k.t()?)? * scale)?.reshape((b, h, t, tk))?; // (B, H, T, Tk)
+    let s = (matmul(&q2, &k.t()?)? * scale)?.reshape((b, h, t, tk))?; // (B, H, T, Tk)
     let p = candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?.broadcast_add(mask)?)?.to_dtype(q.dtype())?;
     let p = p.reshape((b, h_kv, rep * t, tk))?;
-    let y = p.matmul(v)?.reshape((b, h, t, d))?;
+    let y = matmul(&p, v)?.reshape((b, h, t, d))?;
     Ok((y, p))
 }
 
@@ -52,13 +54,13 @@ fn sdpa_bwd(q: &Tensor, k: &Tensor, v: &Tensor, p: &Tensor, g: &Tensor, scale: f
     let h_kv = k.dim(1)?;
     let rep = h / h_kv;
     let g = g.contiguous()?.reshape((b, h_kv, rep * t, d))?;
-    let dv = p.t()?.matmul(&g)?; // (B, H_kv, Tk, D)
-    let dp = g.matmul(&v.t()?)?.to_dtype(DType::F32)?; // (B, H_kv, rep·T, Tk)
+    let dv = matmul(&p.t()?, &g)?; // (B, H_kv, Tk, D)
+    let dp = matmul(&g, &v.t()?)?.to_dtype(DType::F32)?; // (B, H_kv, rep·T, Tk)
     let p32 = p.to_dtype(DType::F32)?;
     let dot = (&dp * &p32)?.sum_keepdim(D::Minus1)?;
     let ds = ((p32 * dp.broadcast_sub(&dot)?)? * scale)?.to_dtype(dt)?;
-    let dq = ds.matmul(k)?.reshape((b, h, t, d))?;
-    let dk = ds.t()?.matmul(&q.reshape((b, h_kv, rep * t, d))?)?;
+    let dq = matmul(&ds, k)?.reshape((b, h, t, d))?;
+    let dk = matmul(&ds.t()?, &q.reshape((b, h_kv, rep * t, d))?)?;
     Ok((dq, dk, dv))
 }
 

@@ -5,7 +5,8 @@
 //! feature for its training GEMMs). Here each thread streams a contiguous block of the weight's
 //! rows once with AVX2 + FMA: W row-major (k, n) (GPT-2's Conv1D): `y = Σ_i x_i W[i, :]`, one
 //! partial y per thread, summed; W the transpose of a row-major (n, k) (nn.Linear, the tied LM
-//! head): `y_j = W[j, :] · x`.
+//! head): `y_j = W[j, :] · x`. Taken only where `ops::fast_cpu` says so (not under
+//! `LORAFIT_GENERIC_OPS=1`, nor on a GPU): otherwise `matmul_rows` uses the GEMM.
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -102,7 +103,7 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
         if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
             return Ok(None);
         }
-        let ok = x.device().is_cpu()
+        let ok = super::fast_cpu(x.device())
             && x.dtype() == candle_core::DType::F32
             && w.dtype() == candle_core::DType::F32
             && w.rank() == 2

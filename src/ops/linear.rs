@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 
-use super::{grad3_op, input_grad_op, matmul_rows, Pre};
+use super::{grad3_op, input_grad_op, matmul, matmul_rows, Pre};
 
 /// The frozen weight as (in, out) in a given dtype: a view for a dense layer, a dequantized
 /// copy for NF4 (made per pass, never kept).
@@ -122,9 +122,9 @@ impl Fused {
                 let rows = gz.elem_count() / r;
                 let u = t.drop(&x.to_dtype(DType::F32)?)?;
                 let u = u.reshape((rows, u.elem_count() / rows))?; // (N, in)
-                da = Some(gz.reshape((rows, r))?.t()?.matmul(&u)?); // (r, N) @ (N, in)
+                da = Some(matmul(&gz.reshape((rows, r))?.t()?, &u)?); // (r, N) @ (N, in)
                 let g2 = g32.reshape((rows, g32.elem_count() / rows))?; // (N, out)
-                db = Some((g2.t()?.matmul(&z.reshape((rows, r))?)? * t.scale)?); // (out, N) @ (N, r)
+                db = Some((matmul(&g2.t()?, &z.reshape((rows, r))?)? * t.scale)?); // (out, N) @ (N, r)
             }
         }
         let dx = if need_dx {

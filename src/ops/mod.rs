@@ -24,14 +24,105 @@
 //! [`grad3_op`] does the same for a node with three inputs (the fused LoRA linear,
 //! `linear.rs`). `tests/ops.rs` checks every op against candle's composed ops; the model
 //! and LoRA gradients are checked against torch (`tests/reference.rs`).
-use std::sync::{Arc, Mutex};
+//!
+//! ## Device-specific code: every branch, and its generic twin
+//!
+//! A branch that only one device takes is tested only where that device runs. CI has no GPU, so
+//! every CPU fast path asks [`fast_cpu`] (never `is_cpu()` itself), and the test knob
+//! `LORAFIT_GENERIC_OPS=1` (read once, [`generic_ops`]) makes it answer false: the CPU then runs
+//! the device-generic twin, the code CUDA runs, and CI runs the op, reference and training tests
+//! that way too (`.ci/run`). In that mode [`matmul`] also refuses the operand layouts cuBLAS
+//! refuses (candle's CPU GEMM takes any strides; its CUDA one does not).
+//! `tests/generic_ops.rs` fails on a raw device test (`is_cpu()`, `is_cuda()`, `Storage::Cpu`,
+//! `Device::Cpu =>`, ...) in `src/` that is not in this table, and on a caller of `fast_cpu` that is not
+//! in it either. Add the row with the branch.
+//!
+//! | where (file, what)                          | device-specific branch                        | generic twin (what CUDA runs)                  |
+//! |---------------------------------------------|-----------------------------------------------|------------------------------------------------|
+//! | `src/ops/act.rs` (fast_cpu) `act`, `act_fwd`, `act_bwd` | one-pass f32 GELU / SiLU ops (`Act`, `ActGrad`) | `Pre` of candle's `gelu`/`silu` + the derivative as tensor ops |
+//! | `src/ops/gemv.rs` (fast_cpu) `gemv`                    | AVX2 + FMA one-row f32 matrix-vector product  | `matmul_rows`' GEMM                             |
+//! | `src/ops/mod.rs` `matmul` (every GEMM in `ops/`)       | none; in generic mode it first checks cuBLAS's layout rule | candle's `matmul` (cuBLAS strided batched GEMM) |
+//! | `src/ops/mod.rs` `Precomputed::cpu` / `::cuda`         | candle's backend dispatch (`cpu_fwd` / `cuda_fwd`): not a fast path, one body (`Precomputed::storage`), the backend only picks the storage variant | the `cuda` arm, compiled by `scripts/check-cuda.sh` only |
+//! | `src/runtime.rs` (raw 1) `parse_dtype`                 | `--dtype auto`: f32 on CPU, bf16 on a GPU     | a default, not an op path (generic mode keeps f32 on CPU) |
+//! | `src/merge.rs` (raw 1) `check_and_write`               | merging runs on the CPU by design (reads the CPU buffer) | none: no merge on a GPU                       |
+//!
+//! Candle's own per-device kernels (GEMM, softmax, norms, rope, reductions) are not ours and are
+//! checked on a GPU only (`scripts/gpu-bench.sh`'s `correctness` and `training-correctness` stages).
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub mod act;
 pub mod attention;
 mod gemv;
 pub mod linear;
 
-use candle_core::{backend::BackendStorage, CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
+use candle_core::{backend::BackendStorage, CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
+
+/// The test knob: `LORAFIT_GENERIC_OPS=1` makes every op take its device-generic branch (what
+/// CUDA runs) on the CPU too. Read once per process; `0`, `false`, `no`, `off` or empty = off.
+pub const GENERIC_OPS_ENV: &str = "LORAFIT_GENERIC_OPS";
+
+/// Whether `LORAFIT_GENERIC_OPS` is on (read once, on first use).
+pub fn generic_ops() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let v = std::env::var(GENERIC_OPS_ENV).unwrap_or_default();
+        let on = !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false" | "no" | "off");
+        if on {
+            tracing::info!("{GENERIC_OPS_ENV}={v}: every op takes its device-generic (CUDA) branch, CPU fast paths are off");
+        }
+        on
+    })
+}
+
+/// Whether a CPU-only fast path may run on `device`: on the CPU, unless `LORAFIT_GENERIC_OPS`
+/// is on. The one place a device decides an op's branch (see the table in this module's header).
+pub fn fast_cpu(device: &Device) -> bool {
+    device.is_cpu() && !generic_ops()
+}
+
+/// `a.matmul(b)`. Under `LORAFIT_GENERIC_OPS` it first refuses, on any device, the operand
+/// layouts that candle's CUDA GEMM refuses (`MatMulNonContiguous`) although its CPU GEMM takes
+/// them: so a layout that would fail only on a GPU fails in CI.
+pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if generic_ops() {
+        cublas_layout_ok(a, b)?;
+    }
+    a.matmul(b)
+}
+
+/// candle 0.11's `gemm_config` (cuda_backend/mod.rs): each operand's last two strides must
+/// describe a row-major or a transposed row-major matrix (a size-1 dim excepted), and its batch
+/// dims (at most 2) must be evenly strided.
+fn cublas_layout_ok(a: &Tensor, b: &Tensor) -> candle_core::Result<()> {
+    let (ra, rb) = (a.rank(), b.rank());
+    if ra < 2 || ra != rb {
+        return Ok(()); // candle's own shape error follows
+    }
+    let (m, k, n) = (a.dim(ra - 2)?, a.dim(ra - 1)?, b.dim(rb - 1)?);
+    // (rows, cols) of one matrix, its strides, and whether cuBLAS can read it.
+    let mat_ok = |rows: usize, cols: usize, s: &[usize]| {
+        let (s_col, s_row) = (s[s.len() - 1], s[s.len() - 2]);
+        ((s_col == 1 || cols == 1) && (s_row == cols || rows == 1)) || ((s_col == rows || cols == 1) && (s_row == 1 || rows == 1))
+    };
+    let batch_ok = |t: &Tensor| {
+        let (s, d) = (t.stride(), t.dims());
+        match s.len() - 2 {
+            0 | 1 => true,
+            2 => s[0] == s[1] * d[1] || d[0] == 1 || d[1] == 1,
+            _ => false,
+        }
+    };
+    if mat_ok(m, k, a.stride()) && mat_ok(k, n, b.stride()) && batch_ok(a) && batch_ok(b) {
+        return Ok(());
+    }
+    candle_core::bail!(
+        "matmul: a {:?} (stride {:?}) @ b {:?} (stride {:?}): cuBLAS cannot read this layout (candle's CUDA GEMM fails with MatMulNonContiguous); make the operand contiguous ({GENERIC_OPS_ENV} check)",
+        a.dims(),
+        a.stride(),
+        b.dims(),
+        b.stride()
+    )
+}
 
 /// An op's output computed before the op is applied, handed over once by its forward.
 struct Precomputed {
@@ -50,22 +141,29 @@ impl Precomputed {
         out.contiguous()
     }
 
-    fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+    /// The output's storage for the backend candle dispatched to (`cpu_fwd` / `cuda_fwd`): one
+    /// body for every device; the backend only picks its storage variant (`pick`).
+    fn storage<S: BackendStorage>(&self, device: &str, pick: impl FnOnce(&Storage) -> Option<&S>) -> candle_core::Result<(S, Shape)> {
         let y = self.take()?;
         let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
-            _ => candle_core::bail!("{}: output is not on the cpu", self.name),
+        match pick(&storage) {
+            Some(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
+            None => candle_core::bail!("{}: output is not on the {device}", self.name),
         }
     }
 
+    fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.storage("cpu", |s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
     fn cuda(&self) -> candle_core::Result<(CudaStorage, Shape)> {
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
-            _ => candle_core::bail!("{}: output is not on the gpu", self.name),
-        }
+        self.storage("gpu", |s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
     }
 }
 
@@ -203,9 +301,9 @@ pub fn matmul_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         // Decoding (a few rows) against a transposed weight (the tied LM head, LLaMA's (out, in)
         // linears): gemm's small-M kernels on a transposed right-hand side run 2-5x slower than
         // the same product swapped, (W xᵀ)ᵀ, with the weight as a row-major left-hand side.
-        w.t()?.matmul(&x2.t()?)?.t()?.contiguous()?
+        matmul(&w.t()?, &x2.t()?)?.t()?.contiguous()?
     } else {
-        x2.matmul(w)?
+        matmul(&x2, w)?
     };
     let mut out = dims;
     *out.last_mut().unwrap() = w.dim(1)?;
@@ -364,7 +462,7 @@ pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: us
             for s in (0..rows).step_by(chunk) {
                 let n = chunk.min(rows - s);
                 let hc = h.narrow(0, s, n)?;
-                let z = hc.matmul(&w)?.to_dtype(DType::F32)?; // (n, V)
+                let z = matmul(&hc, &w)?.to_dtype(DType::F32)?; // (n, V)
                 let t = targets.narrow(0, s, n)?.unsqueeze(1)?; // (n, 1)
                 let max = z.max_keepdim(D::Minus1)?;
                 let e = z.broadcast_sub(&max)?.exp()?;
@@ -376,7 +474,7 @@ pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: us
                     // softmax - onehot, then back through the head: (n, V) @ (V, C).
                     let p = e.broadcast_div(&sum)?;
                     let p = p.scatter_add(&t, &t.ones_like()?.to_dtype(DType::F32)?.neg()?, D::Minus1)?;
-                    dh.push(p.to_dtype(dt)?.matmul(&w.t()?)?);
+                    dh.push(matmul(&p.to_dtype(dt)?, &w.t()?)?);
                 }
             }
             if want_grad {

@@ -115,6 +115,7 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
 /// Restores the optimizer moments into `opt` (whose vars already hold the checkpoint's adapter).
 pub fn load_optimizer(dir: &Path, opt: &mut AdamW) -> Result<()> {
     let p = dir.join("optimizer.safetensors");
+    crate::weights::check_safetensors_header(&p)?;
     let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
     let t: usize = meta.metadata().as_ref().and_then(|m| m.get("adam_t")).context("optimizer.safetensors: no adam_t")?.parse()?;

@@ -404,7 +404,7 @@ impl TrainConfig {
         // by 1 - beta2^t = 0) or none at all; each message names the key to --set.
         let in_unit = |key: &str, v: f64, why: &str| -> Result<()> {
             if !(0.0..1.0).contains(&v) {
-                bail!("{key} = {v} is out of range: it must be at least 0 and below 1 ({why}); e.g. --set {key}={}", default_of(key))
+                bail!("{key} = {v} is out of range: it must be in [0, 1), at least 0 and below 1 ({why}); e.g. --set {key}={}", default_of(key))
             }
             Ok(())
         };
@@ -415,7 +415,7 @@ impl TrainConfig {
             bail!("train.adam_eps = {} must be above 0 (it keeps AdamW from dividing by zero); e.g. --set train.adam_eps=1e-8", t.adam_eps)
         }
         if !(self.lora.lora_alpha > 0.0 && self.lora.lora_alpha.is_finite()) {
-            bail!("lora.lora_alpha = {} must be above 0 (the LoRA update is scaled by lora_alpha / r); e.g. --set lora.lora_alpha=16", self.lora.lora_alpha)
+            bail!("lora.lora_alpha = {} must be positive, above 0 (the LoRA update is scaled by lora_alpha / r); e.g. --set lora.lora_alpha=16", self.lora.lora_alpha)
         }
         if !(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite()) {
             bail!("train.max_grad_norm = {} must be above 0, or 0 to turn clipping off; e.g. --set train.max_grad_norm=1.0", t.max_grad_norm)

@@ -64,7 +64,13 @@ pub fn load(setup: &Setup, cfg: &TrainConfig, resume: Option<&Path>) -> Result<(
     let (rm_adapters, rm_head) = load_reward_adapter(rm_dir, REWARD, false).with_context(|| format!("ppo.reward_adapter {}", rm_dir.display()))?;
     let reward_names: Vec<String> = rm_adapters.iter().map(|a| a.name.clone()).collect();
     adapters.extend(rm_adapters);
-    let aux = resume.map(|d| candle_core::safetensors::load(d.join(super::checkpoint::AUX_FILE), &Device::Cpu)).transpose()?;
+    let aux = resume
+        .map(|d| -> Result<_> {
+            let p = d.join(super::checkpoint::AUX_FILE);
+            crate::weights::check_safetensors_header(&p)?;
+            Ok(candle_core::safetensors::load(&p, &Device::Cpu)?)
+        })
+        .transpose()?;
     let mut critic_names = reward_names.clone();
     if p.critic_adapter {
         let (mut c, _) = load_reward_adapter(rm_dir, CRITIC, true)?;

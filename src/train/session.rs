@@ -51,6 +51,7 @@ pub const RUN_FILES: &[&str] = &[
     "reward.png",
     "summary.json",
     "lorafit.json",
+    "stack",
     "samples.jsonl",
     "checkpoints",
 ];
