@@ -108,6 +108,20 @@ impl Encoded {
     pub fn learned(&self) -> usize {
         self.mask.iter().filter(|&&m| m).count()
     }
+    /// The learned positions as ordered, non-overlapping ranges (`train::batch::SftExample`'s
+    /// `learned`).
+    pub fn learned_spans(&self) -> Vec<std::ops::Range<usize>> {
+        let mut out: Vec<std::ops::Range<usize>> = vec![];
+        for (j, &m) in self.mask.iter().enumerate() {
+            match out.last_mut() {
+                Some(r) if m && r.end == j => r.end = j + 1,
+                _ if m => out.push(j..j + 1),
+                _ => {}
+            }
+        }
+        out
+    }
+
     pub fn truncated(&self) -> bool {
         self.dropped_turns > 0 || self.cut_tokens > 0
     }

@@ -36,6 +36,7 @@ fn prompt_completion_rows_render_as_sft_prepares_them() {
             assert_eq!(e.ids, ex.ids, "max_len {max_len}");
             let want: Vec<bool> = (0..ex.ids.len()).map(|j| ex.learned.iter().any(|r| r.contains(&j))).collect();
             assert_eq!(e.mask, want, "max_len {max_len}");
+            assert_eq!(e.learned_spans(), ex.learned, "max_len {max_len}: the learned ranges SFT batches use");
         }
     }
 }
