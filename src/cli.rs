@@ -48,6 +48,8 @@ pub enum Command {
     Plan(crate::plan::PlanArgs),
     /// Write the merged model (or the adapters alone) as GGUF for llama.cpp, Ollama and LM Studio.
     Export(ExportArgs),
+    /// Show each data row as a stage sees it: the rendered text, the token ids, and which tokens are learned.
+    Render(crate::render::RenderArgs),
 }
 
 /// The model to load, and the adapters to attach.
@@ -282,32 +284,38 @@ pub struct EvalArgs {
     /// UTF-8 text file: one sequence per line.
     #[arg(long)]
     pub data: PathBuf,
-    /// Print one JSON object per line: {"line", "tokens", "nll"}.
+    /// Print one JSON object per line: {"line", "tokens", "nll"} ({"row", "tokens", "nll"} for
+    /// JSON / JSON Lines / Parquet data, scored over the learned tokens as `lorafit render` shows).
     #[arg(long)]
     pub json: bool,
+    /// JSON data: a training config whose [data] settings render the rows (chat_template, train_on, ...).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
+/// Sampling flags. Unset flags take the model's generation_config.json values (as transformers'
+/// `generate`: sampling settings only when it sets `do_sample`), else lorafit's defaults.
 #[derive(Args)]
 pub struct SamplingArgs {
-    /// Tokens to generate per prompt.
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
-    /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    /// Sample among the k most likely tokens (0 = all).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Nucleus sampling: smallest set of tokens with probability >= p (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
-    /// Penalise tokens already present (1 = off; 1.2 is common).
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f64,
+    /// Tokens to generate per prompt [default: generation_config.json's, else 64].
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 = greedy [default: generation_config.json's when it samples, else 0].
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Sample among the k most likely tokens (0 = all) [default: generation_config.json's, else 0].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: smallest set of tokens with probability >= p (1 = off) [default: generation_config.json's, else 1].
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Penalise tokens already present (1 = off; 1.2 is common) [default: generation_config.json's, else 1].
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Never stop at the end-of-sequence token.
+    /// Never stop at an end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
 }
@@ -325,6 +333,14 @@ pub struct GenerateArgs {
     pub template: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Render each prompt as a user message through the chat template, with the generation
+    /// prompt, and print only the reply.
+    #[arg(long)]
+    pub chat: bool,
+    /// With --chat: the chat template ("" = the model's, else built-in kochatgpt; a built-in name
+    /// or a .jinja file).
+    #[arg(long, default_value = "")]
+    pub chat_template: String,
 }
 
 #[derive(Args)]
@@ -334,8 +350,16 @@ pub struct ChatArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Prompt template: `kochatgpt` (= "", as in training), `none`, or a text with one {prompt}.
+    /// Used when the model has no chat template, or when given (and --chat-template is not).
     #[arg(long, default_value = "")]
     pub template: String,
+    /// The chat template ("" = the model's; a built-in: kochatgpt, chatml, alpaca, llama3; or a
+    /// .jinja file). A model with a template chats through it, with add_generation_prompt.
+    #[arg(long, default_value = "")]
+    pub chat_template: String,
+    /// A system message for chat-template conversations.
+    #[arg(long)]
+    pub system: Option<String>,
 }
 
 /// A `--template` value: a name — `kochatgpt` (KoChatGPT's bilingual Alpaca template, the
@@ -452,6 +476,9 @@ pub struct BenchArgs {
     pub gemm: String,
     #[arg(long)]
     pub json: bool,
+    /// render: the data file rendered and tokenized (JSON, JSON Lines, Parquet).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -482,9 +509,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => cmd_eval(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => {
-            let (model, tok, _) = load_model(&a.model)?;
+            let (model, tok, files) = load_model(&a.model)?;
+            // The model's chat template (or --chat-template) unless --template asks for a {prompt} one.
+            let renderer = chat_renderer(&tok, &files, &a.chat_template, !a.template.is_empty())?;
+            if let Some(r) = renderer {
+                let sampling = sampling_config(&a.sampling, &tok, &files, &r.end_of_turn_ids())?;
+                let mut chat = crate::chat::TemplateChat::new(&model, r, sampling, a.system.clone());
+                return crate::chat::run_loop(&mut chat, &mut std::io::stdin().lock(), &mut std::io::stdout().lock());
+            }
             let template = template_arg(&a.template)?.unwrap_or(crate::template::Template::new("{prompt}")?);
-            let sampling = sampling_config(&a.sampling, &tok);
+            let sampling = sampling_config(&a.sampling, &tok, &files, &[])?;
             let mut chat = crate::chat::Chat { model: &model, tok: &tok, template, sampling, history: vec![] };
             chat.run(&mut std::io::stdin().lock(), &mut std::io::stdout().lock())
         }
@@ -497,6 +531,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plan(a) => crate::plan::run(a),
         Command::Merge(a) => cmd_merge(a),
         Command::Export(a) => cmd_export(a),
+        Command::Render(a) => crate::render::run_render(a),
     }
 }
 
@@ -518,6 +553,35 @@ pub fn load_model(args: &ModelArgs) -> Result<(Model, Tokenizer, ModelFiles)> {
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
+    // Data rows (JSON, JSON Lines, Parquet): NLL over the learned tokens of each row.
+    let mut head = [0u8; 64];
+    let n = std::fs::File::open(&a.data).and_then(|mut f| std::io::Read::read(&mut f, &mut head)).unwrap_or(0);
+    let first = String::from_utf8_lossy(&head[..n]).trim_start_matches('\u{feff}').trim_start().chars().next();
+    if head[..n].starts_with(b"PAR1") || matches!(first, Some('[') | Some('{')) {
+        let cfg = crate::train::config::TrainConfig::load(a.config.as_deref(), &[])?;
+        let (model, tok, files) = load_model(&a.model)?;
+        let mut rc = crate::render::RenderConfig::from_data(&cfg.data)?;
+        rc.max_len = model.arch.max_positions(); // too long: earlier exchanges dropped, as in training
+        let r = crate::render::Renderer::new(&tok, &files.dir, rc)?;
+        let rows = eval::eval_rows(&model, &r, &a.data, cfg.data.skip_bad_rows)?;
+        for row in &rows {
+            if a.json {
+                println!("{}", serde_json::to_string(row)?);
+            } else {
+                match row.nll {
+                    Some(nll) => println!("row {:>5}  learned tokens {:>5}  nll {nll:.6}", row.row, row.tokens),
+                    None => println!("row {:>5}  learned tokens {:>5}  nll -", row.row, row.tokens),
+                }
+            }
+        }
+        if !a.json {
+            let (s, n) = rows.iter().filter_map(|r| r.nll.map(|x| (x * r.tokens as f64, r.tokens))).fold((0.0, 0), |(a, b), (x, y)| (a + x, b + y));
+            if n > 0 {
+                println!("perplexity {:.4} over {n} learned tokens ({})", (s / n as f64).exp(), r.describe());
+            }
+        }
+        return Ok(());
+    }
     let lines = eval::read_lines(&a.data)?;
     let (model, tok, _) = load_model(&a.model)?;
     let res = eval::eval_lines(&model, &tok, &lines, &a.data.display().to_string())?;
@@ -626,21 +690,57 @@ fn cmd_export(a: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-fn sampling_config(s: &SamplingArgs, tok: &Tokenizer) -> SamplingConfig {
-    SamplingConfig {
-        max_new_tokens: s.max_new_tokens,
-        temperature: s.temperature,
-        top_k: s.top_k,
-        top_p: s.top_p,
-        repetition_penalty: s.repetition_penalty,
-        seed: s.seed,
-        stop_tokens: if s.ignore_eos { vec![] } else { tok.eos_id.into_iter().collect() },
+/// The flags over the model's generation_config.json; generation stops at any of the model's
+/// end ids (config.json and generation_config.json `eos_token_id` lists) and `extra_stops`.
+fn sampling_config(s: &SamplingArgs, tok: &Tokenizer, files: &ModelFiles, extra_stops: &[u32]) -> Result<SamplingConfig> {
+    let defaults = crate::generate::GenerationDefaults::read(&files.dir)?;
+    let mut stops = if s.ignore_eos { vec![] } else { tok.end_ids.clone() };
+    if !s.ignore_eos {
+        stops.extend(extra_stops.iter().filter(|i| !tok.end_ids.contains(i)));
     }
+    Ok(defaults.resolve(s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.max_new_tokens, s.seed, stops))
+}
+
+/// The chat-template renderer for `chat` / `generate --chat`: `chat_template` ("" = the model's,
+/// else built-in kochatgpt); None when a `{prompt}` template was asked for, or when the model
+/// has no template and none was named (the `{prompt}` path stays the default there).
+fn chat_renderer<'t>(tok: &'t Tokenizer, files: &ModelFiles, chat_template: &str, prompt_template: bool) -> Result<Option<crate::render::Renderer<'t>>> {
+    if prompt_template && chat_template.is_empty() {
+        return Ok(None);
+    }
+    let cfg = crate::render::RenderConfig { chat_template: chat_template.to_string(), max_len: usize::MAX, ..Default::default() };
+    let r = crate::render::Renderer::new(tok, &files.dir, cfg)?;
+    let has_own = r.chat.as_ref().is_some_and(|c| !matches!(c.origin, crate::chat_template::Origin::Builtin(_)) || !chat_template.is_empty());
+    Ok(has_own.then_some(r))
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let (model, tok, _) = load_model(&a.model)?;
-    let cfg = sampling_config(&a.sampling, &tok);
+    let (model, tok, files) = load_model(&a.model)?;
+    if a.chat {
+        anyhow::ensure!(a.template.is_none(), "--chat renders through the chat template (--chat-template); --template is the {{prompt}} alternative: pass one of them");
+        let r = chat_renderer(&tok, &files, &a.chat_template, false)?;
+        let r = match r {
+            Some(r) => r,
+            // No template in the model: the built-in kochatgpt one.
+            None => crate::render::Renderer::new(&tok, &files.dir, crate::render::RenderConfig { chat_template: "kochatgpt".into(), max_len: usize::MAX, ..Default::default() })?,
+        };
+        let cfg = sampling_config(&a.sampling, &tok, &files, &r.end_of_turn_ids())?;
+        let prompts = a
+            .prompt
+            .iter()
+            .map(|p| Ok(r.encode_prompt(&crate::data::Prompt::Messages(vec![crate::data::Message::new(crate::data::Role::User, p.clone())]))?.ids))
+            .collect::<Result<Vec<_>>>()?;
+        let outs = generate(&model, &prompts, tok.padding_id(), &cfg)?;
+        for (i, o) in outs.iter().enumerate() {
+            if prompts.len() > 1 {
+                println!("--- prompt {} ---", i + 1);
+            }
+            let reply: Vec<u32> = o.iter().copied().filter(|t| !cfg.stop_tokens.contains(t)).collect();
+            println!("{}", tok.decode(&reply)?);
+        }
+        return Ok(());
+    }
+    let cfg = sampling_config(&a.sampling, &tok, &files, &[])?;
     let template = a.template.as_deref().map(template_arg).transpose()?.flatten();
     let render = |p: &String| template.as_ref().map_or(p.clone(), |t| t.render(p));
     let prompts = a.prompt.iter().map(|p| tok.encode(&render(p))).collect::<Result<Vec<_>>>()?;
@@ -656,6 +756,19 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
+    if a.what == "render" {
+        let data = a.data.as_ref().context("bench render needs --data")?;
+        let r = crate::render::bench_render(&a.model.model, data, crate::render::RenderConfig { max_len: usize::MAX, ..Default::default() })?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "render {} rows ({} tokens, {} learned) in {:.2} s on {} threads: {:.0} rows/s, {:.0} tokens/s, peak RSS {}",
+                r.rows, r.tokens, r.learned_tokens, r.seconds, r.threads, r.rows_per_s, r.tokens_per_s, r.peak_rss_bytes.map(fmt_bytes).unwrap_or_default()
+            );
+        }
+        return Ok(());
+    }
     use crate::train::bench;
     let m = &a.model;
     if a.what == "sft" || a.what == "rm" {

@@ -61,3 +61,52 @@ pub fn perplexity(lines: &[LineNll]) -> Option<f64> {
         .fold((0.0, 0usize), |(s, n), (a, b)| (s + a, n + b));
     (n > 0).then(|| (sum / n as f64).exp())
 }
+
+/// The NLL of one data row over its learned tokens (a conversation's assistant turns, a
+/// completion and its eos), as `lorafit render` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct RowNll {
+    /// 1-based row (JSON array, Parquet) or line (JSON Lines) of the file.
+    pub row: usize,
+    /// Learned tokens scored.
+    pub tokens: usize,
+    /// Mean `-log p(token | prefix)` over them; None when the row has none.
+    pub nll: Option<f64>,
+}
+
+/// Mean NLL of the tokens `ids[j]` with `learn[j]` (j >= 1), each predicted from its prefix.
+pub fn masked_nll(model: &Model, ids: &[u32], learn: &[bool]) -> Result<Option<f64>> {
+    let picks: Vec<u32> = (1..ids.len()).filter(|&j| learn[j]).map(|j| j as u32 - 1).collect();
+    if picks.is_empty() {
+        return Ok(None);
+    }
+    let dev = &model.device;
+    let _no_grad = model.adapters.no_grad();
+    let t = ids.len();
+    let x = candle_core::Tensor::new(ids, dev)?.unsqueeze(0)?; // (1, T)
+    let pos = candle_core::Tensor::arange(0u32, t as u32, dev)?.unsqueeze(0)?;
+    let mask = crate::model::causal_mask(&[vec![true; t]], t, 0, dev)?;
+    let h = model.hidden(&x, &pos, &mask, None)?.squeeze(0)?; // (T, C)
+    let h = h.index_select(&candle_core::Tensor::new(picks.as_slice(), dev)?, 0)?; // (N, C)
+    let logits = model.lm_head(&h)?.to_dtype(candle_core::DType::F32)?; // (N, V)
+    let targets: Vec<u32> = picks.iter().map(|&p| ids[p as usize + 1]).collect();
+    let nll = crate::ops::cross_entropy(&logits, &candle_core::Tensor::new(targets.as_slice(), dev)?)?.mean_all()?.detach();
+    Ok(Some(nll.to_scalar::<f32>()? as f64))
+}
+
+/// Per-row NLL of a JSON / JSON Lines / Parquet data file rendered through `r` (bad rows stop
+/// the run, or with `skip_bad_rows` are skipped and counted).
+pub fn eval_rows(model: &Model, r: &crate::render::Renderer, path: &Path, skip_bad_rows: bool) -> Result<Vec<RowNll>> {
+    let ctx = model.arch.max_positions();
+    let mut out = vec![];
+    crate::data::for_each_example(path, crate::data::Stage::Sft, skip_bad_rows, |loc, ex| {
+        for e in r.encode_example(&ex).with_context(|| loc.to_string())? {
+            if e.ids.len() > ctx {
+                crate::bail_kind!(crate::error::Kind::EvalContextOverflow, "{loc}: {} tokens, more than the model's context of {ctx}", e.ids.len())
+            }
+            out.push(RowNll { row: loc.n, tokens: e.learned(), nll: masked_nll(model, &e.ids, &e.mask)? });
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}

@@ -49,6 +49,53 @@ impl SamplingConfig {
     }
 }
 
+/// Sampling defaults from a model's `generation_config.json` (what transformers' `generate`
+/// uses when no argument overrides them): `do_sample` false means greedy.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub do_sample: bool,
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub max_new_tokens: Option<usize>,
+}
+
+impl GenerationDefaults {
+    /// Reads `dir/generation_config.json` (absent: all unset).
+    pub fn read(dir: &std::path::Path) -> Result<Self> {
+        let p = dir.join("generation_config.json");
+        let Ok(text) = std::fs::read_to_string(&p) else { return Ok(Self::default()) };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", p.display()))?;
+        let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
+        Ok(Self {
+            do_sample: v.get("do_sample").and_then(|x| x.as_bool()).unwrap_or(false),
+            temperature: f("temperature"),
+            top_k: v.get("top_k").and_then(|x| x.as_u64()).map(|x| x as usize),
+            top_p: f("top_p"),
+            repetition_penalty: f("repetition_penalty"),
+            max_new_tokens: v.get("max_new_tokens").and_then(|x| x.as_u64()).map(|x| x as usize),
+        })
+    }
+
+    /// The sampling settings: each flag that was given, else this file's value (sampling
+    /// settings only when `do_sample`; transformers' top_k default is 50), else lorafit's default.
+    #[allow(clippy::too_many_arguments)]
+    pub fn resolve(&self, temperature: Option<f64>, top_k: Option<usize>, top_p: Option<f64>, repetition_penalty: Option<f64>, max_new_tokens: Option<usize>, seed: u64, stop_tokens: Vec<u32>) -> SamplingConfig {
+        let d = SamplingConfig::default();
+        let sample = self.do_sample;
+        SamplingConfig {
+            max_new_tokens: max_new_tokens.or(self.max_new_tokens).unwrap_or(d.max_new_tokens),
+            temperature: temperature.unwrap_or(if sample { self.temperature.unwrap_or(1.0) } else { d.temperature }),
+            top_k: top_k.unwrap_or(if sample { self.top_k.unwrap_or(50) } else { d.top_k }),
+            top_p: top_p.unwrap_or(if sample { self.top_p.unwrap_or(1.0) } else { d.top_p }),
+            repetition_penalty: repetition_penalty.or(self.repetition_penalty).unwrap_or(d.repetition_penalty),
+            seed,
+            stop_tokens,
+        }
+    }
+}
+
 /// Picks the next token of one row from its logits (f32, length V), given the row's tokens so far.
 pub fn pick(logits: &mut [f32], seen: &[u32], cfg: &SamplingConfig, rng: &mut SeededRng) -> u32 {
     if cfg.repetition_penalty != 1.0 {

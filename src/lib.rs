@@ -15,6 +15,8 @@
 //! - [`data`], [`template`], [`train`]: training data, the shared prompt template, and the
 //!   training methods (`train/sft.rs`, `rm.rs`, `ppo.rs`) on one training session
 //!   (`train/session.rs`: output folder, checkpoints, loss scaling, metrics, export).
+//! - [`chat_template`], [`render`]: models' Jinja chat templates rendered as transformers does,
+//!   and the one path from a data row to token ids + the mask of learned tokens (`lorafit render`).
 //! - [`plan`]: a training run's peak memory predicted from config.json (`lorafit plan`).
 //! - [`outdir`]: output folders: locks, lorafit's marker, inputs never overwritten, stale temps.
 //! - [`error`]: error kinds with known fixes (the binary prints their hints).
@@ -22,6 +24,7 @@
 //! - [`cli`]: the `lorafit` command line.
 pub mod builtin;
 pub mod chat;
+pub mod chat_template;
 pub mod cli;
 pub mod data;
 pub mod error;
@@ -40,6 +43,7 @@ pub mod plan;
 pub mod progress;
 pub mod pth;
 pub mod quant;
+pub mod render;
 pub mod reward;
 pub mod rng;
 pub mod runtime;

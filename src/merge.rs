@@ -587,6 +587,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
             std::fs::copy(files.dir.join(f), tmp.0.join(f)).with_context(|| format!("cannot copy {f}"))?;
             std::fs::File::open(tmp.0.join(f))?.sync_all()?;
         }
+        crate::chat_template::install_chat_template(&files.dir, &tmp.0, None)?;
         Ok(())
     })()
     .with_context(|| format!("writing the merged model (nothing was changed in {})", o.out.display()))?;

@@ -7,11 +7,17 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 
+/// Token ids and the byte range of each in the text.
+pub type IdsOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub eos_id: Option<u32>,
     pub bos_id: Option<u32>,
     pub pad_id: Option<u32>,
+    /// Every id that ends generation: `eos_token_id` of config.json and of generation_config.json
+    /// (an int or a list: Llama 3 lists `<|end_of_text|>`, `<|eom_id|>` and `<|eot_id|>`), and eos.
+    pub end_ids: Vec<u32>,
 }
 
 fn first_id(v: Option<&serde_json::Value>) -> Option<u32> {
@@ -63,8 +69,25 @@ impl Tokenizer {
         let eos_id = first_id(cfg.get("eos_token_id")).or_else(|| vocab_id(&["</s>", "<|endoftext|>", "<eos>", "<|eot_id|>"]));
         let bos_id = first_id(cfg.get("bos_token_id")).or_else(|| vocab_id(&["<s>", "<bos>", "<|begin_of_text|>"]));
         let pad_id = first_id(cfg.get("pad_token_id")).or_else(|| vocab_id(&["<pad>", "[PAD]", "<|pad|>"]));
+        let gen: serde_json::Value = config_json
+            .parent()
+            .and_then(|d| std::fs::read_to_string(d.join("generation_config.json")).ok())
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let mut end_ids: Vec<u32> = eos_id.into_iter().collect();
+        for v in [cfg.get("eos_token_id"), gen.get("eos_token_id")].into_iter().flatten() {
+            let ids: Vec<u32> = match v {
+                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                other => other.as_u64().map(|x| x as u32).into_iter().collect(),
+            };
+            for i in ids {
+                if !end_ids.contains(&i) {
+                    end_ids.push(i);
+                }
+            }
+        }
         check_fits_model(&inner, tokenizer_json, config_json)?;
-        Ok(Self { inner, eos_id, bos_id, pad_id })
+        Ok(Self { inner, eos_id, bos_id, pad_id, end_ids })
     }
 
     /// Token ids of `text` under the tokenizer's own rules (nothing else added).
@@ -90,6 +113,45 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// Token ids of `text` with their byte offsets in `text` (`add_special_tokens`: the
+    /// tokenizer's post-processor may add a bos, whose offsets are (0, 0)).
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<IdsOffsets> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    /// Token ids of `text` as plain text: normalizer, pre-tokenizer and model only, no added
+    /// token (special or not) matched (transformers' `_encode_without_added_tokens`).
+    pub fn encode_without_added_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        use tokenizers::{Model, Normalizer, OffsetReferential, OffsetType, PreTokenizer};
+        let mut n = tokenizers::NormalizedString::from(text);
+        if let Some(norm) = self.inner.get_normalizer() {
+            norm.normalize(&mut n).map_err(|e| anyhow!("normalizing {text:?}: {e}"))?;
+        }
+        let mut pre = tokenizers::PreTokenizedString::from(n.get());
+        if let Some(pt) = self.inner.get_pre_tokenizer() {
+            pt.pre_tokenize(&mut pre).map_err(|e| anyhow!("pre-tokenizing {text:?}: {e}"))?;
+        }
+        let mut ids = vec![];
+        for (split, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            for t in self.inner.get_model().tokenize(split).map_err(|e| anyhow!("tokenizing {split:?}: {e}"))? {
+                ids.push(t.id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The added tokens (id, text, special), longest text first.
+    pub fn added_tokens(&self) -> Vec<(u32, String, bool)> {
+        let mut v: Vec<(u32, String, bool)> = self.inner.get_added_tokens_decoder().into_iter().map(|(id, t)| (id, t.content, t.special)).collect();
+        v.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+        v
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     /// The id used to pad batches: the pad token, else eos (masked out either way), else 0.

@@ -50,6 +50,16 @@ pub struct DataSection {
     pub skip_bad_rows: bool,
     /// Drop one leading `'` from completions (KoChatGPT's SFT file has a stray one on every row).
     pub strip_leading_quote: bool,
+    /// The chat template for conversations (see `render.rs`): "" = the model's, else built-in
+    /// kochatgpt (prompt/completion rows then keep the `{prompt}` template); "model"; "prompt"
+    /// (the `{prompt}` template only); a built-in (kochatgpt, chatml, alpaca, llama3); or a
+    /// path to a .jinja file.
+    pub chat_template: String,
+    /// all_assistant | last_assistant: which assistant turns of a conversation are learned.
+    pub train_on: String,
+    /// Tokenize message text as plain text: special-token text typed in a message (e.g.
+    /// `<|im_start|>`) is not read as that token (transformers' sanitize_control_tokens).
+    pub split_special_tokens: bool,
 }
 
 impl Default for DataSection {
@@ -62,6 +72,9 @@ impl Default for DataSection {
             max_len: 512,
             skip_bad_rows: false,
             strip_leading_quote: true,
+            chat_template: String::new(),
+            train_on: "all_assistant".into(),
+            split_special_tokens: false,
         }
     }
 }
@@ -372,6 +385,14 @@ impl TrainConfig {
         }
         if self.data.max_len < 2 {
             bail!("data.max_len must be at least 2")
+        }
+        crate::render::TrainOn::parse(&self.data.train_on)?;
+        let ct = self.data.chat_template.as_str();
+        if !(ct.is_empty() || ct == "model" || ct == "prompt" || crate::chat_template::BUILTINS.contains(&ct) || ct.ends_with(".jinja") || Path::new(ct).is_file()) {
+            bail!(
+                "data.chat_template = {ct:?}: expected \"\" (the model's), \"model\", \"prompt\", a built-in ({}), or a path to a .jinja file",
+                crate::chat_template::BUILTINS.join(", ")
+            )
         }
         if t.loss_chunk == 0 {
             bail!("train.loss_chunk must be at least 1")
