@@ -37,6 +37,10 @@ pub enum Kind {
     NoCuda,
     /// A reward model given where a plain (policy/SFT) adapter is expected.
     RewardModelAsAdapter,
+    /// A `model_type` lorafit has no implementation of.
+    UnsupportedModel,
+    /// A checkpoint whose tensors do not match its config.json (head_dim, biases, norms).
+    CheckpointConfigMismatch,
 }
 
 impl Kind {
@@ -70,6 +74,10 @@ impl Kind {
             }
             Kind::NoCuda => return None,
             Kind::RewardModelAsAdapter => "a reward model from `lorafit rm` belongs in --reward-adapter (ppo) or `lorafit score --adapter`",
+            Kind::UnsupportedModel => "use a model of a supported family (README, \"Supported models\"), or check config.json's model_type",
+            Kind::CheckpointConfigMismatch => {
+                "config.json must describe these weights: use the config.json that came with the checkpoint (or fix the named key)"
+            }
         })
     }
 }

@@ -114,13 +114,7 @@ pub fn make_batch(exs: &[&SftExample], pad: u32, dev: &Device) -> Result<Batch> 
 pub fn label_nll_sum(model: &Model, h: &Tensor, batch: &Batch, chunk: usize) -> Result<Tensor> {
     let (b, t, c) = h.dims3()?;
     let h = h.reshape((b * t, c))?.index_select(&batch.select, 0)?; // (N, C)
-    let head = model.lm_head_layer();
-    let nll = if head.has_lora() {
-        crate::ops::cross_entropy(&head.forward(&h)?, &batch.targets)?
-    } else {
-        crate::ops::lm_head_cross_entropy(&h, &head.w_in_out()?, &batch.targets, chunk)?
-    };
-    Ok(nll.sum_all()?)
+    Ok(model.token_nll(&h, &batch.targets, chunk, 1.0)?.sum_all()?)
 }
 
 /// Mean NLL over the learned tokens of `exs` (no update), and the token count.
@@ -140,10 +134,7 @@ pub fn eval_loss(model: &Model, exs: &[SftExample], batch_size: usize, pad: u32,
 pub fn lora_config(cfg: &TrainConfig, arch: &Arch) -> LoraConfig {
     let l = &cfg.lora;
     let targets = if l.target_modules.is_empty() {
-        match arch {
-            Arch::Gpt2(_) => vec!["c_attn".to_string()],
-            Arch::Llama(_) => vec!["q_proj".to_string(), "v_proj".to_string()],
-        }
+        arch.default_lora_targets()
     } else {
         l.target_modules.clone()
     };
