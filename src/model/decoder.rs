@@ -345,3 +345,4 @@ impl Decoder {
         &self.lm_head
     }
 }
+

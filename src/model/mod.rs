@@ -474,3 +474,4 @@ impl Net {
 pub fn build_check(vb: VarBuilder<'static>, arch: &Arch, adapters: &AdapterSet) -> Result<()> {
     Net::load(vb, arch, adapters).map(drop)
 }
+

@@ -315,7 +315,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
             return candle_nn::rotary_emb::rope(&t.contiguous()?, c, s);
         }
         let rot = candle_nn::rotary_emb::rope(&t.narrow(D::Minus1, 0, r)?.contiguous()?, c, s)?;
-        Tensor::cat(&[&rot, &t.narrow(D::Minus1, r, d - r)?], D::Minus1)
+        Tensor::cat(&[&rot, &t.narrow(D::Minus1, r, d - r)?], D::Minus1)?.contiguous()
     };
     input_grad_op(
         "rope",

@@ -142,7 +142,12 @@ pub fn lora_config(cfg: &TrainConfig, arch: &Arch) -> LoraConfig {
         r: l.r,
         lora_alpha: l.lora_alpha,
         lora_dropout: l.lora_dropout,
-        target_modules: TargetModules::List(targets),
+        // PEFT's keyword: one string, expanded to every linear of the blocks.
+        target_modules: if targets.len() == 1 && targets[0].eq_ignore_ascii_case("all-linear") {
+            TargetModules::Regex("all-linear".into())
+        } else {
+            TargetModules::List(targets)
+        },
         use_rslora: l.use_rslora,
         base_model_name_or_path: Some(cfg.model.name.clone()),
         ..Default::default()
