@@ -73,10 +73,10 @@ impl Family {
 
 /// Keys of config.json that change the math, and the families whose transformers code reads
 /// them. Set (not null, not false) on any other family, they are an error naming the key.
+/// (`max_window_layers` is not here: it only matters with `use_sliding_window`, which is.)
 pub const MATH_KEYS: &[(&str, &[Family])] = &[
     ("sliding_window", &[Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Exaone4, Phi3]),
     ("use_sliding_window", &[Qwen2, Qwen3]),
-    ("max_window_layers", &[Qwen2, Qwen3]),
     ("layer_types", &[Qwen2, Qwen3, Gemma2, Gemma3, Exaone4]),
     ("sliding_window_pattern", &[Gemma3, Exaone4]),
     ("query_pre_attn_scalar", &[Gemma2, Gemma3]),
@@ -225,8 +225,13 @@ pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
-fn is_set(v: &Value) -> bool {
-    !matches!(v, Value::Null | Value::Bool(false))
+/// Whether a math key is set: not null, not false (and `layer_types` not all full attention).
+fn is_set(key: &str, v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => false,
+        Value::Array(a) if key == "layer_types" => a.iter().any(|t| t != "full_attention"),
+        _ => true,
+    }
 }
 
 impl Config {
@@ -244,7 +249,7 @@ impl Config {
         };
         let k = Keys { m, at };
         for (key, families) in MATH_KEYS {
-            if let Some((name, v)) = k.get(&[key]).filter(|(_, v)| is_set(v)) {
+            if let Some((name, v)) = k.get(&[key]).filter(|(_, v)| is_set(key, v)) {
                 if !families.contains(&family) {
                     bail!(
                         "{name} = {v}: model_type {model_type:?} does not have this in transformers, so its math would be \
