@@ -16,7 +16,7 @@ use lorafit::train::config::TrainConfig;
 use lorafit::train::{sft, Start};
 use lorafit::weights::ModelFiles;
 
-const FAMILIES: [&str; 11] = ["llama3", "llama-bias", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "gpt_neox", "exaone4", "exaone"];
+const FAMILIES: [&str; 12] = ["llama3", "llama-bias", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "gpt_neox", "exaone4", "exaone", "gemma3-mm"];
 
 fn dir(name: &str) -> std::path::PathBuf {
     common::fixture("families").join(name)

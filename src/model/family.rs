@@ -10,7 +10,7 @@
 //! | `qwen2`                 | q, k, v         | -        | pre             | silu | `layer_types`, or `use_sliding_window` + `max_window_layers` |
 //! | `qwen3`                 | attention_bias  | yes      | pre             | silu | as qwen2; heads·head_dim may differ from hidden        |
 //! | `gemma2`                | attention_bias  | -        | pre + post, 1+w | gelu-tanh | embeddings × √C, query_pre_attn_scalar, attention and final soft-capping, alternating local layers |
-//! | `gemma3_text`, `gemma3` | attention_bias  | yes, 1+w | pre + post, 1+w | gelu-tanh | as gemma2 without attention capping; local layers use `rope_local_base_freq` |
+//! | `gemma3_text`, `gemma3` | attention_bias  | yes, 1+w | pre + post, 1+w | gelu-tanh | as gemma2 without attention capping (and, in `gemma3` image-text checkpoints, without final capping: transformers applies none there); local layers use `rope_local_base_freq` |
 //! | `exaone4`               | -               | yes      | post only       | silu | `sliding_window_pattern`; global layers have no rope when local ones exist |
 //! | `phi3`                  | -               | -        | pre             | silu | fused `qkv_proj`, `gate_up_proj`; partial rotary; `sliding_window` |
 //!
@@ -451,7 +451,8 @@ impl Config {
                 false => (head_dim as f64).powf(-0.5),
             },
             attn_softcap: if family == Gemma2 { softcap("attn_logit_softcapping")? } else { None },
-            final_softcap: if gemma { softcap("final_logit_softcapping")? } else { None },
+            // Gemma3ForConditionalGeneration (model_type gemma3) does not cap its logits; Gemma3ForCausalLM does.
+            final_softcap: if gemma && model_type != "gemma3" { softcap("final_logit_softcapping")? } else { None },
             fused: family == Phi3,
             rope,
             rope_local,
