@@ -284,3 +284,57 @@ fn huge_max_position_embeddings_loads_and_too_large_ones_exit_1() {
         }
     }
 }
+
+/// Every family through the reward-model and PPO stages (a few steps each): they finish with
+/// finite losses, rewards and KL, and the reward adapter merges into the family's
+/// sequence-classification checkpoint.
+#[test]
+fn rm_and_ppo_run_on_every_family() {
+    use lorafit::train::{ppo, rm};
+    for name in FAMILIES {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = |out: &Path, extra: &[String]| -> TrainConfig {
+            let mut v = vec![
+                format!("model.name={:?}", dir(name).display().to_string()),
+                format!("out.dir={:?}", out.display().to_string()),
+                "data.template=\"Q: {prompt}\\nA:\"".into(),
+                "data.max_len=48".into(),
+                "lora.target_modules=all-linear".into(),
+                "train.batch_size=4".into(),
+            ];
+            v.extend(extra.iter().cloned());
+            TrainConfig::load(None, &v).unwrap()
+        };
+        let rm_dir = tmp.path().join("rm");
+        let extra = [format!("data.path={:?}", common::fixture("rm_rows.json").display().to_string()), "train.max_steps=2".into(), "data.eval_fraction=0".into()];
+        let s = rm::run(&base(&rm_dir, &extra), Start::Fresh).unwrap_or_else(|e| panic!("{name}: rm: {e:#}"));
+        assert!(s.final_loss.unwrap().is_finite(), "{name}: rm loss");
+        let ppo_dir = tmp.path().join("ppo");
+        let extra = [
+            format!("ppo.reward_adapter={:?}", rm_dir.display().to_string()),
+            format!("data.path={:?}", Path::new(env!("CARGO_MANIFEST_DIR")).join("data/ppo_prompts.json").display().to_string()),
+            "ppo.max_prompt_len=16".into(),
+            "ppo.max_new_tokens=8".into(),
+            "ppo.minibatch_size=4".into(),
+            "train.max_steps=1".into(),
+        ];
+        ppo::run(&base(&ppo_dir, &extra), Start::Fresh).unwrap_or_else(|e| panic!("{name}: ppo: {e:#}"));
+        let m = std::fs::read_to_string(ppo_dir.join("metrics.jsonl")).unwrap();
+        let last: serde_json::Value = serde_json::from_str(m.lines().last().unwrap()).unwrap();
+        for k in ["reward_mean", "kl_mean"] {
+            assert!(last[k].as_f64().is_some_and(f64::is_finite), "{name}: ppo {k} in {last}");
+        }
+        let out = tmp.path().join("merged-rm");
+        let o = lorafit::merge::MergeOptions {
+            model: dir(name).display().to_string(),
+            adapters: vec![(rm_dir.clone(), 1.0)],
+            out: out.clone(),
+            dtype: None,
+            force: false,
+            max_shard_size: 2_000_000_000,
+        };
+        lorafit::merge::merge(&o).unwrap_or_else(|e| panic!("{name}: merge rm: {e:#}"));
+        let arch = json(&out.join("config.json"))["architectures"][0].as_str().unwrap().to_string();
+        assert!(arch.ends_with("ForSequenceClassification"), "{name}: {arch}");
+    }
+}

@@ -154,6 +154,7 @@ impl Arch {
         match self {
             Arch::Gpt2(_) => "GPT2ForSequenceClassification".into(),
             Arch::GptNeox(_) => "GPTNeoXForSequenceClassification".into(),
+            Arch::Decoder(c) if c.model_type == "gemma3_text" => "Gemma3TextForSequenceClassification".into(),
             Arch::Decoder(c) => format!("{}ForSequenceClassification", c.family.class_prefix()),
         }
     }
