@@ -217,3 +217,22 @@ fn nf4_forward_matches_the_dequantized_reference() {
         assert!(max_abs_diff(&logits(&orig, &lines[0]).concat(), &ld) > 1e-3, "{name}: quantization changes the weights");
     }
 }
+
+/// Half-precision bases (f16, bf16) run every family and stay close to f32 (the rounding of
+/// 16-bit weights and activations, not a mismatch of dtypes: rope, norms, soft-capping).
+#[test]
+fn half_precision_bases_stay_close_to_f32() {
+    for name in FAMILIES {
+        let ids = &ids(&expected(name))[0];
+        let nll = |dt: DType| -> f32 {
+            let files = ModelFiles::from_dir(&dir(name), name).unwrap();
+            let m = Model::load(&files, dt, &Device::Cpu, AdapterSet::new(vec![adapter(name, false)])).unwrap_or_else(|e| panic!("{name} {dt:?}: {e:#}"));
+            m.sequence_nll(ids).unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
+        };
+        let full = nll(DType::F32);
+        for dt in [DType::F16, DType::BF16] {
+            let half = nll(dt);
+            assert!((half - full).abs() < 0.05, "{name} {dt:?}: NLL {half} vs f32 {full}");
+        }
+    }
+}
