@@ -18,8 +18,9 @@
 //! - Activations kept for backward per block (candle keeps every op input of the graph):
 //!   GPT-2 `e·N·(7C + F) + S·e` (attention is one node keeping qkv and the probabilities,
 //!   `ops/attention.rs`; LayerNorm and GELU run inside the next linear's node, `ops::Pre`);
-//!   LLaMA `e·N·(4C + 4Q + 4K + 4F) + S·e`, + (Q + K) with q/k norms, + 2C with post-norms,
-//!   + (Q + 2K + 2F) with Phi-3's fused projections; GPT-NeoX `e·N·(12C + F) + S·e`; plus per LoRA linear
+//!   the LLaMA-like decoder `e·N·(4C + 3Q + 4K + 3F) + S·e` (heads and the gated MLP are one node
+//!   each, `ops/family.rs`), + 2C with post-norms (Gemma, EXAONE 4); GPT-NeoX `e·N·(11C + F) + S·e`;
+//!   plus per LoRA linear
 //!   (one fused node, `ops/linear.rs`) `N·(4r [+ in, the u8 mask, with dropout])`. Plus the
 //!   mask 4·B·T², the embeddings, the final norm and the labelled rows.
 //! - Transients (measured, one op at a time): the activation's backward 4 (gelu) / 6 (silu)
@@ -122,19 +123,13 @@ impl Shape {
                 if m.qk_norm {
                     norms.extend([m.head_dim, m.head_dim]);
                 }
-                // Residuals and projections (4C; the pre-norms run inside the next linears' nodes),
-                // q/k/v, their head copies and rope (4Q + 4K), gate, up, act, product (4F); q/k
-                // norms keep their inputs (Q + K); post-norms (Gemma, EXAONE 4) theirs (2C); fused
-                // projections (Phi-3) their outputs (Q + 2K, 2F).
-                let mut kept = 4 * c + 4 * (q + k) + 4 * f;
-                if m.qk_norm {
-                    kept += q + k;
-                }
+                // Residuals and block outputs (4C; the pre-norms run inside the next linears'
+                // nodes); q: its projection, its heads (norm + transpose + rope, one node) and the
+                // attention output (3Q); k, v: projection and heads (4K); gate, up and their gated
+                // product (3F, `ops::family::gated`); post-norms (Gemma, EXAONE 4) keep their outputs (2C).
+                let mut kept = 4 * c + 3 * q + 4 * k + 3 * f;
                 if m.norms != crate::model::family::NormPlacement::Pre {
                     kept += 2 * c;
-                }
-                if m.fused {
-                    kept += q + 2 * k + 2 * f;
                 }
                 (c, m.num_hidden_layers, m.num_attention_heads, k, f, m.vocab_size, m.max_position_embeddings, m.tie_word_embeddings, norms, m.linears(), kept as f64)
             }
@@ -144,9 +139,9 @@ impl Shape {
                 let lin = [("attention.query_key_value", c, 3 * c, b), ("attention.dense", c, c, b), ("mlp.dense_h_to_4h", c, f, true), ("mlp.dense_4h_to_h", f, c, true)]
                     .map(|(n, i, o, b)| (format!("{p}{n}"), i, o, b))
                     .to_vec();
-                // qkv (3C), its head copies (3C), rope outputs (2C), attention out, dense out,
-                // residuals (2C), mlp out (C) and dense_h_to_4h's output (F).
-                let kept = 12 * c + f;
+                // input, qkv (3C), its heads (3C), attention out, dense out, residuals (2C),
+                // mlp out (C) and dense_h_to_4h's output (F).
+                let kept = 11 * c + f;
                 (c, g.num_hidden_layers, g.num_attention_heads, c, f, g.vocab_size, g.max_position_embeddings, g.tie_word_embeddings, vec![c; 4], lin, kept as f64)
             }
         };

@@ -135,3 +135,47 @@ fn soft_capped_lm_head_cross_entropy_matches_composed() {
         });
     }
 }
+
+#[test]
+fn heads_with_norm_and_rope_match_composed() {
+    let mut rng = SeededRng::new(6);
+    let (b, t, n, d) = (2, 5, 3, 8);
+    let gamma = rand(&mut rng, &[d], 1.0);
+    let norm = ops::rms_norm_pre(&gamma, 1e-6).unwrap();
+    for r in [d, d / 2] {
+        let (cos, sin) = (rand(&mut rng, &[b, t, r / 2], 1.0), rand(&mut rng, &[b, t, r / 2], 1.0));
+        let rope = (cos.clone(), sin.clone());
+        // From a strided view, as GPT-NeoX's head-interleaved query_key_value gives it.
+        let packed = rand(&mut rng, &[b, t, n, 3 * d], 1.0);
+        check(&format!("heads (rotary {r} of {d})"), packed, |x| {
+            ops::family::heads(&x.narrow(3, d, d).unwrap(), Some(&norm), Some(&rope)).unwrap()
+        }, |x| {
+            let x = x.narrow(3, d, d).unwrap();
+            let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            let x = x.broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&gamma).unwrap();
+            rope_composed(&x.transpose(1, 2).unwrap(), &cos, &sin)
+        });
+    }
+    check("heads (plain)", rand(&mut rng, &[b, t, n, d], 1.0), |x| ops::family::heads(x, None, None).unwrap(), |x| {
+        x.transpose(1, 2).unwrap().contiguous().unwrap()
+    });
+}
+
+#[test]
+fn gated_mlp_activation_matches_composed() {
+    let mut rng = SeededRng::new(7);
+    let up = Var::from_tensor(&rand(&mut rng, &[2, 3, 6], 1.0)).unwrap();
+    for (name, act) in [("silu", ops::act::silu_pre()), ("gelu", ops::act::gelu_pre())] {
+        let upt = up.as_tensor().clone();
+        let (a1, a2) = (act.clone(), act.clone());
+        check(&format!("gated {name} (d gate)"), rand(&mut rng, &[2, 3, 6], 2.0), |g| ops::family::gated(g, &upt, &a1).unwrap(), |g| {
+            let a = if name == "silu" { g.silu().unwrap() } else { g.gelu().unwrap() };
+            (a * &upt).unwrap()
+        });
+        let gate = rand(&mut rng, &[2, 3, 6], 2.0);
+        check(&format!("gated {name} (d up)"), up.as_tensor().clone(), |u| ops::family::gated(&gate, u, &a2).unwrap(), |u| {
+            let a = if name == "silu" { gate.silu().unwrap() } else { gate.gelu().unwrap() };
+            (a * u).unwrap()
+        });
+    }
+}

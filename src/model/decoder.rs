@@ -85,20 +85,13 @@ impl SelfAttn {
                 (y.narrow(2, 0, nq)?, y.narrow(2, nq, nk)?, y.narrow(2, nq + nk, nk)?)
             }
         };
-        // (B, T, n·D) -> (B, n, T, D), with the per-head norm on the last dim first.
-        let heads = |y: Tensor, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
-            let y = y.reshape((b, t, n, hd))?;
-            let y = match norm {
-                Some(nm) => nm.forward(&y)?,
-                None => y,
-            };
-            Ok(y.transpose(1, 2)?.contiguous()?)
+        // (B, T, n·D) -> (B, n, T, D): per-head norm, transpose and rope as one node (ops/family.rs).
+        let heads = |y: Tensor, n: usize, norm: Option<&RmsNorm>, rope: Option<&(Tensor, Tensor)>| -> Result<Tensor> {
+            Ok(ops::family::heads(&y.reshape((b, t, n, hd))?, norm.map(|nm| &nm.op), rope)?)
         };
-        let (mut q, mut k) = (heads(q, self.n_head, self.q_norm.as_ref())?, heads(k, self.n_kv, self.k_norm.as_ref())?);
-        let v = heads(v, self.n_kv, None)?;
-        if let Some((cos, sin)) = rope {
-            (q, k) = (ops::rope(&q, cos, sin)?, ops::rope(&k, cos, sin)?);
-        }
+        let q = heads(q, self.n_head, self.q_norm.as_ref(), rope)?;
+        let k = heads(k, self.n_kv, self.k_norm.as_ref(), rope)?;
+        let v = heads(v, self.n_kv, None, None)?;
         let y = match cache {
             // Training and full-sequence passes: one fused node (ops/attention.rs).
             None => ops::attention::self_attention_capped(&q, &k, &v, mask, self.scale, self.softcap)?, // (B, T, H·D)
@@ -148,11 +141,11 @@ impl Mlp {
                 (y.narrow(2, 0, f)?, y.narrow(2, f, f)?)
             }
         };
-        let a = match self.act {
-            Act::Silu => ops::act::silu(&gate)?,
-            Act::GeluTanh => ops::act::gelu(&gate)?,
+        let act = match self.act {
+            Act::Silu => ops::act::silu_pre(),
+            Act::GeluTanh => ops::act::gelu_pre(),
         };
-        self.down_proj.forward(&(a * up)?)
+        self.down_proj.forward(&ops::family::gated(&gate, &up, &act)?) // act(gate) · up, one node
     }
 }
 

@@ -433,7 +433,7 @@ impl Config {
             head_dim,
             rms_norm_eps: eps,
             max_position_embeddings: max_pos,
-            tie_word_embeddings: k.bool("tie_word_embeddings")?.unwrap_or(gemma),
+            tie_word_embeddings: k.bool("tie_word_embeddings")?.or(root.get("tie_word_embeddings").and_then(Value::as_bool)).unwrap_or(gemma),
             qkv_bias,
             o_bias,
             mlp_bias: k.bool("mlp_bias")?.unwrap_or(false),

@@ -131,9 +131,10 @@ impl Attention {
     fn forward(&self, x: &Tensor, ln: &LayerNorm, rope: &(Tensor, Tensor), mask: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (h, d) = (self.n_head, c / self.n_head);
-        let qkv = self.query_key_value.forward_pre(x, Some(&ln.op))?.reshape((b, t, h, 3 * d))?.transpose(1, 2)?; // (B, H, T, 3D)
-        let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(3, i * d, d)?.contiguous()?) }; // (B, H, T, D)
-        let (q, k, v) = (ops::rope(&part(0)?, &rope.0, &rope.1)?, ops::rope(&part(1)?, &rope.0, &rope.1)?, part(2)?);
+        let qkv = self.query_key_value.forward_pre(x, Some(&ln.op))?.reshape((b, t, h, 3 * d))?; // (B, T, H, 3D)
+        // Head h's [q | k | v] (B, T, H, D) views -> (B, H, T, D), rotated (q, k): one node each.
+        let part = |i: usize, r: Option<&(Tensor, Tensor)>| -> Result<Tensor> { Ok(ops::family::heads(&qkv.narrow(3, i * d, d)?, None, r)?) };
+        let (q, k, v) = (part(0, Some(rope))?, part(1, Some(rope))?, part(2, None)?);
         let scale = 1.0 / (d as f64).sqrt();
         let y = match cache {
             None => ops::attention::self_attention(&q, &k, &v, mask, scale)?, // (B, T, C)

@@ -21,6 +21,8 @@
 //! | `act::gelu`, `act::silu` | one pass on f32 CPU tensors | `dx = g f'(x)` (`act.rs`)                     |
 //! | `attention::packed_self_attention` | GPT-2 attention from the packed qkv | SDPA's backward (`attention.rs`) |
 //! | `family::softcap`, `family::gelu_erf` | `c·tanh(x/c)`, exact GELU | `dx = g f'(x)` (`family.rs`)      |
+//! | `family::heads` | (B, T, n, D) -> per-head norm, (B, n, T, D), rope | the three backwards in reverse |
+//! | `family::gated` | `act(gate) · up` (SwiGLU / GeGLU)  | `d gate = g·up·act'(gate)`, `d up = g·act(gate)` |
 //!
 //! [`grad3_op`] does the same for a node with three inputs (the fused LoRA linear,
 //! `linear.rs`). `tests/ops.rs` checks every op against candle's composed ops; the model
@@ -302,27 +304,30 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Ten
     )
 }
 
+/// Rotates the first `2 · cos.dim(-1)` values of the last dim of x by (cos, sin), HF's
+/// non-interleaved ("rotate_half") form; the rest pass through (partial rotary). No graph.
+/// x: (B, H, T, D); cos, sin: (B, T, R/2), contiguous. The output is contiguous.
+pub(crate) fn rope_rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (r, d) = (2 * cos.dim(D::Minus1)?, x.dim(D::Minus1)?);
+    if r == d {
+        return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
+    }
+    let rot = candle_nn::rotary_emb::rope(&x.narrow(D::Minus1, 0, r)?.contiguous()?, cos, sin)?;
+    Tensor::cat(&[&rot, &x.narrow(D::Minus1, r, d - r)?], D::Minus1)?.contiguous()
+}
+
 /// Rotary embedding, HF's non-interleaved ("rotate_half") form.
 /// x: (B, H, T, D); cos, sin: (B, T, R/2), gathered at each row's positions. With R < D (partial
 /// rotary: GPT-NeoX, Phi-3) only the first R values of each head rotate; the rest pass through.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
     let (cos_b, neg_sin) = (cos.clone(), sin.neg()?);
-    let (r, d) = (2 * cos.dim(D::Minus1)?, x.dim(D::Minus1)?);
-    // Rotates the first r values of the last dim of t by (c, s).
-    let rotate = move |t: &Tensor, c: &Tensor, s: &Tensor| -> candle_core::Result<Tensor> {
-        if r == d {
-            return candle_nn::rotary_emb::rope(&t.contiguous()?, c, s);
-        }
-        let rot = candle_nn::rotary_emb::rope(&t.narrow(D::Minus1, 0, r)?.contiguous()?, c, s)?;
-        Tensor::cat(&[&rot, &t.narrow(D::Minus1, r, d - r)?], D::Minus1)?.contiguous()
-    };
     input_grad_op(
         "rope",
         x,
-        move |x| rotate(x, &cos, &sin),
+        move |x| rope_rotate(x, &cos, &sin),
         // The transpose of a rotation by θ is the rotation by -θ.
-        move |_x, _y, g| rotate(g, &cos_b, &neg_sin),
+        move |_x, _y, g| rope_rotate(g, &cos_b, &neg_sin),
     )
 }
 
