@@ -37,7 +37,8 @@ pub enum Kind {
     NoCuda,
     /// A reward model given where a plain (policy/SFT) adapter is expected.
     RewardModelAsAdapter,
-    /// A `model_type` lorafit has no implementation of.
+    /// A `model_type` lorafit has no implementation of, or a config.json setting of a supported one
+    /// that it does not implement (a rope type, an activation, a key another family has).
     UnsupportedModel,
     /// A checkpoint whose tensors do not match its config.json (head_dim, biases, norms).
     CheckpointConfigMismatch,
@@ -74,7 +75,9 @@ impl Kind {
             }
             Kind::NoCuda => return None,
             Kind::RewardModelAsAdapter => "a reward model from `lorafit rm` belongs in --reward-adapter (ppo) or `lorafit score --adapter`",
-            Kind::UnsupportedModel => "use a model of a supported family (README, \"Supported models\"), or check config.json's model_type",
+            Kind::UnsupportedModel => {
+                "lorafit loads the model_types of README's \"Supported models\" with the config.json keys transformers reads for them: fix the named key, or use a supported model"
+            }
             Kind::CheckpointConfigMismatch => {
                 "config.json must describe these weights: use the config.json that came with the checkpoint (or fix the named key)"
             }

@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::error::Kind;
+use crate::error::{Kind, KindExt};
 use crate::lora::{AdapterSet, Linear, WeightLayout};
 use crate::ops;
 use crate::weights::ModelFiles;
@@ -76,10 +76,12 @@ impl Arch {
             }
             "gpt_neox" => {
                 let mut c: gpt_neox::Config = parse_config(&v, path, model_type)?;
-                c.validate().with_context(cannot)?;
+                c.validate().kind(Kind::UnsupportedModel, cannot())?;
                 Arch::GptNeox(c)
             }
-            t if family::Family::from_model_type(t).is_some() => Arch::Decoder(family::Config::from_json(&v, t).with_context(cannot)?),
+            t if family::Family::from_model_type(t).is_some() => {
+                Arch::Decoder(family::Config::from_json(&v, t).kind(Kind::UnsupportedModel, cannot())?)
+            }
             other => crate::bail_kind!(
                 Kind::UnsupportedModel,
                 "{}: model_type {other:?} is not supported; lorafit supports {SUPPORTED}",

@@ -6,6 +6,8 @@
 //! Backward (G = dL/dY):
 //!   `dV = Pᵀ G`, `dP = G Vᵀ`, `dS = s P ⊙ (dP - rowsum(dP ⊙ P))`, `dQ = dS K`, `dK = dSᵀ Q`
 //! (the softmax backward of `ops::masked_softmax`, the matmul backwards of torch's SDPA math path).
+//! With Gemma 2's soft-capping, `S = c · tanh(s Q Kᵀ / c)` and `dS` gains the factor `1 - tanh²`
+//! (recomputed from Q and K in the backward, not kept). Sliding windows are in the mask.
 //!
 //! Why: composed from candle ops, attention is a dozen graph nodes (three narrows, their
 //! transposes and copies, two matmuls, a scale, the softmax, the merge of heads), and candle's
