@@ -23,6 +23,8 @@
 #                all 7 projections: lorafit f16 (llama7b-f16), PEFT f16 (llama7b-peft), lorafit NF4
 #                (llama7b-nf4: `--quantize nf4`, through `lorafit sft` on synthetic rows if this build's
 #                `bench sft` ignores --quantize)
+#   families     Llama-3.2-1B- and Qwen3-0.6B-shaped random models, batch 1 x 512, LoRA r16 all-linear,
+#                KO_DTYPE: lorafit bench sft, then PEFT (scripts/gpu/peft_bench.py)
 # GPU memory: nvidia-smi's memory.used sampled every 100 ms during each process, minus the reading
 # before it (the process's whole footprint, CUDA context included; same method for both tools).
 # Targets reported against: KoGPT2 SFT >= 1.3x PEFT's tokens/s at <= 0.6x its GPU peak;
@@ -43,7 +45,7 @@ mkdir -p "$OUT"
 DIST="$ROOT/target-cuda/dist"
 BIN="${LORAFIT_BIN:-}"
 DEADLINE_S="${DEADLINE_S:-575}"
-STAGES="${STAGES:-setup smoke correctness training-correctness kogpt2 ppo llama7b}"
+STAGES="${STAGES:-setup smoke correctness training-correctness kogpt2 ppo llama7b families}"
 PY="${PYTHON:-python3}"
 if [ "${DRY_RUN:-0}" = 1 ]; then
   : "${DEVICE:=cpu}" "${LORAFIT_BIN:=$ROOT/target/release/lorafit}" "${KO_MODEL:=builtin:tiny-gpt2}" "${KO_BATCH:=1}"
@@ -352,6 +354,27 @@ json.dump(rows, open('$WORK/syn.json', 'w'))"
     fi
   fi
   [ -n "$L_MODEL" ] || rm -rf "$L_DIR"
+fi
+
+# families (issue 12): Llama-3.2-1B- and Qwen3-0.6B-shaped random models (scripts/bench/make_family_model.py,
+# f32 files loaded as KO_DTYPE), batch 1 x 512, LoRA r16 on all linear layers: lorafit bench sft, then PEFT.
+# Alone: STAGES=families bash scripts/gpu-bench.sh
+if want families; then
+  for shape in llama-3.2-1b qwen3-0.6b; do
+    if [ "${DRY_RUN:-0}" = 1 ]; then
+      # Dry run: the committed tiny family fixtures of the same families, no torch needed.
+      case "$shape" in llama-*) F_DIR=tests/fixtures/families/llama3 ;; *) F_DIR=tests/fixtures/families/qwen3 ;; esac; F_SEQ=32
+      measure "lorafit-$shape" 150 -- "${LF[@]}" bench sft --model "$F_DIR" --device "$DEV" --dtype "$KO_DTYPE" --batch 1 --seq "$F_SEQ" --steps 1 --targets all-linear --r 16 --json
+      skip_peft "peft-$shape" || measure "peft-$shape" 180 -- "$PY" scripts/gpu/peft_bench.py --device "$DEV" --model "$F_DIR" --dtype "$KO_DTYPE" --batch 1 --seq "$F_SEQ" --steps 1 --targets all-linear --r 16
+      continue
+    fi
+    F_DIR="$WORK/$shape-shape"
+    if measure "make-$shape" 150 -- "$PY" scripts/bench/make_family_model.py --shape "$shape" --out "$F_DIR"; then
+      measure "lorafit-$shape" 150 -- "${LF[@]}" bench sft --model "$F_DIR" --device "$DEV" --dtype "$KO_DTYPE" --batch 1 --seq 512 --steps 3 --targets all-linear --r 16 --json
+      measure "peft-$shape" 180 -- "$PY" scripts/gpu/peft_bench.py --device "$DEV" --model "$F_DIR" --dtype "$KO_DTYPE" --batch 1 --seq 512 --steps 3 --targets all-linear --r 16
+    fi
+    rm -rf "$F_DIR"
+  done
 fi
 
 if [ "$STRICT" = 1 ]; then

@@ -49,6 +49,11 @@ pub enum Kind {
     OutputExists,
     /// `--force` on a file lorafit did not write.
     NotLorafitFile,
+    /// A `model_type` lorafit has no implementation of, or a config.json setting of a supported one
+    /// that it does not implement (a rope type, an activation, a key another family has).
+    UnsupportedModel,
+    /// A checkpoint whose tensors do not match its config.json (head_dim, biases, norms).
+    CheckpointConfigMismatch,
 }
 
 impl Kind {
@@ -97,6 +102,12 @@ impl Kind {
             Kind::OutputExists => "pass --force to replace it (lorafit replaces only files it wrote), or choose another --out",
             Kind::NotLorafitFile => {
                 "lorafit only replaces files it wrote itself (a GGUF with lorafit.* metadata, a Modelfile with its first line): choose another --out, or move that file away yourself"
+            }
+            Kind::UnsupportedModel => {
+                "lorafit loads the model_types of README's \"Supported models\" with the config.json keys transformers reads for them: fix the named key, or use a supported model"
+            }
+            Kind::CheckpointConfigMismatch => {
+                "config.json must describe these weights: use the config.json that came with the checkpoint (or fix the named key)"
             }
         })
     }

@@ -73,6 +73,7 @@ fn describe_model(dir: &Path) -> Result<String> {
     writeln!(s, "model folder:   {}", dir.display())?;
     writeln!(s, "architecture:   {} ({})", v["architectures"][0].as_str().unwrap_or(arch.model_type()), arch.model_type())?;
     writeln!(s, "shape:          {} layers, hidden {}, vocab {}, context {}", arch.num_layers(), arch.hidden_size(), arch.vocab_size(), arch.max_positions())?;
+    writeln!(s, "lorafit loads:  {}", crate::model::SUPPORTED)?;
     let dtype = v.get("torch_dtype").or_else(|| v.get("dtype")).and_then(|d| d.as_str()).unwrap_or("(not recorded)");
     writeln!(s, "dtype:          {dtype}")?;
     match v.get("lorafit_merge") {

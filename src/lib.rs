@@ -1,11 +1,14 @@
-//! lorafit: LoRA fine-tuning of GPT-2 and LLaMA models on candle, with adapters in PEFT's format.
+//! lorafit: LoRA fine-tuning of GPT-2, GPT-NeoX and the LLaMA-like families (Llama 3.x, Mistral,
+//! Qwen2/3, Gemma 2/3, EXAONE, Phi-3) on candle, with adapters in PEFT's format.
 //!
 //! Map of the crate (read in this order):
 //! - [`ops`]: training ops whose backward gives input gradients only (no `dW` for frozen weights),
 //!   and fused attention / activation nodes with written-out backwards.
 //! - [`lora`]: PEFT-semantics LoRA attached at construction; the frozen [`lora::Linear`], which runs
 //!   with its active adapters as one graph node (`ops/linear.rs`).
-//! - [`model`]: GPT-2 and LLaMA, numerically equal to transformers; [`model::Model`] is the entry point.
+//! - [`model`]: GPT-2, GPT-NeoX and one decoder for the LLaMA-like families (`model/family.rs`:
+//!   the switches; `model/rope.rs`: every rope type), numerically equal to transformers;
+//!   [`model::Model`] is the entry point.
 //! - [`weights`], [`builtin`], [`tokenizer`]: finding and reading model folders; [`pth`]:
 //!   `pytorch_model.bin` read by a bounded pickle reader, [`stream_load`]: safetensors.
 //! - [`peft`], [`io`]: adapter folders in PEFT's format, crash-safe writes.

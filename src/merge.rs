@@ -14,7 +14,7 @@
 //! what lorafit computes unmerged when adapters are stacked (`lora::Linear::forward`).
 //!
 //! The adapters are checked by building the model through the same loaders as `Model::load`
-//! (`Gpt2::load` / `Llama::load`), over a shape-only view of the checkpoint: no weight is read,
+//! (`model::build_check`), over a shape-only view of the checkpoint: no weight is read,
 //! and every check of the loader applies (targets that match nothing, unmatched tensors, wrong
 //! shapes). Tensors are then processed one at a time (read, merge, cast, write), so the peak
 //! memory is about twice the largest tensor (its raw bytes and the tensor briefly coexist), not the model. The output keeps the base's own key
@@ -38,7 +38,7 @@ use candle_nn::{var_builder::SimpleBackend, VarBuilder};
 use serde_json::json;
 
 use crate::lora::{Adapter, AdapterSet};
-use crate::model::{gpt2, llama, Arch};
+use crate::model::Arch;
 use crate::outdir::OutDir;
 use crate::stream_load::StreamingSafetensors;
 use crate::weights::{ModelFiles, WeightFiles};
@@ -370,11 +370,7 @@ impl Folded {
         let backend = ShapeOnly { shapes: shapes.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect(), asked: asked.clone() };
         let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
         let set = AdapterSet::new(adapters.clone());
-        match &arch {
-            Arch::Gpt2(c) => gpt2::Gpt2::load(vb, c, &set).map(drop),
-            Arch::Llama(c) => llama::Llama::load(vb, c, &set).map(drop),
-        }
-        .with_context(|| files.describe())?;
+        crate::model::build_check(vb, &arch, &set).with_context(|| files.describe())?;
         set.check_complete()?;
         let asked = asked.lock().unwrap().clone();
 
@@ -384,7 +380,8 @@ impl Folded {
         for a in &adapters {
             for m in a.modules() {
                 let bare = m.path.strip_prefix("transformer.").unwrap_or(&m.path);
-                let Some(key) = [format!("{}.weight", m.path), format!("{bare}.weight")].into_iter().find(|k| asked.contains(k)) else {
+                let renamed = arch.checkpoint_name(&format!("{}.weight", m.path), &|k| shapes.contains_key(k));
+                let Some(key) = [format!("{}.weight", m.path), format!("{bare}.weight"), renamed].into_iter().find(|k| asked.contains(k)) else {
                     bail!(
                         "adapter {:?} has a LoRA on {}, whose weight is tied to the input embeddings (tie_word_embeddings): \
                          merging it would change the embeddings too, i.e. another model than base + adapter. Merge adapters \
@@ -392,7 +389,7 @@ impl Folded {
                         a.name, m.path
                     )
                 };
-                let conv1d = gpt2 && m.path != "lm_head";
+                let conv1d = gpt2 && m.path != "lm_head"; // GPT-2's blocks are Conv1D; every other family's nn.Linear
                 deltas.entry(key).or_default().push(Delta { adapter: a.clone(), a: m.a, b: m.b, scale: m.scaling * a.weight, conv1d });
             }
         }
@@ -485,7 +482,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     let prefixless = gpt2 && !shapes.contains_key("transformer.wte.weight");
     let mut items = vec![];
     for (name, (dt, shape)) in shapes {
-        if seq_cls && name == "lm_head.weight" {
+        if seq_cls && *name == format!("{}.weight", arch.lm_head_name()) {
             ensure!(!deltas.contains_key(name), "an adapter targets lm_head, which a sequence-classification checkpoint does not have");
             continue;
         }
@@ -529,8 +526,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
         obj.insert(k.into(), json!(hf_name(dtype)));
     }
     if seq_cls {
-        let arch_name = if gpt2 { "GPT2ForSequenceClassification" } else { "LlamaForSequenceClassification" };
-        obj.insert("architectures".into(), json!([arch_name]));
+        obj.insert("architectures".into(), json!([arch.seq_cls_architecture()]));
         obj.insert("num_labels".into(), json!(1));
         obj.insert("id2label".into(), json!({"0": "LABEL_0"}));
         obj.insert("label2id".into(), json!({"LABEL_0": 0}));

@@ -9,9 +9,12 @@
 //! Notation: L layers, C hidden, H heads, Q = H·head_dim, K = kv_heads·head_dim, F MLP width,
 //! V vocab, P positions; a micro-batch of B sequences of T tokens, N = B·T, S = B·H·T² attention
 //! scores; e = bytes of the base dtype (4 f32, 2 f16/bf16); LoRA tensors are always f32.
-//! - Parameters: GPT-2 `V·C + P·C + L·(4C² + 2C·F + 9C + F) + 2C` (+V·C untied); LLaMA
-//!   `V·C + L·(C·(2Q + 2K) + 3C·F + 2C) + C` (+ biases, + V·C untied). Base bytes = params·e,
-//!   or 0.5625 B/param (NF4: 4 bits + an f32 absmax per 64) for the block linears.
+//! - Parameters: GPT-2 `V·C + P·C + L·(4C² + 2C·F + 9C + F) + 2C` (+V·C untied); the LLaMA-like
+//!   families `V·C + L·(C·(2Q + 2K) + 3C·F + nC [+ 2·head_dim]) + C` (n = 2 RMSNorms per layer, 4 for
+//!   Gemma; q/k norms for Qwen3, Gemma 3, EXAONE 4; + biases, + V·C untied); GPT-NeoX
+//!   `V·C + L·(4C² + 2C·F + 10C + F) + 2C` (+ V·C untied). Base bytes = params·e,
+//!   or 0.5625 B/param (NF4: 4 bits + an f32 absmax per 64) for the block linears. Rope has no table
+//!   (cos/sin are computed at the positions used).
 //! - Load (`stream_load.rs`): tensors are read one by one, straight into the tensor when the file
 //!   has the wanted dtype, else into a byte buffer and converted: peak = max over tensors in load
 //!   order of (kept so far + tensor [+ buffer + dtype copy]).
@@ -19,7 +22,9 @@
 //! - Activations kept for backward per block (candle keeps every op input of the graph):
 //!   GPT-2 `e·N·(7C + F) + S·e` (attention is one node keeping qkv and the probabilities,
 //!   `ops/attention.rs`; LayerNorm and GELU run inside the next linear's node, `ops::Pre`);
-//!   LLaMA `e·N·(4C + 4Q + 4K + 4F) + S·e`; plus per LoRA linear
+//!   the LLaMA-like decoder `e·N·(4C + 3Q + 4K + 3F) + S·e` (heads and the gated MLP are one node
+//!   each, `ops/family.rs`), + 2C with post-norms (Gemma, EXAONE 4); GPT-NeoX `e·N·(11C + F) + S·e`;
+//!   plus per LoRA linear
 //!   (one fused node, `ops/linear.rs`) `N·(4r [+ in, the u8 mask, with dropout])`. Plus the
 //!   mask 4·B·T², the embeddings, the final norm and the labelled rows.
 //! - Transients (measured, one op at a time): the activation's backward 4 (gelu) / 6 (silu)
@@ -127,9 +132,11 @@ pub struct Plan {
 /// The config numbers the formulas use (f64: they only feed byte estimates; element counts are
 /// exact u128). Tensors in load order, each (elements, is a block linear weight NF4 quantizes):
 /// `prefix` (embeddings), `layer` (one block, repeated `layers` times), `suffix` (final norm,
-/// untied head). `linears`: layer 0's linears (module path, in, out).
+/// untied head). `linears`: layer 0's linears (module path, in, out); `head`: the LM head's
+/// module path; `kept`: activation values kept per token and block, in units of the base dtype
+/// (see the header); `gelu`: the MLP activation is GELU (its backward's working set differs from SiLU's).
 struct Shape {
-    gpt2: bool, c: f64, l: f64, h: f64, q: f64, k: f64, f: f64, v: f64, pos: f64, head_dim: f64,
+    gelu: bool, c: f64, l: f64, h: f64, k: f64, f: f64, v: f64, pos: f64, kept: f64, head: String,
     prefix: Vec<(u128, bool)>, layer: Vec<(u128, bool)>, suffix: Vec<(u128, bool)>, layers: u128,
     linears: Vec<(String, f64, f64)>, file_bytes: f64,
 }
@@ -140,44 +147,69 @@ impl Shape {
             Some("float16" | "bfloat16") => 2.0,
             _ => 4.0,
         };
-        let u = |x: usize| x as u128;
-        // (C, L, H, head_dim, K, F, V, P, tied, norm tensors, prefix, linears (name, in, out, bias), attention linears)
-        let (c, l, h, hd, k, f, v, pos, tied, norms, prefix, lin, n_attn) = match arch {
+        // (C, L, H, Q, K, F, V, P, tied, norm tensor sizes per layer, linears (path, in, out, bias), kept per token)
+        let (c, l, h, k, f, v, pos, tied, norms, lin, kept): (usize, usize, usize, usize, usize, usize, usize, bool, Vec<usize>, Vec<(String, usize, usize, bool)>, f64) = match arch {
             Arch::Gpt2(g) => {
-                let (c, f) = (u(g.n_embd), g.n_inner.map(u).unwrap_or(4 * u(g.n_embd)));
-                let lin = vec![("attn.c_attn", c, 3 * c, true), ("attn.c_proj", c, c, true), ("mlp.c_fc", c, f, true), ("mlp.c_proj", f, c, true)];
-                (c, g.n_layer, g.n_head, c / u(g.n_head).max(1), c, f, g.vocab_size, g.n_positions, g.tie_word_embeddings, 2, "transformer.h.0.", lin, 2)
+                let (c, f) = (g.n_embd, g.n_inner());
+                let p = "transformer.h.0.";
+                let lin = [("attn.c_attn", c, 3 * c), ("attn.c_proj", c, c), ("mlp.c_fc", c, f), ("mlp.c_proj", f, c)].map(|(n, i, o)| (format!("{p}{n}"), i, o, true)).to_vec();
+                // qkv (3C), attention out, c_proj out, residual, mlp out, residual (7C) and c_fc's output (F).
+                (c, g.n_layer, g.n_head, c, f, g.vocab_size, g.n_positions, g.tie_word_embeddings, vec![c; 4], lin, (7 * c + f) as f64)
             }
-            Arch::Llama(m) => {
-                let (c, f, hd, ab, mb) = (u(m.hidden_size), u(m.intermediate_size), u(m.head_dim()), m.attention_bias, m.mlp_bias);
-                let (q, k) = (u(m.num_attention_heads) * hd, u(m.num_kv_heads()) * hd);
-                let lin = vec![("self_attn.q_proj", c, q, ab), ("self_attn.k_proj", c, k, ab), ("self_attn.v_proj", c, k, ab), ("self_attn.o_proj", q, c, ab), ("mlp.gate_proj", c, f, mb), ("mlp.up_proj", c, f, mb), ("mlp.down_proj", f, c, mb)];
-                (c, m.num_hidden_layers, m.num_attention_heads, hd, k, f, m.vocab_size, m.max_position_embeddings, m.tie_word_embeddings, 1, "model.layers.0.", lin, 4)
+            Arch::Decoder(m) => {
+                let (c, f, q, k) = (m.hidden_size, m.intermediate_size, m.q_dim(), m.kv_dim());
+                let mut norms = vec![c; m.norms_per_layer()];
+                if m.qk_norm {
+                    norms.extend([m.head_dim, m.head_dim]);
+                }
+                // Residuals and block outputs (4C; the pre-norms run inside the next linears'
+                // nodes); q: its projection, its heads (norm + transpose + rope, one node) and the
+                // attention output (3Q); k, v: projection and heads (4K); gate, up and their gated
+                // product (3F, `ops::family::gated`); post-norms (Gemma, EXAONE 4) keep their outputs (2C).
+                let mut kept = 4 * c + 3 * q + 4 * k + 3 * f;
+                if m.norms != crate::model::family::NormPlacement::Pre {
+                    kept += 2 * c;
+                }
+                (c, m.num_hidden_layers, m.num_attention_heads, k, f, m.vocab_size, m.max_position_embeddings, m.tie_word_embeddings, norms, m.linears(), kept as f64)
+            }
+            Arch::GptNeox(g) => {
+                let (c, f) = (g.hidden_size, g.intermediate_size);
+                let (p, b) = ("gpt_neox.layers.0.", g.attention_bias);
+                let lin = [("attention.query_key_value", c, 3 * c, b), ("attention.dense", c, c, b), ("mlp.dense_h_to_4h", c, f, true), ("mlp.dense_4h_to_h", f, c, true)]
+                    .map(|(n, i, o, b)| (format!("{p}{n}"), i, o, b))
+                    .to_vec();
+                // input, qkv (3C), its heads (3C), attention out, dense out, residuals (2C),
+                // mlp out (C) and dense_h_to_4h's output (F).
+                let kept = 11 * c + f;
+                (c, g.num_hidden_layers, g.num_attention_heads, c, f, g.vocab_size, g.max_position_embeddings, g.tie_word_embeddings, vec![c; 4], lin, kept as f64)
             }
         };
         let gpt2 = matches!(arch, Arch::Gpt2(_));
-        let mut pre = vec![(u(v) * c, false)];
+        let gelu = match arch {
+            Arch::Decoder(m) => m.act == crate::model::family::Act::GeluTanh,
+            _ => true,
+        };
+        let u = |x: usize| x as u128;
+        let mut pre = vec![(u(v) * u(c), false)];
         if gpt2 {
-            pre.push((u(pos) * c, false)); // learned positions
+            pre.push((u(pos) * u(c), false)); // learned positions
         }
-        let mut layer = vec![];
-        for (i, &(_, a, b, bias)) in lin.iter().enumerate() {
-            if i == 0 || i == n_attn {
-                layer.extend(std::iter::repeat_n((c, false), norms)); // ln_1 / ln_2 (weight, bias) or RMSNorm
-            }
-            layer.push((a * b, true));
-            if bias {
-                layer.push((b, false));
+        let mut layer: Vec<(u128, bool)> = norms.iter().map(|&n| (u(n), false)).collect();
+        for (_, a, b, bias) in &lin {
+            layer.push((u(*a) * u(*b), true));
+            if *bias {
+                layer.push((u(*b), false));
             }
         }
-        let mut suffix: Vec<(u128, bool)> = std::iter::repeat_n((c, false), norms).collect();
+        let final_norms = if gpt2 || matches!(arch, Arch::GptNeox(_)) { 2 } else { 1 }; // weight (+ bias)
+        let mut suffix: Vec<(u128, bool)> = std::iter::repeat_n((u(c), false), final_norms).collect();
         if !tied {
-            suffix.push((u(v) * c, false));
+            suffix.push((u(v) * u(c), false));
         }
-        let linears = lin.iter().map(|&(n, a, b, _)| (format!("{prefix}{n}"), a as f64, b as f64)).collect();
-        let (hf, hdf) = (h as f64, hd as f64);
+        let linears = lin.iter().map(|(n, a, b, _)| (n.clone(), *a as f64, *b as f64)).collect();
+        let f64_ = |x: usize| x as f64;
         Shape {
-            gpt2, c: c as f64, l: l as f64, h: hf, q: hf * hdf, k: k as f64, f: f as f64, v: v as f64, pos: pos as f64, head_dim: hdf,
+            gelu, c: f64_(c), l: f64_(l), h: f64_(h), k: f64_(k), f: f64_(f), v: f64_(v), pos: f64_(pos), kept, head: arch.lm_head_name().into(),
             prefix: pre, layer, suffix, layers: u(l), linears, file_bytes,
         }
     }
@@ -200,7 +232,7 @@ impl Run<'_> {
     /// LoRA parameters of one adapter.
     fn lora_params(&self) -> f64 {
         let per: f64 = self.s.linears.iter().filter(|x| self.lora.targets(&x.0)).map(|x| self.lora.rank_and_scaling(&x.0).0 as f64 * (x.1 + x.2)).sum();
-        let head = if self.lora.targets("lm_head") { self.lora.r as f64 * (self.s.c + self.s.v) } else { 0.0 };
+        let head = if self.lora.targets(&self.s.head) { self.lora.r as f64 * (self.s.c + self.s.v) } else { 0.0 };
         per * self.s.l + head
     }
 
@@ -231,8 +263,7 @@ impl Run<'_> {
         let kept = k0 + layers * k1;
         let peak = peak.max(kept + p2);
         let kept = kept + k2;
-        let rope = if self.s.gpt2 { 0.0 } else { 4.0 * self.s.pos * self.s.head_dim };
-        (peak.max(kept + rope), kept + rope)
+        (peak, kept)
     }
 
     /// Bytes of one pass: (kept + working set at the peak, allocator slack, which op peaks).
@@ -245,7 +276,7 @@ impl Run<'_> {
         // LLaMA: residuals and projections (4C; the norms run inside the next linears' nodes),
         // q/k/v, their head copies and RoPE (4Q + 4K, v has no RoPE but the attention output is
         // Q wide), gate, up, silu, product (4F).
-        let mut blk = n * e * if s.gpt2 { 7.0 * s.c + s.f } else { 4.0 * s.c + 4.0 * (s.q + s.k) + 4.0 * s.f };
+        let mut blk = n * e * s.kept;
         blk += sc * e;
         for (path, i, _) in s.linears.iter().filter(|x| self.lora.targets(&x.0)) {
             let r = self.lora.rank_and_scaling(path).0 as f64;
@@ -253,15 +284,15 @@ impl Run<'_> {
             blk += p.active * n * (4.0 * r + if p.dropout { *i } else { 0.0 });
         }
         let f32_act = e == 4.0; // ops/act.rs: one-pass backward on f32 CPU tensors
-        let act = n * s.f * e * match (s.gpt2, f32_act) {
+        let act = n * s.f * e * match (s.gelu, f32_act) {
             (true, true) => 4.0,
             (false, true) => 6.0,
             (true, false) => 21.5,
             (false, false) => 18.0,
         };
         let attn = sc * if e == 4.0 { 16.0 } else { 9.0 * e } + 8.0 * n * s.c * e;
-        let rows = if self.lora.targets("lm_head") { p.labels } else { (self.cfg.train.loss_chunk as f64).min(p.labels) };
-        let head_lora = self.lora.targets("lm_head");
+        let head_lora = self.lora.targets(&s.head);
+        let rows = if head_lora { p.labels } else { (self.cfg.train.loss_chunk as f64).min(p.labels) };
         // The fused head + loss (ops::lm_head_cross_entropy) does its backward work in the forward,
         // a chunk at a time, and keeps only the input gradient (labels × C); with a LoRA on the
         // head the (labels, V) logits go through the plain cross-entropy op instead.

@@ -86,7 +86,9 @@ fn the_smallest_change_that_fits_least_costly_first() {
     assert!(!sug.is_empty(), "{p:#}");
     assert_eq!(strs(&sug[0]["sets"]), ["train.grad_checkpointing=true", "model.dtype=bf16"], "{p:#}");
     let gib = sug[0]["peak_bytes"].as_f64().unwrap() / (1u64 << 30) as f64;
-    assert!((gib - 14.47).abs() < 0.01, "{gib} GiB");
+    // 14.47 GiB before the family work refitted the LLaMA activations (4C + 3Q + 4K + 3F kept per
+    // token, no rope table): 14.40 GiB now.
+    assert!((gib - 14.40).abs() < 0.01, "{gib} GiB");
     for s in sug {
         let sets = strs(&s["sets"]);
         assert_eq!(sets.iter().filter(|s| !s.starts_with("train.grad_accum")).count(), 2, "every set has the smallest size: {s}");

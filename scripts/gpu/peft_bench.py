@@ -52,7 +52,7 @@ def main() -> None:
                                                  device_map={"": 0 if cuda else "cpu"}, low_cpu_mem_usage=True)
     sync()
     load_s = time.perf_counter() - t0
-    targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    targets = "all-linear" if a.targets == "all-linear" else [t.strip() for t in a.targets.split(",") if t.strip()]
     is_gpt2 = model.config.model_type == "gpt2"
     cfg = LoraConfig(r=a.r, lora_alpha=2 * a.r, target_modules=targets, lora_dropout=0.05,
                      fan_in_fan_out=is_gpt2, task_type="CAUSAL_LM")

@@ -150,7 +150,9 @@ def table(a):
     w("|---|---|---|---|---|---|---|")
     pairs = [("kogpt2", "KoGPT2 shape (125M)", "bf16, batch 8 x 512, LoRA r8 c_attn,c_proj,c_fc"),
              ("llama7b-f16", "LLaMA-7B shape (6.7B)", "f16 base, batch 1 x 512, checkpointing, LoRA r16 all 7 projections"),
-             ("llama7b-nf4", "LLaMA-7B shape (6.7B)", "NF4 base, batch 1 x 512, checkpointing, LoRA r16 all 7 projections")]
+             ("llama7b-nf4", "LLaMA-7B shape (6.7B)", "NF4 base, batch 1 x 512, checkpointing, LoRA r16 all 7 projections"),
+             ("llama-3.2-1b", "Llama-3.2-1B shape (1.24B)", "bf16, batch 1 x 512, LoRA r16 all-linear"),
+             ("qwen3-0.6b", "Qwen3-0.6B shape (0.60B)", "bf16, batch 1 x 512, LoRA r16 all-linear")]
     for key, name, cfg in pairs:
         for tool in ("lorafit", "peft"):
             st = f"{tool}-{key}"

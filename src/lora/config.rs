@@ -178,7 +178,8 @@ impl LoraConfig {
             return false;
         }
         match &self.target_modules {
-            TargetModules::Regex(re) if re == "all-linear" => !path.ends_with("lm_head"),
+            // PEFT's all-linear: every linear but the output layer (lm_head; GPT-NeoX's embed_out).
+            TargetModules::Regex(re) if re == "all-linear" => !(path.ends_with("lm_head") || path == "embed_out"),
             TargetModules::Regex(re) => {
                 regex::Regex::new(&format!("^(?:{re})$")).map(|r| r.is_match(path)).unwrap_or(false)
             }

@@ -11,7 +11,8 @@ use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::{attend, KvCache};
+use super::norm::LayerNorm;
+use super::{attend, LayerCache};
 use crate::lora::{AdapterSet, Linear, WeightLayout};
 use crate::ops;
 
@@ -72,24 +73,6 @@ impl Config {
     }
 }
 
-/// LayerNorm with frozen weight and bias, (C,) each.
-/// A frozen LayerNorm: a node of its own (`ln_f`) or the `pre` op of the linear after it.
-struct LayerNorm {
-    op: ops::Pre,
-}
-
-impl LayerNorm {
-    fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        let weight = vb.get(dim, "weight").with_context(|| format!("loading {}.weight", vb.prefix()))?;
-        let bias = vb.get(dim, "bias").with_context(|| format!("loading {}.bias", vb.prefix()))?;
-        Ok(Self { op: ops::layer_norm_pre(&weight, &bias, eps)? })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.op.apply("layer_norm", x)?)
-    }
-}
-
 struct Attention {
     c_attn: Linear,
     c_proj: Linear,
@@ -110,21 +93,21 @@ impl Attention {
     }
 
     /// attn(ln_1(x)) for x: (B, T, C), mask: (B, 1, T, Tk) additive; ln_1 runs inside c_attn's node.
-    fn forward(&self, x: &Tensor, ln_1: &LayerNorm, mask: &Tensor, cache: Option<&mut (Option<Tensor>, Option<Tensor>)>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ln_1: &LayerNorm, mask: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let hd = c / self.n_head;
         let qkv = self.c_attn.forward_pre(x, Some(&ln_1.op))?; // (B, T, 3C)
-        if cache.is_none() {
+        let Some(cache) = cache else {
             // Training and full-sequence passes: one fused node (ops/attention.rs).
             let y = ops::attention::packed_self_attention(&qkv, self.n_head, mask, self.scale)?; // (B, T, C)
             return self.c_proj.forward(&y);
-        }
+        };
         let split = |i: usize| -> Result<Tensor> {
             // (B, T, C) -> (B, H, T, D)
             Ok(qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, self.n_head, hd))?.transpose(1, 2)?.contiguous()?)
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let y = attend(&q, k, v, mask, self.scale, cache)?; // (B, H, T, D)
+        let y = attend(&q, k, v, mask, self.scale, None, cache, None)?; // (B, H, T, D)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
         self.c_proj.forward(&y)
     }
@@ -133,6 +116,8 @@ impl Attention {
 struct Mlp {
     c_fc: Linear,
     c_proj: Linear,
+    /// `gelu_new` / `gelu_pytorch_tanh` (tanh approximation) or `gelu` (exact, erf).
+    act: ops::Pre,
 }
 
 impl Mlp {
@@ -141,6 +126,7 @@ impl Mlp {
         Ok(Self {
             c_fc: Linear::load(&vb.pp("c_fc"), adapters, c, f, true, WeightLayout::Conv1D)?,
             c_proj: Linear::load(&vb.pp("c_proj"), adapters, f, c, true, WeightLayout::Conv1D)?,
+            act: if cfg.activation_function == "gelu" { ops::family::gelu_erf_pre() } else { ops::act::gelu_pre() },
         })
     }
 
@@ -148,7 +134,7 @@ impl Mlp {
     /// gelu_new, `ops/act.rs`) inside c_proj's, so neither output is kept for the backward.
     fn forward(&self, x: &Tensor, ln_2: &LayerNorm) -> Result<Tensor> {
         let h = self.c_fc.forward_pre(x, Some(&ln_2.op))?; // (B, T, F)
-        self.c_proj.forward_pre(&h, Some(&ops::act::gelu_pre()))
+        self.c_proj.forward_pre(&h, Some(&self.act))
     }
 }
 
@@ -170,7 +156,7 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut (Option<Tensor>, Option<Tensor>)>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let x = (x + self.attn.forward(x, &self.ln_1, mask, cache)?)?;
         Ok((&x + self.mlp.forward(&x, &self.ln_2)?)?)
     }
@@ -231,8 +217,8 @@ impl Gpt2 {
     }
 
     /// Block `i`: x (B, T, C) -> (B, T, C); mask (B, 1, T, Tk).
-    pub fn block(&self, i: usize, x: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.h[i].forward(x, mask, cache.map(|c| &mut c.layers[i]))
+    pub fn block(&self, i: usize, x: &Tensor, mask: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        self.h[i].forward(x, mask, cache)
     }
 
     /// The final LayerNorm.

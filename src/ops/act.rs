@@ -215,3 +215,8 @@ pub fn gelu_pre() -> super::Pre {
 pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
     act(x, Kind::Silu)
 }
+
+/// [`silu`] as a [`super::Pre`] (the gated MLP's activation, `ops::family::gated`).
+pub fn silu_pre() -> super::Pre {
+    pre(Kind::Silu)
+}

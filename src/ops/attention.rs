@@ -6,6 +6,8 @@
 //! Backward (G = dL/dY):
 //!   `dV = Pᵀ G`, `dP = G Vᵀ`, `dS = s P ⊙ (dP - rowsum(dP ⊙ P))`, `dQ = dS K`, `dK = dSᵀ Q`
 //! (the softmax backward of `ops::masked_softmax`, the matmul backwards of torch's SDPA math path).
+//! With Gemma 2's soft-capping, `S = c · tanh(s Q Kᵀ / c)` and `dS` gains the factor `1 - tanh²`
+//! (recomputed from Q and K in the backward, not kept). Sliding windows are in the mask.
 //!
 //! Why: composed from candle ops, attention is a dozen graph nodes (three narrows, their
 //! transposes and copies, two matmuls, a scale, the softmax, the merge of heads), and candle's
@@ -34,13 +36,17 @@ fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Forward on detached, contiguous q: (B, H, T, D), k, v: (B, H_kv, Tk, D), mask (B, 1, T, Tk):
 /// returns y: (B, H, T, D) and P: (B, H_kv, rep·T, Tk) (rep = H / H_kv query heads per kv head,
-/// reshaped rather than repeating k and v).
-fn sdpa_fwd(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<(Tensor, Tensor)> {
+/// reshaped rather than repeating k and v). `cap`: Gemma 2's soft-capping of the scores,
+/// `c · tanh(s / c)` before the mask.
+fn sdpa_fwd(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64, cap: Option<f64>) -> candle_core::Result<(Tensor, Tensor)> {
     let (b, h, t, d) = q.dims4()?;
     let (h_kv, tk) = (k.dim(1)?, k.dim(2)?);
     let rep = h / h_kv;
     let q2 = q.reshape((b, h_kv, rep * t, d))?;
-    let s = (matmul(&q2, &k.t()?)? * scale)?.reshape((b, h, t, tk))?; // (B, H, T, Tk)
+    let mut s = (matmul(&q2, &k.t()?)? * scale)?.reshape((b, h, t, tk))?; // (B, H, T, Tk)
+    if let Some(c) = cap {
+        s = ((s / c)?.tanh()? * c)?;
+    }
     let p = candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?.broadcast_add(mask)?)?.to_dtype(q.dtype())?;
     let p = p.reshape((b, h_kv, rep * t, tk))?;
     let y = matmul(&p, v)?.reshape((b, h, t, d))?;
@@ -48,7 +54,8 @@ fn sdpa_fwd(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> ca
 }
 
 /// The backward of [`sdpa_fwd`] for g = dL/dy: (B, H, T, D) -> (dq, dk, dv) shaped as q, k, v.
-fn sdpa_bwd(q: &Tensor, k: &Tensor, v: &Tensor, p: &Tensor, g: &Tensor, scale: f64) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+/// With `cap`, tanh(s / c) is recomputed from q and k for the factor `1 - tanh²` (not kept).
+fn sdpa_bwd(q: &Tensor, k: &Tensor, v: &Tensor, p: &Tensor, g: &Tensor, scale: f64, cap: Option<f64>) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let dt = q.dtype();
     let (b, h, t, d) = q.dims4()?;
     let h_kv = k.dim(1)?;
@@ -58,7 +65,12 @@ fn sdpa_bwd(q: &Tensor, k: &Tensor, v: &Tensor, p: &Tensor, g: &Tensor, scale: f
     let dp = matmul(&g, &v.t()?)?.to_dtype(DType::F32)?; // (B, H_kv, rep·T, Tk)
     let p32 = p.to_dtype(DType::F32)?;
     let dot = (&dp * &p32)?.sum_keepdim(D::Minus1)?;
-    let ds = ((p32 * dp.broadcast_sub(&dot)?)? * scale)?.to_dtype(dt)?;
+    let mut ds = (p32 * dp.broadcast_sub(&dot)?)?; // dL/d(capped scores)
+    if let Some(c) = cap {
+        let th = ((matmul(&q.reshape((b, h_kv, rep * t, d))?, &k.t()?)? * (scale / c))?.tanh()?).to_dtype(DType::F32)?;
+        ds = (ds * (th.sqr()?.neg()? + 1.0)?)?;
+    }
+    let ds = (ds * scale)?.to_dtype(dt)?;
     let dq = matmul(&ds, k)?.reshape((b, h, t, d))?;
     let dk = matmul(&ds.t()?, &q.reshape((b, h_kv, rep * t, d))?)?;
     Ok((dq, dk, dv))
@@ -67,12 +79,17 @@ fn sdpa_bwd(q: &Tensor, k: &Tensor, v: &Tensor, p: &Tensor, g: &Tensor, scale: f
 /// Causal self-attention on separate heads (LLaMA, after RoPE).
 /// q: (B, H, T, D); k, v: (B, H_kv, T, D); mask: (B, 1, T, T) additive f32 -> (B, T, H·D).
 pub fn self_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    self_attention_capped(q, k, v, mask, scale, None)
+}
+
+/// [`self_attention`] with the scores soft-capped, `c · tanh(s / c)` (Gemma 2), when `cap` is set.
+pub fn self_attention_capped(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64, cap: Option<f64>) -> candle_core::Result<Tensor> {
     let (h, h_kv) = (q.dim(1)?, k.dim(1)?);
     if h_kv == 0 || h % h_kv != 0 {
         candle_core::bail!("attention: {h} query heads are not a multiple of {h_kv} kv heads")
     }
     let (qd, kd, vd) = (q.detach().contiguous()?, k.detach().contiguous()?, v.detach().contiguous()?);
-    let (y, p) = sdpa_fwd(&qd, &kd, &vd, mask, scale)?;
+    let (y, p) = sdpa_fwd(&qd, &kd, &vd, mask, scale, cap)?;
     let y = merge_heads(&y)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(y);
@@ -84,7 +101,7 @@ pub fn self_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: 
         let (b, t, _) = g.dims3()?;
         let (h, d) = (q.dim(1)?, q.dim(3)?);
         let g = g.reshape((b, t, h, d))?.transpose(1, 2)?; // (B, H, T, D)
-        let (dq, dk, dv) = sdpa_bwd(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, &p, &g, scale)?;
+        let (dq, dk, dv) = sdpa_bwd(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, &p, &g, scale, cap)?;
         Ok((need[0].then_some(dq), need[1].then_some(dk), need[2].then_some(dv)))
     })
 }
@@ -105,7 +122,7 @@ pub fn packed_self_attention(qkv: &Tensor, n_head: usize, mask: &Tensor, scale: 
         qkv,
         move |qkv| {
             let (q, k, v) = split_heads(qkv, n_head)?;
-            let (y, p) = sdpa_fwd(&q, &k, &v, &mask, scale)?;
+            let (y, p) = sdpa_fwd(&q, &k, &v, &mask, scale, None)?;
             *saved.lock().unwrap() = Some(p);
             merge_heads(&y) // (B, T, C)
         },
@@ -114,7 +131,7 @@ pub fn packed_self_attention(qkv: &Tensor, n_head: usize, mask: &Tensor, scale: 
             let (q, k, v) = split_heads(qkv, n_head)?;
             let (b, h, t, d) = q.dims4()?;
             let g = g.reshape((b, t, h, d))?.transpose(1, 2)?; // (B, H, T, D)
-            let (dq, dk, dv) = sdpa_bwd(&q, &k, &v, &p, &g, scale)?;
+            let (dq, dk, dv) = sdpa_bwd(&q, &k, &v, &p, &g, scale, None)?;
             Tensor::cat(&[merge_heads(&dq)?, merge_heads(&dk)?, merge_heads(&dv)?], D::Minus1) // (B, T, 3C)
         },
     )

@@ -20,6 +20,9 @@
 //!
 //! | `act::gelu`, `act::silu` | one pass on f32 CPU tensors | `dx = g f'(x)` (`act.rs`)                     |
 //! | `attention::packed_self_attention` | GPT-2 attention from the packed qkv | SDPA's backward (`attention.rs`) |
+//! | `family::softcap`, `family::gelu_erf` | `c·tanh(x/c)`, exact GELU | `dx = g f'(x)` (`family.rs`)      |
+//! | `family::heads` | (B, T, n, D) -> per-head norm, (B, n, T, D), rope | the three backwards in reverse |
+//! | `family::gated` | `act(gate) · up` (SwiGLU / GeGLU)  | `d gate = g·up·act'(gate)`, `d up = g·act(gate)` |
 //!
 //! [`grad3_op`] does the same for a node with three inputs (the fused LoRA linear,
 //! `linear.rs`). `tests/ops.rs` checks every op against candle's composed ops; the model
@@ -52,6 +55,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 pub mod act;
 pub mod attention;
+pub mod family;
 mod gemv;
 pub mod linear;
 
@@ -398,17 +402,30 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Ten
     )
 }
 
+/// Rotates the first `2 · cos.dim(-1)` values of the last dim of x by (cos, sin), HF's
+/// non-interleaved ("rotate_half") form; the rest pass through (partial rotary). No graph.
+/// x: (B, H, T, D); cos, sin: (B, T, R/2), contiguous. The output is contiguous.
+pub(crate) fn rope_rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (r, d) = (2 * cos.dim(D::Minus1)?, x.dim(D::Minus1)?);
+    if r == d {
+        return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
+    }
+    let rot = candle_nn::rotary_emb::rope(&x.narrow(D::Minus1, 0, r)?.contiguous()?, cos, sin)?;
+    Tensor::cat(&[&rot, &x.narrow(D::Minus1, r, d - r)?], D::Minus1)?.contiguous()
+}
+
 /// Rotary embedding, HF's non-interleaved ("rotate_half") form.
-/// x: (B, H, T, D); cos, sin: (B, T, D/2), gathered at each row's positions.
+/// x: (B, H, T, D); cos, sin: (B, T, R/2), gathered at each row's positions. With R < D (partial
+/// rotary: GPT-NeoX, Phi-3) only the first R values of each head rotate; the rest pass through.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
     let (cos_b, neg_sin) = (cos.clone(), sin.neg()?);
     input_grad_op(
         "rope",
         x,
-        move |x| candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
+        move |x| rope_rotate(x, &cos, &sin),
         // The transpose of a rotation by θ is the rotation by -θ.
-        move |_x, _y, g| candle_nn::rotary_emb::rope(&g.contiguous()?, &cos_b, &neg_sin),
+        move |_x, _y, g| rope_rotate(g, &cos_b, &neg_sin),
     )
 }
 
@@ -446,6 +463,13 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<T
 /// fused linear cross-entropy does) and kept, (N, C); the backward only scales its rows by g.
 /// So the logits are computed once, not again in the backward: a third fewer head FLOPs.
 pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> candle_core::Result<Tensor> {
+    lm_head_cross_entropy_capped(h, w, targets, chunk, None, 1.0)
+}
+
+/// [`lm_head_cross_entropy`] on soft-capped, scaled logits `z = s · c · tanh(h W / c)` (Gemma's
+/// final soft-capping `c`, and `s = 1 / temperature`); with `cap = None`, `z = s · h W`.
+/// Its input gradient per unit of loss is `((softmax(z) - onehot(t)) ⊙ s (1 - tanh²)) Wᵀ`.
+pub fn lm_head_cross_entropy_capped(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize, cap: Option<f64>, scale: f64) -> candle_core::Result<Tensor> {
     let targets = targets.to_dtype(DType::U32)?;
     let chunk = chunk.max(1);
     let rows = h.dim(0)?;
@@ -462,7 +486,17 @@ pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: us
             for s in (0..rows).step_by(chunk) {
                 let n = chunk.min(rows - s);
                 let hc = h.narrow(0, s, n)?;
-                let z = matmul(&hc, &w)?.to_dtype(DType::F32)?; // (n, V)
+                let mut z = matmul(&hc, &w)?.to_dtype(DType::F32)?; // (n, V)
+                // Soft-capping: keep tanh for the gradient's (1 - tanh²).
+                let mut tanh = None;
+                if let Some(c) = cap {
+                    let t = (z / c)?.tanh()?;
+                    z = (&t * c)?;
+                    tanh = Some(t);
+                }
+                if scale != 1.0 {
+                    z = (z * scale)?;
+                }
                 let t = targets.narrow(0, s, n)?.unsqueeze(1)?; // (n, 1)
                 let max = z.max_keepdim(D::Minus1)?;
                 let e = z.broadcast_sub(&max)?.exp()?;
@@ -473,7 +507,12 @@ pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: us
                     drop(z);
                     // softmax - onehot, then back through the head: (n, V) @ (V, C).
                     let p = e.broadcast_div(&sum)?;
-                    let p = p.scatter_add(&t, &t.ones_like()?.to_dtype(DType::F32)?.neg()?, D::Minus1)?;
+                    let mut p = p.scatter_add(&t, &t.ones_like()?.to_dtype(DType::F32)?.neg()?, D::Minus1)?;
+                    if let Some(th) = tanh {
+                        p = (p * ((th.sqr()?.neg()? + 1.0)? * scale)?)?;
+                    } else if scale != 1.0 {
+                        p = (p * scale)?;
+                    }
                     dh.push(matmul(&p.to_dtype(dt)?, &w.t()?)?);
                 }
             }

@@ -87,13 +87,7 @@ pub fn make_batch(exs: &[&SftExample], pad: u32, dev: &Device) -> Result<Batch> 
 pub fn label_nll_sum(model: &Model, h: &Tensor, batch: &Batch, chunk: usize) -> Result<Tensor> {
     let (b, t, c) = h.dims3()?;
     let h = h.reshape((b * t, c))?.index_select(&batch.select, 0)?; // (N, C)
-    let head = model.lm_head_layer();
-    let nll = if head.has_lora() {
-        crate::ops::cross_entropy(&head.forward(&h)?, &batch.targets)?
-    } else {
-        crate::ops::lm_head_cross_entropy(&h, &head.w_in_out()?, &batch.targets, chunk)?
-    };
-    Ok(nll.sum_all()?)
+    Ok(model.token_nll(&h, &batch.targets, chunk, 1.0)?.sum_all()?)
 }
 
 /// Mean NLL over the learned tokens of `exs` (no update), and the token count.
@@ -160,19 +154,17 @@ pub fn split_held_out<T>(items: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Ve
 /// The LoRA config of a new adapter from the `[lora]` section (PEFT's default targets if none).
 pub fn lora_config(cfg: &TrainConfig, arch: &Arch) -> LoraConfig {
     let l = &cfg.lora;
-    let targets = if l.target_modules.is_empty() {
-        match arch {
-            Arch::Gpt2(_) => vec!["c_attn".to_string()],
-            Arch::Llama(_) => vec!["q_proj".to_string(), "v_proj".to_string()],
-        }
-    } else {
-        l.target_modules.clone()
-    };
+    let targets = if l.target_modules.is_empty() { arch.default_lora_targets() } else { l.target_modules.clone() };
     LoraConfig {
         r: l.r,
         lora_alpha: l.lora_alpha,
         lora_dropout: l.lora_dropout,
-        target_modules: TargetModules::List(targets),
+        // PEFT's keyword: one string, expanded to every linear of the blocks.
+        target_modules: if targets.len() == 1 && targets[0].eq_ignore_ascii_case("all-linear") {
+            TargetModules::Regex("all-linear".into())
+        } else {
+            TargetModules::List(targets)
+        },
         use_rslora: l.use_rslora,
         base_model_name_or_path: Some(cfg.model.name.clone()),
         ..Default::default()

@@ -224,8 +224,13 @@ pub fn bench_sft(b: &StepBench) -> Result<SftBench> {
 const BENCH_DROPOUT: f64 = 0.05;
 
 /// The benches' LoRA: alpha = 2r and dropout 0.05, as the training defaults and the PEFT scripts.
+/// `--targets all-linear` is PEFT's keyword (every linear of the blocks, not the LM head).
 fn bench_lora(targets: &[String], r: usize) -> LoraConfig {
-    LoraConfig { r, lora_alpha: 2.0 * r as f64, lora_dropout: BENCH_DROPOUT, target_modules: TargetModules::List(targets.to_vec()), ..Default::default() }
+    let target_modules = match targets {
+        [one] if one == "all-linear" => TargetModules::Regex(one.clone()),
+        _ => TargetModules::List(targets.to_vec()),
+    };
+    LoraConfig { r, lora_alpha: 2.0 * r as f64, lora_dropout: BENCH_DROPOUT, target_modules, ..Default::default() }
 }
 
 /// `n` seeded random token ids below `vocab`.

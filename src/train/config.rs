@@ -85,9 +85,25 @@ pub struct LoraSection {
     pub r: usize,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
-    /// Module names (suffix match, as PEFT); empty = PEFT's default for the architecture.
+    /// Module names (suffix match, as PEFT); empty = PEFT's default for the architecture;
+    /// `"all-linear"` (a string, as in PEFT) = every linear of the blocks, not the LM head.
+    #[serde(deserialize_with = "names_or_one")]
     pub target_modules: Vec<String>,
     pub use_rslora: bool,
+}
+
+/// A list of names, or one name (`target_modules = "all-linear"`).
+fn names_or_one<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 impl Default for LoraSection {

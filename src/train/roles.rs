@@ -135,14 +135,8 @@ impl Roles<'_> {
     /// sampling temperature, from final hidden states h.
     pub fn logp(&self, h: &Tensor, b: &Batch) -> Result<Tensor> {
         let (bs, t, c) = h.dims3()?;
-        let hs = (h.reshape((bs * t, c))?.index_select(&b.select, 0)? / self.cfg.ppo.temperature)?;
-        let head = self.model.lm_head_layer();
-        let nll = if head.has_lora() {
-            crate::ops::cross_entropy(&head.forward(&hs)?, &b.targets)?
-        } else {
-            crate::ops::lm_head_cross_entropy(&hs, &head.w_in_out()?, &b.targets, self.cfg.train.loss_chunk)?
-        };
-        Ok(nll.neg()?)
+        let hs = h.reshape((bs * t, c))?.index_select(&b.select, 0)?;
+        Ok(self.model.token_nll(&hs, &b.targets, self.cfg.train.loss_chunk, self.cfg.ppo.temperature)?.neg()?)
     }
 
     /// Log-probs (N,) of the batch's learned tokens under the reference: the SFT adapter, or
@@ -172,8 +166,8 @@ impl Roles<'_> {
     /// Mean entropy of the next-token distributions at the selected positions.
     pub fn entropy(&self, h: &Tensor, b: &Batch) -> Result<Tensor> {
         let (bs, t, c) = h.dims3()?;
-        let hs = (h.reshape((bs * t, c))?.index_select(&b.select, 0)? / self.cfg.ppo.temperature)?;
-        let logits = self.model.lm_head(&hs)?.to_dtype(DType::F32)?;
+        let hs = h.reshape((bs * t, c))?.index_select(&b.select, 0)?;
+        let logits = self.model.logits_at(&hs, self.cfg.ppo.temperature)?.to_dtype(DType::F32)?;
         let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
         Ok((logp.exp()? * &logp)?.sum(candle_core::D::Minus1)?.neg()?.mean_all()?)
     }

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""The PyTorch + PEFT side of scripts/bench/families_sft.sh (docs/BENCHMARKS.md, "Model families").
+
+As scripts/bench/peft_sft.py, for any model_type: a plain torch loop
+  model = AutoModelForCausalLM.from_pretrained(dir, dtype=float32, attn_implementation=--attn)
+  model = get_peft_model(model, LoraConfig(r, lora_alpha=2r, target_modules ("all-linear" or a
+                                           comma list), lora_dropout=0.05, task_type="CAUSAL_LM"))
+  AdamW over the LoRA parameters, lr 1e-4
+  a step = forward(input_ids, labels=input_ids) + backward + optimizer.step() + zero_grad()
+on one seeded random batch (B x T), model.train(), torch.set_num_threads(--threads); 1 warm-up
+step + --steps timed steps, the median reported. Prints one JSON line with the keys of
+`lorafit bench sft --json`.
+
+Usage: peft_sft_family.py --model DIR --batch 1 --seq 512 [--steps 3] [--targets all-linear] [--r 16]
+"""
+import json
+
+from peft_common import maxrss_bytes, parser, setup_torch, timed_steps, versions
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--targets", default="all-linear")
+    ap.add_argument("--r", type=int, default=16)
+    a = ap.parse_args()
+
+    torch, rss_import = setup_torch(a)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation=a.attn)
+    targets = a.targets if a.targets == "all-linear" else [t for t in a.targets.split(",") if t]
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=a.r, lora_alpha=2 * a.r, target_modules=targets, lora_dropout=0.05))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    rss_load = maxrss_bytes()
+    g = torch.Generator().manual_seed(a.seed)
+    ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times, med = timed_steps(a.steps, step)
+    print(json.dumps({
+        "tool": "peft", "model": a.model, "batch": a.batch, "seq": a.seq, "targets": [a.targets], "r": a.r,
+        "grad_checkpointing": False, "trainable_params": sum(p.numel() for p in params),
+        "step_s_median": med, "step_s_all": times, "tokens_per_s": a.batch * a.seq / med,
+        "peak_rss_bytes": maxrss_bytes(), "rss_after_load_bytes": rss_load,
+        "peak_rss_before_load_bytes": rss_import, "threads": a.threads, "attn": a.attn, **versions(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
