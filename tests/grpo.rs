@@ -153,8 +153,8 @@ fn killed_grpo_resumes_to_the_same_adapter() {
     assert_eq!(ma, mb, "the resumed metrics log reads as the uninterrupted one");
 }
 
-/// tests/fixtures/grpo/gpt2-a: an adapter trained by `lorafit grpo` (the recipe of
-/// scripts/fixtures/grpo_fixture.py's header, seed 5), evaluated by PEFT with
+/// tests/fixtures/grpo/gpt2-a: an adapter trained by `lorafit grpo` (the recipe is in
+/// scripts/fixtures/grpo_fixture.py's header), evaluated by PEFT with
 /// scripts/fixtures/peft_nll.py. lorafit's NLL with it equals PEFT's, and it is not the base.
 #[test]
 fn the_grpo_adapter_loads_in_peft_with_the_same_nll() {
@@ -299,4 +299,30 @@ fn rule_rewards_score_as_documented_and_sft_then_grpo_runs_as_a_pipeline() {
     assert!(root.join("grpo/adapter_model.safetensors").is_file() && root.join("sft/adapter_model.safetensors").is_file());
     // --resume of the finished pipeline reads both summaries and runs nothing.
     assert_eq!(lorafit::train::pipeline::run(&cfg, &[], Start::Resume).unwrap().grpo.unwrap().iterations, 2);
+}
+
+#[test]
+fn reward_flags_add_a_reward_model_and_a_command_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cli");
+    let mut args: Vec<String> = vec![
+        "grpo".into(),
+        "--reward-adapter".into(),
+        fixture("rm-gpt2-a").display().to_string(),
+        "--reward-command".into(),
+        "sh -c 'while read l; do echo 0.25; done'".into(),
+    ];
+    for s in sets(&out, &["train.max_steps=2", "grpo.beta=0"]) {
+        args.push("--set".into());
+        args.push(s);
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lorafit")).args(&args).env("RUST_LOG", "warn").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for l in metrics(&out) {
+        let (m, c) = (l["reward_model"].as_f64().unwrap(), l["reward_command"].as_f64().unwrap());
+        assert_eq!(c, 0.25);
+        assert!((l["reward_mean"].as_f64().unwrap() - (m + c)).abs() < 1e-5, "weights 1: the total is the sum");
+    }
+    let saved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(saved.contains("kind = \"model\"") && saved.contains("kind = \"command\""), "the flags are part of the run's config");
 }
