@@ -40,7 +40,8 @@ def main():
             lf.append({"round": r["round"], "s": sum(it[k] for k in PHASES), **{k: it[k] for k in PHASES},
                        "len": it["completion_len"], "rss": res["peak_rss_bytes"], "load": r["loadavg_before"]})
         else:
-            trl.append({"round": r["round"], "s": res["step_s"][-1], "len": res["completion_len"][-1] if res["completion_len"] else None,
+            g, ro = (res.get("generate_s") or [None])[-1], (res.get("rollout_s") or [None])[-1]
+            trl.append({"round": r["round"], "s": res["step_s"][-1], "gen": g, "ro": ro, "len": res["completion_len"][-1] if res["completion_len"] else None,
                         "rss": res["peak_rss_bytes"], "rss0": res["peak_rss_before_load_bytes"], "load": r["loadavg_before"],
                         "versions": res["versions"]})
     mib = lambda b: b / 2**20
@@ -55,7 +56,8 @@ def main():
     w("|---|---|---|---|---|---|---|---|---|---|")
     for x in sorted(lf + trl, key=lambda x: (x["round"], "rss0" in x)):
         if "rss0" in x:
-            w(f"| {x['round']} | TRL | {x['s']:.2f} | - | - | - | - | {x['len']} | {mib(x['rss']):.0f} (after imports {mib(x['rss0']):.0f}) | {x['load']:.2f} |")
+            ph = f"{x['gen']:.2f} | {x['ro'] - x['gen']:.2f} (reward + reference) | - | {x['s'] - x['ro']:.2f}" if x["gen"] is not None else "- | - | - | -"
+            w(f"| {x['round']} | TRL | {x['s']:.2f} | {ph} | {x['len']} | {mib(x['rss']):.0f} (after imports {mib(x['rss0']):.0f}) | {x['load']:.2f} |")
         else:
             w(f"| {x['round']} | lorafit | {x['s']:.2f} | " + " | ".join(f"{x[k]:.2f}" for k in PHASES) + f" | {x['len']:.0f} | {mib(x['rss']):.0f} | {x['load']:.2f} |")
     if lf and trl:

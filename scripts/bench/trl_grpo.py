@@ -14,7 +14,8 @@ PEFT model, no vLLM, doing the work of a `lorafit grpo` iteration:
   loss      loss_type --loss-type, beta --beta (0.04: a reference pass), epsilon 0.2, AdamW lr 1e-5
 --iterations steps (default 2; the table reads the last: the first includes warm-up), each timed
 by a TrainerCallback from on_step_begin to on_step_end (generation, reward, reference log-probs,
-forward, backward, optimizer step).
+forward, backward, optimizer step), with TRL's `_generate` and `_generate_and_score_completions`
+timed inside it (generate; reward + reference = rollout - generate; update = step - rollout).
 
 torch.set_num_threads(--threads). Prints one JSON line: per-step seconds, completion lengths,
 peak_rss_bytes (ru_maxrss at the end), peak_rss_before_load_bytes (after the imports), versions.
@@ -92,10 +93,24 @@ def main() -> None:
 
     trainer = GRPOTrainer(model=model, reward_funcs=regex_reward, args=args, train_dataset=ds,
                           processing_class=tok, peft_config=peft_config, callbacks=[Timer()])
+    # Phase times: TRL's own methods wrapped (generation; generation + rewards + reference
+    # log-probs); the update is the rest of the step (forward, backward, optimizer).
+    phases = {"generate": [], "rollout": []}
+
+    def timed(name, f):
+        def g(*args, **kw):
+            t0 = time.perf_counter()
+            out = f(*args, **kw)
+            phases[name].append(time.perf_counter() - t0)
+            return out
+        return g
+
+    trainer._generate = timed("generate", trainer._generate)
+    trainer._generate_and_score_completions = timed("rollout", trainer._generate_and_score_completions)
     rss_load = maxrss_bytes()
     trainer.train()
     print(json.dumps({
-        "tool": "trl", "step_s": steps, "completion_len": lens, "prompt_lens": plens,
+        "tool": "trl", "step_s": steps, "generate_s": phases["generate"], "rollout_s": phases["rollout"], "completion_len": lens, "prompt_lens": plens,
         "peak_rss_bytes": maxrss_bytes(), "peak_rss_before_load_bytes": rss_imports, "rss_after_setup_bytes": rss_load,
         "versions": {**versions(), "trl": trl.__version__, "transformers": transformers.__version__},
     }))

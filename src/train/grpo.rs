@@ -22,7 +22,7 @@ use std::cell::Cell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -32,9 +32,10 @@ use super::config::TrainConfig;
 use super::grpo_math::{group_advantages, grpo_loss, mean_std, token_weights, LossParams, LossStats};
 use super::grpo_rewards::{Rewards, Scored};
 use super::plot::PanelSpec;
+use super::prompts::{load_prompts, PromptLimits, PromptRow};
+use super::roles::{Roles, POLICY, REFERENCE};
 use super::session::{Method, PhaseTimes, Session, StepOut, Trainer};
 use super::{forward_backward, GradAccum, Setup, Start};
-use crate::data::{Loc, Stage};
 use crate::generate::{generate_with_logprobs, SamplingConfig};
 use crate::lora::Adapter;
 use crate::model::Model;
@@ -42,15 +43,16 @@ use crate::reward::RewardHead;
 use crate::runtime::fmt_bytes;
 use crate::tokenizer::Tokenizer;
 
-const POLICY: &str = "policy";
-const REFERENCE: &str = "reference";
-
-/// One prompt row: its ids (rendered, cut from the left), its prompt as the row gives it, the row.
-pub struct PromptRow {
-    pub ids: Vec<u32>,
-    pub prompt: Value,
-    pub row: Value,
-    pub loc: Loc,
+/// What the update passes of one iteration did.
+struct UpdateStats {
+    /// Mean loss over the passes.
+    loss: f64,
+    /// The first pass's stats (its KL is the sampling policy's).
+    first: LossStats,
+    /// Clipped tokens and tokens over all passes.
+    clipped: usize,
+    tokens: usize,
+    grad_norm: f64,
 }
 
 /// One iteration's completions (prompt-major: the group of prompt 0, then of prompt 1, ...).
@@ -177,7 +179,7 @@ impl Grpo<'_> {
                 let b = make_batch(&refs, self.pad, &self.device)?;
                 let h = model.hidden(&b.ids, &b.pos, &b.mask, None)?;
                 let flat = token_logp(model, &h, &b, t.loss_chunk, g.temperature)?.to_vec1::<f32>()?;
-                out.extend(split(flat, &refs));
+                out.extend(Roles::split(flat, &refs));
             }
             Some(out)
         } else {
@@ -188,9 +190,8 @@ impl Grpo<'_> {
         Ok(Rollout { rows, ex, texts, old_logp: s.logp, ref_logp, per_reward, total, adv, entropy })
     }
 
-    /// Step 4: `num_iterations` passes, one optimizer update each. Returns the loss of each
-    /// pass, the first pass's stats (KL of the sampling policy) and all passes' clip counts.
-    fn update(&mut self, ro: &Rollout, tr: &mut Trainer) -> Result<(f64, LossStats, usize, usize, f64)> {
+    /// Step 4: `num_iterations` passes, one optimizer update each.
+    fn update(&mut self, ro: &Rollout, tr: &mut Trainer) -> Result<UpdateStats> {
         let (g, t, model) = (&self.cfg.grpo, &self.cfg.train, self.model);
         let lens: Vec<usize> = ro.ex.iter().map(|e| e.ids.len() - e.prompt_len()).collect();
         let weights = token_weights(&lens, &g.loss_type, g.max_new_tokens)?;
@@ -234,13 +235,13 @@ impl Grpo<'_> {
             }
         }
         self.laps.lap("update");
-        Ok((loss_sum / g.num_iterations as f64, first, clipped, seen, grad_norm))
+        Ok(UpdateStats { loss: loss_sum / g.num_iterations as f64, first, clipped, tokens: seen, grad_norm })
     }
 
     /// Step 5: the iteration's metrics line, and a sample completion now and then.
-    fn log(&mut self, ro: &Rollout, up: (f64, LossStats, usize, usize, f64), step: usize) -> Result<Map<String, Value>> {
+    fn log(&mut self, ro: &Rollout, up: UpdateStats, step: usize) -> Result<Map<String, Value>> {
         let g = &self.cfg.grpo;
-        let (loss, first, clipped, seen, grad_norm) = up;
+        let UpdateStats { loss, first, clipped, tokens: seen, grad_norm } = up;
         let (reward_mean, reward_std) = mean_std(&ro.total);
         let lens: Vec<f32> = ro.ex.iter().map(|e| (e.ids.len() - e.prompt_len()) as f32).collect();
         let zero_std = ro.total.chunks(g.group_size).filter(|c| c.iter().all(|&r| r == c[0])).count() as f64 / (ro.total.len() / g.group_size) as f64;
@@ -269,18 +270,6 @@ impl Grpo<'_> {
         }
         Ok(line)
     }
-}
-
-/// A flat (N,) vector of a batch split into its sequences' completion vectors.
-fn split(flat: Vec<f32>, ex: &[&SftExample]) -> Vec<Vec<f32>> {
-    let mut at = 0;
-    ex.iter()
-        .map(|e| {
-            let n = e.ids.len() - e.prompt_len();
-            at += n;
-            flat[at - n..at].to_vec()
-        })
-        .collect()
 }
 
 impl Method for Grpo<'_> {
@@ -319,47 +308,6 @@ impl Method for Grpo<'_> {
     }
 }
 
-/// The prompts: read as `Stage::Prompts` rows (keeping each row), rendered through the
-/// model's template path (`render::Renderer`), cut from the left to `grpo.max_prompt_len`.
-/// Also the stop tokens (eos, the template's end of turn, `grpo.stop`) and eos.
-pub fn load_prompts(cfg: &TrainConfig, setup: &Setup) -> Result<(Vec<PromptRow>, Vec<u32>, u32)> {
-    let (g, tok) = (&cfg.grpo, &setup.tok);
-    let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token")?;
-    if g.max_prompt_len + g.max_new_tokens > setup.arch.max_positions() {
-        bail!(
-            "grpo.max_prompt_len ({}) + grpo.max_new_tokens ({}) exceed the model's context of {} tokens",
-            g.max_prompt_len, g.max_new_tokens, setup.arch.max_positions()
-        )
-    }
-    let renderer = crate::render::Renderer::new(tok, &setup.files.dir, crate::render::RenderConfig::from_data(&cfg.data)?)?;
-    let (rows, stats) = crate::data::read_examples_with_rows(Path::new(&cfg.data.path), Stage::Prompts, cfg.data.skip_bad_rows)?;
-    let mut out = Vec::with_capacity(rows.len());
-    let mut cut = 0;
-    for (loc, ex, row) in rows {
-        let crate::data::Example::Prompt(p) = &ex else { bail!("{loc}: not a prompt row") };
-        let mut ids = renderer.encode_prompt(p).with_context(|| format!("{loc}"))?.ids;
-        if ids.len() > g.max_prompt_len {
-            cut += 1;
-            ids.drain(..ids.len() - g.max_prompt_len);
-        }
-        let prompt = match p {
-            crate::data::Prompt::Text(t) => Value::String(t.clone()),
-            crate::data::Prompt::Messages(m) => serde_json::to_value(m)?,
-        };
-        out.push(PromptRow { ids, prompt, row, loc });
-    }
-    let mut stop = vec![eos];
-    stop.extend(renderer.end_of_turn_ids().into_iter().filter(|i| *i != eos));
-    for s in &g.stop {
-        match tok.encode_plain(s)?.as_slice() {
-            [id] => stop.push(*id),
-            other => bail!("grpo.stop {s:?} is {} tokens; a stop text must be a single token", other.len()),
-        }
-    }
-    tracing::info!("data: {} prompts ({cut} cut to {} tokens, {} bad rows skipped)", out.len(), g.max_prompt_len, stats.skipped_bad);
-    Ok((out, stop, eos))
-}
-
 /// Runs (or resumes) GRPO as configured.
 pub fn run(cfg: &TrainConfig, start: Start) -> Result<GrpoSummary> {
     let _span = tracing::info_span!("grpo").entered();
@@ -376,7 +324,8 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<GrpoSummary> {
     let (device, tok) = (setup.device.clone(), &setup.tok);
 
     // 2. Data and rewards: every row has the fields the rewards read; each command answers.
-    let (prompts, stop, eos) = load_prompts(cfg, &setup)?;
+    let limits = PromptLimits { section: "grpo", max_prompt_len: g.max_prompt_len, max_new_tokens: g.max_new_tokens, stop: &g.stop };
+    let (prompts, stop, eos) = load_prompts(cfg, &setup, &limits)?;
     let mut rewards = Rewards::new(&g.rewards)?;
     rewards.check_rows(&prompts.iter().map(|p| (&p.loc, &p.row)).collect::<Vec<_>>())?;
     let p0 = &prompts[0];

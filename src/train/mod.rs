@@ -11,7 +11,8 @@
 //! - [`trainer`]: what a method's step updates through (AdamW, schedule, clipping, the f16
 //!   loss scaler, the non-finite guard, accumulation of micro-batches);
 //! - `optim.rs` (AdamW, schedule, clipping, loss scaler), `checkpoint.rs`, `plot.rs`, and
-//!   PPO's `roles.rs` and `ppo_math.rs`; GRPO's `grpo_math.rs` and `grpo_rewards.rs`.
+//!   PPO's `roles.rs` and `ppo_math.rs`; GRPO's `grpo_math.rs` and `grpo_rewards.rs`; `prompts.rs`
+//!   (prompts for the methods that generate, through the renderer).
 pub mod batch;
 pub mod bench;
 pub mod checkpoint;
@@ -24,6 +25,7 @@ pub mod pipeline;
 pub mod plot;
 pub mod ppo;
 pub mod ppo_math;
+pub mod prompts;
 pub mod rm;
 pub mod roles;
 pub mod session;
