@@ -63,6 +63,7 @@ fn identical_pair(v: &Value) -> bool {
 pub fn read_pairs(path: &Path, r: &Renderer, skip_bad_rows: bool) -> Result<(Vec<Pair>, PairStats)> {
     let mut stats = PairStats::default();
     let mut out = vec![];
+    let mut identical_at: Vec<String> = vec![];
     for rec in open_records(path)? {
         let (loc, v) = match rec? {
             Record::Value(loc, v) => (loc, v),
@@ -76,6 +77,7 @@ pub fn read_pairs(path: &Path, r: &Renderer, skip_bad_rows: bool) -> Result<(Vec
         if v.is_object() && identical_pair(&v) {
             stats.rows += 1;
             stats.identical += 1;
+            identical_at.push(loc.to_string());
             continue;
         }
         let ex = match parse_example(&v, &loc, Stage::Preference) {
@@ -95,6 +97,7 @@ pub fn read_pairs(path: &Path, r: &Renderer, skip_bad_rows: bool) -> Result<(Vec
             let (ec, ej) = (&enc[c], &enc[j]);
             if ec.ids == ej.ids {
                 stats.identical += 1;
+                identical_at.push(format!("{loc} (completions {c} and {j} tokenize the same)"));
                 continue;
             }
             if ec.learned() == 0 || ej.learned() == 0 {
@@ -108,7 +111,8 @@ pub fn read_pairs(path: &Path, r: &Renderer, skip_bad_rows: bool) -> Result<(Vec
         }
     }
     if stats.identical > 0 {
-        tracing::warn!("{}: {} pairs with chosen == rejected skipped", path.display(), stats.identical);
+        let shown: Vec<&str> = identical_at.iter().take(3).map(String::as_str).collect();
+        tracing::warn!("{} pairs with chosen == rejected skipped: {}{}", stats.identical, shown.join("; "), if identical_at.len() > 3 { "; ..." } else { "" });
     }
     if stats.prompt_too_long > 0 {
         tracing::warn!("{}: {} pairs have a prompt longer than data.max_len = {} tokens (cut from the left)", path.display(), stats.prompt_too_long, r.cfg.max_len);
