@@ -17,17 +17,17 @@
 //! The output folder, data cursor, checkpoints, optimizer (f16 loss scaler) and export are the
 //! session's (`session.rs`). References: TRL 1.16 `DPOTrainer`, `CPOTrainer`, `ORPOTrainer`.
 use std::cell::{Cell, RefCell};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::batch::{evaluating, lora_config, make_batch, split_held_out, Batch, SftExample};
+use super::batch::{evaluating, lora_config, make_batch, Batch, SftExample};
 use super::config::TrainConfig;
 use super::dpo_math::{pair_losses, LossParams, LossType, PairLogps};
-use super::pairs::{read_pairs, sequence_logps, sequence_sums, Pair, PairStats};
+use super::pairs::{load_pairs, sequence_logps, sequence_sums, Pair, PairStats};
 use super::plot::PanelSpec;
 use super::session::{Method, MicroOut, PhaseTimes, Session, StepOut, Trainer};
 use super::{forward_backward, GradAccum, Setup, Start};
@@ -169,15 +169,17 @@ impl Dpo<'_> {
         Ok(MicroOut { loss, tokens: pb.b.tokens, sums: stats.into_inner() })
     }
 
-    /// `dpo.precompute_ref`: the reference log-probs of every train pair, once.
-    fn precompute(&mut self) -> Result<()> {
-        if self.cfg.dpo.precompute_ref && self.p.loss.needs_reference() && self.ref_train.is_none() {
-            let t0 = std::time::Instant::now();
-            let all: Vec<usize> = (0..self.train.len()).collect();
-            self.ref_train = Some(self.reference(self.train, &all, None)?);
-            tracing::info!("reference log-probs of {} pairs precomputed in {:.1} s", self.train.len(), t0.elapsed().as_secs_f64());
+    /// `dpo.precompute_ref`: the reference log-probs of every train pair, once; its seconds.
+    fn precompute(&mut self) -> Result<Option<f64>> {
+        if !(self.cfg.dpo.precompute_ref && self.p.loss.needs_reference() && self.ref_train.is_none()) {
+            return Ok(None);
         }
-        Ok(())
+        let t0 = std::time::Instant::now();
+        let all: Vec<usize> = (0..self.train.len()).collect();
+        self.ref_train = Some(self.reference(self.train, &all, None)?);
+        let s = t0.elapsed().as_secs_f64();
+        tracing::info!("reference log-probs of {} pairs precomputed in {s:.1} s", self.train.len());
+        Ok(Some(s))
     }
 
     /// Loss, accuracy, margin, rewards and log-probs on the held-out pairs.
@@ -225,7 +227,7 @@ impl Method for Dpo<'_> {
 
     fn step(&mut self, tr: &mut Trainer, batches: &[Vec<usize>]) -> Result<StepOut> {
         // 1. Reference log-probs of the step's pairs (precomputed, or one pass per batch).
-        self.precompute()?;
+        let precomputed = self.precompute()?;
         let mut phases = PhaseTimes::start();
         let refs: Vec<RefLogps> = if self.p.loss.needs_reference() {
             batches.iter().map(|b| self.reference(self.train, b, self.ref_train.as_ref())).collect::<Result<_>>()?
@@ -253,6 +255,9 @@ impl Method for Dpo<'_> {
             m.insert(k.to_string(), (a.sum(k) / pairs).into());
         }
         m.extend(phases.fields);
+        if let Some(s) = precomputed {
+            m.insert("time_precompute_ref_s".into(), s.into());
+        }
         let show = format!("loss {:.4}  acc {:.2}  margin {:.3}", a.loss, a.sum("accuracy") / pairs, a.sum("margin") / pairs);
         Ok(StepOut { metrics: m, show, tokens: a.tokens })
     }
@@ -316,29 +321,6 @@ pub struct DpoSummary {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Reads the pairs of the train file (and the eval file or a held-out share of the rows).
-fn load_pairs(cfg: &TrainConfig, r: &Renderer) -> Result<(Vec<Pair>, Vec<Pair>, PairStats)> {
-    let (all, stats) = read_pairs(Path::new(&cfg.data.path), r, cfg.data.skip_bad_rows)?;
-    let (train, eval) = if !cfg.data.eval_path.is_empty() {
-        (all, read_pairs(Path::new(&cfg.data.eval_path), r, cfg.data.skip_bad_rows)?.0)
-    } else {
-        // Held out by row, so the pairs of one ranking stay on one side.
-        let mut rows: Vec<Vec<Pair>> = vec![];
-        for p in all {
-            match rows.last_mut() {
-                Some(g) if g[0].row == p.row => g.push(p),
-                _ => rows.push(vec![p]),
-            }
-        }
-        let (t, e) = split_held_out(rows, cfg.data.eval_fraction, cfg.train.seed);
-        (t.into_iter().flatten().collect(), e.into_iter().flatten().collect())
-    };
-    if train.is_empty() {
-        bail!("{}: no training pairs left after the eval split", cfg.data.path)
-    }
-    Ok((train, eval, stats))
-}
-
 /// Runs (or resumes) DPO as configured.
 pub fn run(cfg: &TrainConfig, start: Start) -> Result<DpoSummary> {
     let _span = tracing::info_span!("dpo").entered();
@@ -346,12 +328,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<DpoSummary> {
     let cfg = &cfg.for_stage("dpo");
     let d = &cfg.dpo;
     let loss = LossType::parse(&d.loss)?;
-    let inputs = [
-        ("--model", cfg.model.name.as_str()),
-        ("--data", &cfg.data.path),
-        ("data.eval_path", &cfg.data.eval_path),
-        ("--sft-adapter", &d.sft_adapter),
-    ];
+    let inputs = [("--model", cfg.model.name.as_str()), ("--data", &cfg.data.path), ("data.eval_path", &cfg.data.eval_path), ("--sft-adapter", &d.sft_adapter)];
     let mut session = Session::open(cfg, "dpo", start, &inputs)?;
     if let Some(done) = session.finished()? {
         return Ok(done);
@@ -363,7 +340,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<DpoSummary> {
     let mut rc = RenderConfig::from_data(&cfg.data)?;
     rc.max_len = cfg.data.max_len.min(arch.max_positions());
     let renderer = Renderer::new(tok, &setup.files.dir, rc)?;
-    let (train, eval, stats) = load_pairs(cfg, &renderer)?;
+    let (train, eval, stats) = load_pairs(&cfg.data, cfg.train.seed, &renderer)?;
     tracing::info!(
         "data: {} rows -> {} pairs -> {} train / {} eval; {} identical skipped, {} prompts longer than max_len, {} truncated, {} bad rows skipped",
         stats.rows, stats.pairs, train.len(), eval.len(), stats.identical, stats.prompt_too_long, stats.truncated, stats.skipped_bad
@@ -407,17 +384,12 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<DpoSummary> {
         eval_margin: s.last("eval_margin"),
         peak_rss_bytes: s.peak_rss_bytes,
     };
+    let f3 = |x: Option<f64>| x.map(|a| format!("{a:.3}")).unwrap_or("-".into());
     let headline = format!(
         "{} {} steps, loss {:.4} -> {:.4}, held-out accuracy {}, margin {}, peak memory {}",
-        d.loss,
-        s.steps,
-        summary.first_loss.unwrap_or(f64::NAN),
-        summary.final_loss.unwrap_or(f64::NAN),
-        summary.eval_accuracy.map(|a| format!("{a:.3}")).unwrap_or("-".into()),
-        summary.eval_margin.map(|a| format!("{a:.3}")).unwrap_or("-".into()),
-        s.peak_rss_bytes.map(fmt_bytes).unwrap_or("n/a".into()),
+        d.loss, s.steps, summary.first_loss.unwrap_or(f64::NAN), summary.final_loss.unwrap_or(f64::NAN),
+        f3(summary.eval_accuracy), f3(summary.eval_margin), s.peak_rss_bytes.map(fmt_bytes).unwrap_or("n/a".into()),
     );
-    let next = session.try_adapter();
-    session.finish(&summary, &headline, &next)?;
+    session.finish(&summary, &headline, &session.try_adapter())?;
     Ok(summary)
 }

@@ -17,7 +17,8 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::batch::{Batch, SftExample};
+use super::batch::{split_held_out, Batch, SftExample};
+use super::config::DataSection;
 use crate::data::{open_records, parse_example, Example, Record, Stage};
 use crate::model::Model;
 use crate::render::Renderer;
@@ -49,7 +50,7 @@ pub struct PairStats {
     pub prompt_too_long: usize,
     /// Pairs with a sequence cut to `max_len`.
     pub truncated: usize,
-    /// Pairs left with a completion of no learned token (skipped).
+    /// Pairs that `max_len` cut to no completion token or to no difference (skipped).
     pub dropped: usize,
     pub skipped_bad: usize,
 }
@@ -95,12 +96,14 @@ pub fn read_pairs(path: &Path, r: &Renderer, skip_bad_rows: bool) -> Result<(Vec
         let too_long = enc.iter().any(|e| e.truncated()) && r.encode_prompt(prompt)?.ids.len() > r.cfg.max_len;
         for &(c, j) in pairs {
             let (ec, ej) = (&enc[c], &enc[j]);
-            if ec.ids == ej.ids {
+            let cut = ec.truncated() || ej.truncated();
+            if ec.ids == ej.ids && !cut {
                 stats.identical += 1;
                 identical_at.push(format!("{loc} (completions {c} and {j} tokenize the same)"));
                 continue;
             }
-            if ec.learned() == 0 || ej.learned() == 0 {
+            if ec.ids == ej.ids || ec.learned() == 0 || ej.learned() == 0 {
+                // Cut by max_len down to no difference, or to no completion token.
                 stats.dropped += 1;
                 continue;
             }
@@ -114,6 +117,9 @@ pub fn read_pairs(path: &Path, r: &Renderer, skip_bad_rows: bool) -> Result<(Vec
         let shown: Vec<&str> = identical_at.iter().take(3).map(String::as_str).collect();
         tracing::warn!("{} pairs with chosen == rejected skipped: {}{}", stats.identical, shown.join("; "), if identical_at.len() > 3 { "; ..." } else { "" });
     }
+    if stats.dropped > 0 {
+        tracing::warn!("{}: {} pairs skipped: data.max_len = {} cuts them to no completion token or to no difference", path.display(), stats.dropped, r.cfg.max_len);
+    }
     if stats.prompt_too_long > 0 {
         tracing::warn!("{}: {} pairs have a prompt longer than data.max_len = {} tokens (cut from the left)", path.display(), stats.prompt_too_long, r.cfg.max_len);
     }
@@ -122,6 +128,29 @@ pub fn read_pairs(path: &Path, r: &Renderer, skip_bad_rows: bool) -> Result<(Vec
         anyhow::bail!("{}: no usable preference pairs ({} rows, {} identical, {} without a learned token, {} bad rows skipped)", path.display(), stats.rows, stats.identical, stats.dropped, stats.skipped_bad)
     }
     Ok((out, stats))
+}
+
+/// The pairs of `data.path` for training and of `data.eval_path` (or `data.eval_fraction` of
+/// the rows, held out by row so the pairs of one ranking stay on one side) for evaluation.
+pub fn load_pairs(data: &DataSection, seed: u64, r: &Renderer) -> Result<(Vec<Pair>, Vec<Pair>, PairStats)> {
+    let (all, stats) = read_pairs(Path::new(&data.path), r, data.skip_bad_rows)?;
+    let (train, eval) = if !data.eval_path.is_empty() {
+        (all, read_pairs(Path::new(&data.eval_path), r, data.skip_bad_rows)?.0)
+    } else {
+        let mut rows: Vec<Vec<Pair>> = vec![];
+        for p in all {
+            match rows.last_mut() {
+                Some(g) if g[0].row == p.row => g.push(p),
+                _ => rows.push(vec![p]),
+            }
+        }
+        let (t, e) = split_held_out(rows, data.eval_fraction, seed);
+        (t.into_iter().flatten().collect(), e.into_iter().flatten().collect())
+    };
+    if train.is_empty() {
+        anyhow::bail!("{}: no training pairs left after the eval split", data.path)
+    }
+    Ok((train, eval, stats))
 }
 
 /// The (S, N) 0/1 matrix that sums a batch's N per-token values into its S sequences
