@@ -308,3 +308,31 @@ fn every_loss_runs_and_precompute_changes_nothing() {
         }
     }
 }
+
+/// `pipeline` with `[stages.dpo]`: SFT, then DPO whose policy starts as a copy of the SFT
+/// adapter and whose reference is that adapter (no dropout: the first DPO loss is exactly ln 2).
+#[test]
+fn pipeline_runs_sft_then_dpo_from_its_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("run");
+    let cfg = dir.path().join("pipeline.toml");
+    std::fs::write(&cfg, format!(
+        "[model]\nname = {:?}\n[data]\ntemplate = \"Q: {{prompt}}\\nA:\"\nmax_len = 64\neval_fraction = 0\n\
+         [lora]\nlora_dropout = 0.0\ntarget_modules = [\"c_attn\", \"c_fc\"]\n[train]\nbatch_size = 2\nmax_steps = 2\nlr = 5e-3\n\
+         [out]\ndir = {:?}\n[stages.sft.data]\npath = {:?}\n[stages.dpo.data]\npath = {:?}\n",
+        fixture("gpt2-a").display().to_string(), root.display().to_string(),
+        fixture("sft_rows.json").display().to_string(), fixture("dpo/pairs.jsonl").display().to_string(),
+    )).unwrap();
+    let s = lorafit::train::pipeline::run(&cfg, &[], Start::Fresh).unwrap();
+    let (sft, d) = (s.sft.unwrap(), s.dpo.unwrap());
+    assert!(s.rm.is_none() && s.ppo.is_none());
+    assert_eq!(d.first_loss, Some(std::f64::consts::LN_2 as f32 as f64));
+    let saved = std::fs::read_to_string(root.join("dpo/config.toml")).unwrap();
+    assert!(saved.contains(&format!("sft_adapter = {:?}", sft.out_dir.display().to_string())), "{saved}");
+    // The SFT adapter moved (lora_B != 0), so the ln 2 above is the SFT copy against itself.
+    let a = candle_core::safetensors::load(root.join("sft/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert!(a.iter().any(|(k, t)| k.contains("lora_B") && t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0));
+    // --resume of the finished pipeline reads both summaries and runs nothing.
+    let again = lorafit::train::pipeline::run(&cfg, &[], Start::Resume).unwrap();
+    assert_eq!(again.dpo.unwrap().final_loss, d.final_loss);
+}
