@@ -328,6 +328,9 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<DpoSummary> {
     let cfg = &cfg.for_stage("dpo");
     let d = &cfg.dpo;
     let loss = LossType::parse(&d.loss)?;
+    if d.label_smoothing > 0.0 && !matches!(loss, LossType::Sigmoid | LossType::Simpo) {
+        tracing::warn!("dpo.label_smoothing = {} has no effect with dpo.loss = {:?} (only sigmoid and simpo use it)", d.label_smoothing, d.loss);
+    }
     let inputs = [("--model", cfg.model.name.as_str()), ("--data", &cfg.data.path), ("data.eval_path", &cfg.data.eval_path), ("--sft-adapter", &d.sft_adapter)];
     let mut session = Session::open(cfg, "dpo", start, &inputs)?;
     if let Some(done) = session.finished()? {
