@@ -323,16 +323,19 @@ fn pipeline_runs_sft_then_dpo_from_its_adapter() {
         fixture("gpt2-a").display().to_string(), root.display().to_string(),
         fixture("sft_rows.json").display().to_string(), fixture("dpo/pairs.jsonl").display().to_string(),
     )).unwrap();
-    let s = lorafit::train::pipeline::run(&cfg, &[], Start::Fresh).unwrap();
+    // What `lorafit pipeline --dtype f32` sets (for sft, rm, ppo): it reaches the dpo stage too.
+    let flags: Vec<String> = ["sft", "rm", "ppo"].iter().map(|st| format!("stages.{st}.model.dtype=\"f32\"")).collect();
+    let s = lorafit::train::pipeline::run(&cfg, &flags, Start::Fresh).unwrap();
     let (sft, d) = (s.sft.unwrap(), s.dpo.unwrap());
     assert!(s.rm.is_none() && s.ppo.is_none());
     assert_eq!(d.first_loss, Some(std::f64::consts::LN_2 as f32 as f64));
     let saved = std::fs::read_to_string(root.join("dpo/config.toml")).unwrap();
     assert!(saved.contains(&format!("sft_adapter = {:?}", sft.out_dir.display().to_string())), "{saved}");
+    assert!(saved.contains("dtype = \"f32\""), "{saved}");
     // The SFT adapter moved (lora_B != 0), so the ln 2 above is the SFT copy against itself.
     let a = candle_core::safetensors::load(root.join("sft/adapter_model.safetensors"), &Device::Cpu).unwrap();
     assert!(a.iter().any(|(k, t)| k.contains("lora_B") && t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0));
     // --resume of the finished pipeline reads both summaries and runs nothing.
-    let again = lorafit::train::pipeline::run(&cfg, &[], Start::Resume).unwrap();
+    let again = lorafit::train::pipeline::run(&cfg, &flags, Start::Resume).unwrap();
     assert_eq!(again.dpo.unwrap().final_loss, d.final_loss);
 }

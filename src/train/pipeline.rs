@@ -149,7 +149,9 @@ pub fn resolve_sft_dpo(file: &Path, sets: &[String]) -> Result<Option<(String, [
         Some(toml::Value::Table(t)) if t.contains_key("dpo") => t,
         _ => return Ok(None),
     };
-    if let Some(k) = stages.keys().find(|k| !["sft", "dpo"].contains(&k.as_str())) {
+    // `--device`/`--dtype`/`--quantize` set `stages.{sft,rm,ppo}.model.*`: only those are allowed there.
+    let only_model_flags = |v: &toml::Value| v.as_table().is_some_and(|t| t.keys().all(|k| k == "model"));
+    if let Some(k) = stages.iter().find(|(k, v)| !["sft", "dpo"].contains(&k.as_str()) && !(["rm", "ppo"].contains(&k.as_str()) && only_model_flags(v))).map(|(k, _)| k) {
         anyhow::bail!("{}: [stages.dpo] makes this an sft -> dpo pipeline; [stages.{k}] does not belong to it (stages: sft, dpo)", file.display())
     }
     let root = table.get("out").and_then(|o| o.get("dir")).and_then(|d| d.as_str()).unwrap_or("adapters/pipeline").to_string();
@@ -163,6 +165,10 @@ pub fn resolve_sft_dpo(file: &Path, sets: &[String]) -> Result<Option<(String, [
         }
         merge(&mut t, &defaults);
         if let Some(toml::Value::Table(o)) = stages.get(stage) {
+            merge(&mut t, o);
+        }
+        // The pipeline's `--device`/`--dtype`/`--quantize` (written for sft, rm, ppo) win here too.
+        if let (true, Some(toml::Value::Table(o))) = (stage == "dpo", stages.get("ppo")) {
             merge(&mut t, o);
         }
         out.push(TrainConfig::from_table(t, &format!("{} [stages.{stage}]", file.display()))?.for_stage(stage));
