@@ -12,6 +12,8 @@
 //! 2. `update`: chosen and rejected of each pair in ONE batch through the policy, the summed
 //!    log-prob of each completion's tokens, the pair losses, their mean over the step's pairs
 //!    (ORPO adds the mean NLL of the chosen completions' tokens), one AdamW update.
+//! Every pair counts once, as in TRL (a K-way ranking's C(K,2) pairs are K(K-1)/2 items; `rm`'s
+//! 1/(pairs of the prompt) weighting is not applied), and the held-out split is by row.
 //! With a fresh adapter the policy equals the reference, so the first `sigmoid` loss is ln 2.
 //! Metrics use TRL's quantities: `rewards_chosen` = β(log π - log π_ref) of the chosen, ...
 //! The output folder, data cursor, checkpoints, optimizer (f16 loss scaler) and export are the
