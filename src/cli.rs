@@ -30,6 +30,8 @@ pub enum Command {
     Score(ScoreArgs),
     /// PPO of the policy against the reward model; policy, reference, reward and critic share one base.
     Ppo(PpoArgs),
+    /// Preference optimisation on chosen/rejected pairs: DPO, IPO, hinge, ORPO or SimPO (dpo.loss).
+    Dpo(DpoArgs),
     /// SFT, reward model and PPO in order, from one config (the KoChatGPT recipe in one command).
     Pipeline(PipelineArgs),
     /// Mean next-token NLL of each line of a text file, and the file's perplexity.
@@ -157,6 +159,29 @@ impl PpoArgs {
         let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
         let mut sets: Vec<String> = self.sft_adapter.iter().map(|a| format!("ppo.sft_adapter={}", quote(a))).collect();
         sets.extend(self.reward_adapter.iter().map(|a| format!("ppo.reward_adapter={}", quote(a))));
+        self.train.resolve_with(&sets)
+    }
+}
+
+/// `lorafit dpo`: the training flags and the SFT adapter the policy starts from.
+#[derive(Args)]
+pub struct DpoArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Overrides dpo.sft_adapter: the policy's start and the (frozen) reference.
+    #[arg(long)]
+    pub sft_adapter: Option<String>,
+}
+
+impl DpoArgs {
+    pub fn start(&self) -> crate::train::Start {
+        self.train.start()
+    }
+
+    /// The config, as [`TrainArgs::resolve`], with `--sft-adapter` (`stage` is always "dpo").
+    pub fn resolve(&self, _stage: &str) -> Result<crate::train::config::TrainConfig> {
+        let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let sets: Vec<String> = self.sft_adapter.iter().map(|a| format!("dpo.sft_adapter={}", quote(a))).collect();
         self.train.resolve_with(&sets)
     }
 }
@@ -490,6 +515,11 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Rm(a) => {
             let s = crate::train::rm::run(&a.resolve("rm")?, a.start())?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }
+        Command::Dpo(a) => {
+            let s = crate::train::dpo::run(&a.resolve("dpo")?, a.start())?;
             println!("{}", serde_json::to_string_pretty(&s)?);
             Ok(())
         }
