@@ -510,6 +510,25 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => {
             let (model, tok, files) = load_model(&a.model)?;
+            // Without template flags: the template the adapter was trained with (lorafit.json).
+            if a.chat_template.is_empty() && a.template.is_empty() {
+                if let Some(rec) = crate::render::TemplateRecord::of_adapters(&a.model.adapter)? {
+                    if rec.chat_template.is_some() {
+                        let rc = crate::render::RenderConfig { max_len: usize::MAX, ..Default::default() };
+                        let r = crate::render::Renderer::from_record(&tok, &files.dir, &rec, rc)?;
+                        eprintln!("chatting through the adapter's training template ({}; --chat-template or --template to choose another)", rec.chat_template_origin);
+                        let sampling = sampling_config(&a.sampling, &tok, &files, &r.end_of_turn_ids())?;
+                        let mut chat = crate::chat::TemplateChat::new(&model, r, sampling, a.system.clone());
+                        return crate::chat::run_loop(&mut chat, &mut std::io::stdin().lock(), &mut std::io::stdout().lock());
+                    }
+                    if let Some(t) = &rec.prompt_template {
+                        eprintln!("chatting through the adapter's training template {t:?} (--chat-template or --template to choose another)");
+                        let sampling = sampling_config(&a.sampling, &tok, &files, &[])?;
+                        let mut chat = crate::chat::Chat { model: &model, tok: &tok, template: crate::template::Template::new(t)?, sampling, history: vec![] };
+                        return chat.run(&mut std::io::stdin().lock(), &mut std::io::stdout().lock());
+                    }
+                }
+            }
             // The model's chat template (or --chat-template) unless --template asks for a {prompt} one.
             let renderer = chat_renderer(&tok, &files, &a.chat_template, !a.template.is_empty())?;
             if let Some(r) = renderer {
@@ -716,9 +735,18 @@ fn chat_renderer<'t>(tok: &'t Tokenizer, files: &ModelFiles, chat_template: &str
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let (model, tok, files) = load_model(&a.model)?;
+    // Without template flags: the template the adapter was trained with (lorafit.json).
+    let rec = if a.chat_template.is_empty() && a.template.is_none() { crate::render::TemplateRecord::of_adapters(&a.model.adapter)? } else { None };
     if a.chat {
         anyhow::ensure!(a.template.is_none(), "--chat renders through the chat template (--chat-template); --template is the {{prompt}} alternative: pass one of them");
-        let r = chat_renderer(&tok, &files, &a.chat_template, false)?;
+        let recorded = match rec.as_ref().filter(|r| r.chat_template.is_some()) {
+            Some(rec) => Some(crate::render::Renderer::from_record(&tok, &files.dir, rec, crate::render::RenderConfig { max_len: usize::MAX, ..Default::default() })?),
+            None => None,
+        };
+        let r = match recorded {
+            Some(r) => Some(r),
+            None => chat_renderer(&tok, &files, &a.chat_template, false)?,
+        };
         let r = match r {
             Some(r) => r,
             // No template in the model: the built-in kochatgpt one.
@@ -741,7 +769,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         return Ok(());
     }
     let cfg = sampling_config(&a.sampling, &tok, &files, &[])?;
-    let template = a.template.as_deref().map(template_arg).transpose()?.flatten();
+    let mut template = a.template.as_deref().map(template_arg).transpose()?.flatten();
+    if let Some(t) = rec.as_ref().and_then(|r| r.prompt_template.as_deref()) {
+        eprintln!("rendering each prompt through the adapter's training template {t:?} (--template none to continue the prompt as given)");
+        template = Some(crate::template::Template::new(t)?);
+    }
     let render = |p: &String| template.as_ref().map_or(p.clone(), |t| t.render(p));
     let prompts = a.prompt.iter().map(|p| tok.encode(&render(p))).collect::<Result<Vec<_>>>()?;
     let outs = generate(&model, &prompts, tok.padding_id(), &cfg)?;

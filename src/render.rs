@@ -978,7 +978,14 @@ pub fn run_render(a: RenderArgs) -> Result<()> {
             return Ok(());
         }
         shown += 1;
-        let seqs = r.encode_example(&ex).with_context(|| loc.to_string())?;
+        // What the stage trains on: the reward model scores each completion up to its end;
+        // PPO generates after the prompt (cut to ppo.max_prompt_len).
+        let seqs = match (a.stage.as_str(), &ex) {
+            ("rm", Example::Ranked { .. }) => r.encode_reward(&ex),
+            ("ppo" | "grpo", Example::Prompt(p)) => r.encode_prompt_fit(p, cfg.ppo.max_prompt_len).map(|e| vec![e]),
+            _ => r.encode_example(&ex),
+        }
+        .with_context(|| loc.to_string())?;
         stats.add(&seqs);
         for e in &seqs {
             if a.json {
