@@ -256,7 +256,9 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub adapter: PathBuf,
     /// A text file (each line scored as is, at its last token) or a JSON / JSON Lines file of
-    /// {"prompt", "completion"} rows (scored as template(prompt) + completion + eos).
+    /// {"prompt", "completion"} rows (scored as template(prompt) + completion + eos) or
+    /// conversations ({"messages"}: through the chat template, scored at the last assistant
+    /// turn's end, as `rm` trained).
     #[arg(long)]
     pub data: PathBuf,
     /// The template for JSON rows: `kochatgpt` (= "", the default of every stage), `none`, or a
@@ -635,7 +637,23 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
         let template = template_arg(&a.template)?;
         let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token")?;
         let mut out = (vec![], vec![]);
+        // Conversations render as `rm` trained on them: the reward model's recorded template
+        // (lorafit.json), else the model's; scored at the last assistant turn's end-of-turn.
+        let rc = crate::render::RenderConfig { max_len: usize::MAX, ..Default::default() };
+        let renderer = match crate::render::TemplateRecord::read(&a.adapter)?.filter(|r| r.chat_template.is_some()) {
+            Some(rec) => crate::render::Renderer::from_record(&tok, &files.dir, &rec, rc)?,
+            None => crate::render::Renderer::new(&tok, &files.dir, rc)?,
+        };
         for (loc, v) in crate::data::read_records(&a.data)? {
+            if crate::data::is_conversational(&v) {
+                let msgs = match crate::data::parse_example(&v, &loc, crate::data::Stage::Sft)? {
+                    crate::data::Example::Chat(m) => m,
+                    _ => anyhow::bail!("{loc}: expected a conversation to score (\"messages\", \"conversations\", or \"prompt\" + \"completion\" as messages)"),
+                };
+                out.0.push(loc.n);
+                out.1.push(renderer.encode_reward_chat(&msgs).with_context(|| loc.to_string())?.ids);
+                continue;
+            }
             let p = crate::data::str_field(&v, &loc, "prompt")?;
             let c = crate::data::str_field(&v, &loc, "completion")?;
             let mut ids = tok.encode(&template.as_ref().map_or(p.to_string(), |t| t.render(p)))?;

@@ -759,6 +759,13 @@ impl Renderer<'_> {
         Ok(out)
     }
 
+    /// A conversation as the reward model scores it (`lorafit score`): its last assistant turn
+    /// learned, the sequence ending at that turn's last token (see [`Self::encode_reward`]).
+    pub fn encode_reward_chat(&self, msgs: &[Message]) -> Result<Encoded> {
+        let last = msgs.iter().rposition(|m| m.role == Role::Assistant).context("a conversation to score needs an assistant turn")?;
+        self.fit_end(msgs, &|i| i == last, last, false, self.cfg.max_len)
+    }
+
     /// A prompt for generation (PPO), at most `max_len` tokens: text through the `{prompt}`
     /// template cut from the left (as `lorafit ppo` always did); messages with the generation
     /// prompt, losing earlier exchanges first (never the system message), then cut from the left.

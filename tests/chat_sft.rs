@@ -119,3 +119,38 @@ fn the_adapters_template_is_the_default_of_chat_and_generate() {
     assert!(gen(&[]).starts_with("Q: hi\nA:"), "the recorded {{prompt}} template: {}", gen(&[]));
     assert!(gen(&["--template", "none"]).starts_with("hi"), "--template overrides");
 }
+
+#[test]
+fn conversations_train_in_rm_and_ppo_through_the_same_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = dir().join("model").display().to_string();
+    let (rm, ppo) = (tmp.path().join("rm"), tmp.path().join("ppo"));
+    let pref = root.join("data/chat_pref_sample.jsonl").display().to_string();
+    let chats = root.join("data/chat_sample.jsonl").display().to_string();
+    let set = |k: &str, v: &Path| format!("{k}={:?}", v.display().to_string());
+    // rm on TRL conversational preference rows: each completion ends at its <|im_end|> (578).
+    let shown: Vec<serde_json::Value> =
+        lorafit(&["render", "--model", &model, "--data", &pref, "--stage", "rm", "--json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(shown.len(), 6, "3 rows x (chosen, rejected)");
+    for s in &shown {
+        let ids: Vec<u64> = s["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+        assert_eq!(ids.last(), Some(&578), "the reward is read at the end-of-turn: {s}");
+        assert_eq!(s["mask"].as_array().unwrap().last().unwrap(), 1);
+    }
+    lorafit(&["rm", "--model", &model, "--data", &pref, "--set", &set("out.dir", &rm), "--set", "train.max_steps=2", "--set", "data.max_len=256"]);
+    assert_eq!(lorafit::render::TemplateRecord::read(&rm).unwrap().unwrap().chat_template_origin, "model");
+    // `score` renders conversations through the reward model's recorded template.
+    let scored: Vec<serde_json::Value> =
+        lorafit(&["score", "--model", &model, "--adapter", rm.to_str().unwrap(), "--data", &chats, "--json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(scored.len(), 4);
+    assert!(scored.iter().all(|s| s["reward"].as_f64().unwrap().is_finite()));
+    // ppo on messages prompts: rendered with the generation prompt, sampled, scored.
+    lorafit(&[
+        "ppo", "--model", &model, "--data", &chats, "--reward-adapter", rm.to_str().unwrap(), "--set", &set("out.dir", &ppo),
+        "--set", "train.max_steps=1", "--set", "ppo.max_new_tokens=6", "--set", "ppo.minibatch_size=2", "--set", "train.batch_size=2",
+    ]);
+    let sample: serde_json::Value = serde_json::from_str(std::fs::read_to_string(ppo.join("samples.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert!(sample["prompt"].as_str().unwrap().ends_with("<|im_start|>assistant\n"), "{sample}");
+    assert_eq!(lorafit::render::TemplateRecord::read(&ppo).unwrap().unwrap().chat_template_origin, "model");
+}
