@@ -410,6 +410,11 @@ pub struct MergeArgs {
     /// Replace an existing --out.
     #[arg(long)]
     pub force: bool,
+    /// The chat template written into the merged tokenizer_config.json: "" = the one the
+    /// adapter was trained with (its lorafit.json), else the base's; "model" (the base's), a
+    /// built-in (kochatgpt, chatml, alpaca, llama3) or a .jinja file.
+    #[arg(long, default_value = "")]
+    pub chat_template: String,
 }
 
 #[derive(Args)]
@@ -698,8 +703,21 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
     let dtype = if a.dtype == "auto" { None } else { Some(parse_dtype(&a.dtype, &candle_core::Device::Cpu)?) };
     let adapters = a.adapter.iter().map(|s| peft::parse_adapter_arg(s)).collect::<Result<Vec<_>>>()?;
     let max_shard_size = crate::merge::parse_size(&a.max_shard_size)?;
+    // A --chat-template is resolved (and checked) before anything is written.
+    let chosen = if a.chat_template.is_empty() {
+        None
+    } else {
+        let files = ModelFiles::resolve(&a.model)?;
+        let tok = Tokenizer::load(&files.tokenizer, &files.config)?;
+        let rc = crate::render::RenderConfig { chat_template: a.chat_template.clone(), ..Default::default() };
+        let r = crate::render::Renderer::new(&tok, &files.dir, rc)?;
+        Some((files.dir.clone(), r.chat.as_ref().map(|c| c.source.clone()).context("--chat-template names no chat template")?))
+    };
     let opts = crate::merge::MergeOptions { model: a.model, adapters, out: a.out, dtype, force: a.force, max_shard_size };
     let r = crate::merge::merge(&opts)?;
+    if let Some((dir, text)) = chosen {
+        crate::chat_template::install_chat_template(&dir, &opts.out, Some(&text))?;
+    }
     println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }

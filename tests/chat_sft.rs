@@ -90,6 +90,14 @@ fn a_fresh_run_gives_the_committed_adapter_and_records_its_template() {
     lorafit(&["merge", "--model", &dir().join("model").display().to_string(), "--adapter", &out.display().to_string(), "--out", &merged.display().to_string()]);
     let tc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(merged.join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(tc["chat_template"].as_str(), Some(source.as_str()));
+    // --chat-template overrides it.
+    lorafit(&[
+        "merge", "--model", &dir().join("model").display().to_string(), "--adapter", &out.display().to_string(), "--out", &merged.display().to_string(),
+        "--force", "--chat-template", "alpaca",
+    ]);
+    let tc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(merged.join("tokenizer_config.json")).unwrap()).unwrap();
+    let t = tc["chat_template"].as_str().unwrap();
+    assert!(t != source && t.contains("### Response"), "the built-in alpaca template: {t}");
 }
 
 #[test]
