@@ -689,17 +689,16 @@ fn load(t: Target, dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Every stage's reader on `p`, and its first rows rendered as each stage renders them
+/// Every stage's reader on `p` (skipping bad rows: the failing reads are the readers above), and
+/// its first rows rendered as each stage renders them
 /// through a chat template (the tiny Qwen3 fixture's), with and without split_special_tokens.
 fn render_rows(p: &Path) -> anyhow::Result<()> {
     use lorafit::data::{read_examples, read_stage, Example, Stage};
     use lorafit::render::{RenderConfig, Renderer};
     let mut first_err = None;
     for stage in [Stage::Sft, Stage::Preference, Stage::Prompts] {
-        for skip in [false, true] {
-            if let Err(e) = read_stage(p, stage, skip) {
-                first_err.get_or_insert(e);
-            }
+        if let Err(e) = read_stage(p, stage, true) {
+            first_err.get_or_insert(e);
         }
     }
     let d = repo("tests/fixtures/chat_sft/model");
@@ -707,7 +706,7 @@ fn render_rows(p: &Path) -> anyhow::Result<()> {
     let (rows, _) = read_examples(p, Stage::Any, true)?;
     for split in [false, true] {
         let r = Renderer::new(&tok, &d, RenderConfig { split_special_tokens: split, max_len: 48, ..Default::default() })?;
-        for (_, ex) in rows.iter().take(6) {
+        for (_, ex) in rows.iter().take(3) {
             let out = match ex {
                 Example::Ranked { .. } => r.encode_reward(ex).map(drop),
                 Example::Prompt(pr) => r.encode_prompt_fit(pr, 32).map(drop),
