@@ -9,7 +9,9 @@
 //! One iteration (Ouyang et al. 2022; Ziegler et al. 2019; TRL's `PPOTrainer`) is three steps,
 //! as in torchtune's PPO recipe:
 //! - `rollout`: generate responses (KV-cached, batched; the old log-probs and the logged
-//!   entropy come from the sampler's own logits); score `template(prompt) + response (+ eos)`
+//!   entropy come from the sampler's own logits; prompts rendered by `render::Renderer`, as
+//!   messages through the chat template with the generation prompt, stopping at its
+//!   end-of-turn); score `template(prompt) + response (+ eos, or the end-of-turn)`
 //!   with the reward model (without a critic adapter, the critic's features are kept from this
 //!   pass); reference log-probs and values; per-token rewards `-β (log π - log π_ref)` plus the
 //!   score on the last token; GAE and whitened advantages;

@@ -1,4 +1,4 @@
-//! `lorafit sft`: supervised fine-tuning of a LoRA adapter on prompt/completion pairs.
+//! `lorafit sft`: supervised fine-tuning of a LoRA adapter on prompt/completion pairs and conversations.
 //!
 //! Each row is rendered by `render::Renderer` (what `lorafit render` shows): a prompt/completion
 //! row on a model without a chat template becomes `template(prompt) ++ completion ++ eos`, a
