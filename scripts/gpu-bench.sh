@@ -20,6 +20,9 @@
 #                8 prompts (timed per iteration)
 #   grpo         lorafit grpo on the KoGPT2 shape (configs/grpo-arith.toml: rule rewards), 2
 #                iterations of 2 prompts x group 4 x 64 new tokens (timed per iteration and phase)
+#   dpo          lorafit sft (1 step) on the KoGPT2 shape, then dpo from it (sigmoid, 2 pairs per
+#                step, 4 steps; lorafit-dpo: a reference pass per step, lorafit-dpo-precompute:
+#                dpo.precompute_ref = true); DPO's CPU-vs-device check is in training-correctness
 #   llama7b      a LLaMA-7B-shaped folder with random f16 weights made on the GPU (scripts/gpu/make_llama.py,
 #                13.5 GB, in /dev/shm when it has room), then batch 1 x 512, checkpointing, LoRA r16 on
 #                all 7 projections: lorafit f16 (llama7b-f16), PEFT f16 (llama7b-peft), lorafit NF4
@@ -47,7 +50,7 @@ mkdir -p "$OUT"
 DIST="$ROOT/target-cuda/dist"
 BIN="${LORAFIT_BIN:-}"
 DEADLINE_S="${DEADLINE_S:-575}"
-STAGES="${STAGES:-setup smoke correctness training-correctness kogpt2 ppo grpo llama7b families}"
+STAGES="${STAGES:-setup smoke correctness training-correctness kogpt2 ppo grpo dpo llama7b families}"
 PY="${PYTHON:-python3}"
 if [ "${DRY_RUN:-0}" = 1 ]; then
   : "${DEVICE:=cpu}" "${LORAFIT_BIN:=$ROOT/target/release/lorafit}" "${KO_MODEL:=builtin:tiny-gpt2}" "${KO_BATCH:=1}"
@@ -321,6 +324,27 @@ if want grpo; then
   measure lorafit-grpo 150 --ppo-metrics "$G/grpo" -- "${LF[@]}" grpo --config configs/grpo-arith.toml --model "$KO" --set model.device="$DEV" \
     --out "$G/grpo" --force --set train.max_steps=2 --set train.log_every=1 --set train.batch_size=2 --set grpo.group_size=4 \
     --set grpo.max_new_tokens=64 --set grpo.max_prompt_len=64 --set grpo.sample_every=0
+fi
+# ---- DPO on the KoGPT2 shape ------------------------------------------------------------------------
+if want dpo; then
+  P="$WORK/dpo"
+  rm -rf "$P"; mkdir -p "$P"
+  common=(--model "$KO" --set model.device="$DEV" --set data.eval_fraction=0 --set train.log_every=1 --force
+          --set train.batch_size=2 --set train.grad_accum=1 --set data.max_len=256)
+  say "dpo: SFT adapter (1 step)"
+  "${LF[@]}" sft --config configs/sft-kogpt2.toml "${common[@]}" --data data/sft_sample.json --out "$P/sft" --set train.max_steps=1 >"$P/sft.out" 2>"$P/sft.err"
+  rc=$?
+  if [ "$rc" = 0 ]; then
+    for pre in false true; do
+      stage=lorafit-dpo; [ "$pre" = true ] && stage=lorafit-dpo-precompute
+      measure "$stage" 120 -- "${LF[@]}" dpo --config configs/dpo-kogpt2.toml "${common[@]}" --sft-adapter "$P/sft" \
+        --data data/dpo_pairs.jsonl --out "$P/$stage" --set train.max_steps=4 --set train.eval_every=0 --set train.save_every=0 \
+        --set dpo.precompute_ref="$pre"
+    done
+  else
+    tail -n 20 "$P/sft.err" 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g'
+    note lorafit-dpo "$rc" "SFT adapter step failed"
+  fi
 fi
 # ---- LLaMA-7B shape -----------------------------------------------------------------------------------
 # Sub-stages: llama7b-f16 (lorafit), llama7b-peft (PEFT f16), llama7b-nf4 (lorafit, last: its load

@@ -32,6 +32,8 @@ pub enum Command {
     Ppo(PpoArgs),
     /// GRPO: sample a group of answers per prompt, reward each (rules, a command, a reward model), learn from the group-relative advantage; no critic.
     Grpo(GrpoArgs),
+    /// Preference optimisation on chosen/rejected pairs: DPO, IPO, hinge, ORPO or SimPO (dpo.loss).
+    Dpo(DpoArgs),
     /// SFT, reward model and PPO in order, from one config (the KoChatGPT recipe in one command).
     Pipeline(PipelineArgs),
     /// Mean next-token NLL of each line of a text file, and the file's perplexity.
@@ -159,6 +161,29 @@ impl PpoArgs {
         let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
         let mut sets: Vec<String> = self.sft_adapter.iter().map(|a| format!("ppo.sft_adapter={}", quote(a))).collect();
         sets.extend(self.reward_adapter.iter().map(|a| format!("ppo.reward_adapter={}", quote(a))));
+        self.train.resolve_with(&sets)
+    }
+}
+
+/// `lorafit dpo`: the training flags and the SFT adapter the policy starts from.
+#[derive(Args)]
+pub struct DpoArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Overrides dpo.sft_adapter: the policy's start and the (frozen) reference.
+    #[arg(long)]
+    pub sft_adapter: Option<String>,
+}
+
+impl DpoArgs {
+    pub fn start(&self) -> crate::train::Start {
+        self.train.start()
+    }
+
+    /// The config, as [`TrainArgs::resolve`], with `--sft-adapter` (`stage` is always "dpo").
+    pub fn resolve(&self, _stage: &str) -> Result<crate::train::config::TrainConfig> {
+        let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let sets: Vec<String> = self.sft_adapter.iter().map(|a| format!("dpo.sft_adapter={}", quote(a))).collect();
         self.train.resolve_with(&sets)
     }
 }
@@ -303,7 +328,9 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub adapter: PathBuf,
     /// A text file (each line scored as is, at its last token) or a JSON / JSON Lines file of
-    /// {"prompt", "completion"} rows (scored as template(prompt) + completion + eos).
+    /// {"prompt", "completion"} rows (scored as template(prompt) + completion + eos) or
+    /// conversations ({"messages"}: through the chat template, scored at the last assistant
+    /// turn's end, as `rm` trained).
     #[arg(long)]
     pub data: PathBuf,
     /// The template for JSON rows: `kochatgpt` (= "", the default of every stage), `none`, or a
@@ -455,6 +482,11 @@ pub struct MergeArgs {
     /// Replace an existing --out.
     #[arg(long)]
     pub force: bool,
+    /// The chat template written into the merged tokenizer_config.json: "" = the one the
+    /// adapter was trained with (its lorafit.json), else the base's; "model" (the base's), a
+    /// built-in (kochatgpt, chatml, alpaca, llama3) or a .jinja file.
+    #[arg(long, default_value = "")]
+    pub chat_template: String,
 }
 
 #[derive(Args)]
@@ -540,6 +572,11 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&s)?);
             Ok(())
         }
+        Command::Dpo(a) => {
+            let s = crate::train::dpo::run(&a.resolve("dpo")?, a.start())?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }
         Command::Score(a) => cmd_score(a),
         Command::Pipeline(a) => {
             use crate::train::Start;
@@ -562,6 +599,25 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => {
             let (model, tok, files) = load_model(&a.model)?;
+            // Without template flags: the template the adapter was trained with (lorafit.json).
+            if a.chat_template.is_empty() && a.template.is_empty() {
+                if let Some(rec) = crate::render::TemplateRecord::of_adapters(&a.model.adapter)? {
+                    if rec.chat_template.is_some() {
+                        let rc = crate::render::RenderConfig { max_len: usize::MAX, ..Default::default() };
+                        let r = crate::render::Renderer::from_record(&tok, &files.dir, &rec, rc)?;
+                        eprintln!("chatting through the adapter's training template ({}; --chat-template or --template to choose another)", rec.chat_template_origin);
+                        let sampling = sampling_config(&a.sampling, &tok, &files, &r.end_of_turn_ids())?;
+                        let mut chat = crate::chat::TemplateChat::new(&model, r, sampling, a.system.clone());
+                        return crate::chat::run_loop(&mut chat, &mut std::io::stdin().lock(), &mut std::io::stdout().lock());
+                    }
+                    if let Some(t) = &rec.prompt_template {
+                        eprintln!("chatting through the adapter's training template {t:?} (--chat-template or --template to choose another)");
+                        let sampling = sampling_config(&a.sampling, &tok, &files, &[])?;
+                        let mut chat = crate::chat::Chat { model: &model, tok: &tok, template: crate::template::Template::new(t)?, sampling, history: vec![] };
+                        return chat.run(&mut std::io::stdin().lock(), &mut std::io::stdout().lock());
+                    }
+                }
+            }
             // The model's chat template (or --chat-template) unless --template asks for a {prompt} one.
             let renderer = chat_renderer(&tok, &files, &a.chat_template, !a.template.is_empty())?;
             if let Some(r) = renderer {
@@ -668,7 +724,23 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
         let template = template_arg(&a.template)?;
         let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token")?;
         let mut out = (vec![], vec![]);
+        // Conversations render as `rm` trained on them: the reward model's recorded template
+        // (lorafit.json), else the model's; scored at the last assistant turn's end-of-turn.
+        let rc = crate::render::RenderConfig { max_len: usize::MAX, ..Default::default() };
+        let renderer = match crate::render::TemplateRecord::read(&a.adapter)?.filter(|r| r.chat_template.is_some()) {
+            Some(rec) => crate::render::Renderer::from_record(&tok, &files.dir, &rec, rc)?,
+            None => crate::render::Renderer::new(&tok, &files.dir, rc)?,
+        };
         for (loc, v) in crate::data::read_records(&a.data)? {
+            if crate::data::is_conversational(&v) {
+                let msgs = match crate::data::parse_example(&v, &loc, crate::data::Stage::Sft)? {
+                    crate::data::Example::Chat(m) => m,
+                    _ => anyhow::bail!("{loc}: expected a conversation to score (\"messages\", \"conversations\", or \"prompt\" + \"completion\" as messages)"),
+                };
+                out.0.push(loc.n);
+                out.1.push(renderer.encode_reward_chat(&msgs).with_context(|| loc.to_string())?.ids);
+                continue;
+            }
             let p = crate::data::str_field(&v, &loc, "prompt")?;
             let c = crate::data::str_field(&v, &loc, "completion")?;
             let mut ids = tok.encode(&template.as_ref().map_or(p.to_string(), |t| t.render(p)))?;
@@ -713,8 +785,21 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
     let dtype = if a.dtype == "auto" { None } else { Some(parse_dtype(&a.dtype, &candle_core::Device::Cpu)?) };
     let adapters = a.adapter.iter().map(|s| peft::parse_adapter_arg(s)).collect::<Result<Vec<_>>>()?;
     let max_shard_size = crate::merge::parse_size(&a.max_shard_size)?;
+    // A --chat-template is resolved (and checked) before anything is written.
+    let chosen = if a.chat_template.is_empty() {
+        None
+    } else {
+        let files = ModelFiles::resolve(&a.model)?;
+        let tok = Tokenizer::load(&files.tokenizer, &files.config)?;
+        let rc = crate::render::RenderConfig { chat_template: a.chat_template.clone(), ..Default::default() };
+        let r = crate::render::Renderer::new(&tok, &files.dir, rc)?;
+        Some((files.dir.clone(), r.chat.as_ref().map(|c| c.source.clone()).context("--chat-template names no chat template")?))
+    };
     let opts = crate::merge::MergeOptions { model: a.model, adapters, out: a.out, dtype, force: a.force, max_shard_size };
     let r = crate::merge::merge(&opts)?;
+    if let Some((dir, text)) = chosen {
+        crate::chat_template::install_chat_template(&dir, &opts.out, Some(&text))?;
+    }
     println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }
@@ -768,9 +853,18 @@ fn chat_renderer<'t>(tok: &'t Tokenizer, files: &ModelFiles, chat_template: &str
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let (model, tok, files) = load_model(&a.model)?;
+    // Without template flags: the template the adapter was trained with (lorafit.json).
+    let rec = if a.chat_template.is_empty() && a.template.is_none() { crate::render::TemplateRecord::of_adapters(&a.model.adapter)? } else { None };
     if a.chat {
         anyhow::ensure!(a.template.is_none(), "--chat renders through the chat template (--chat-template); --template is the {{prompt}} alternative: pass one of them");
-        let r = chat_renderer(&tok, &files, &a.chat_template, false)?;
+        let recorded = match rec.as_ref().filter(|r| r.chat_template.is_some()) {
+            Some(rec) => Some(crate::render::Renderer::from_record(&tok, &files.dir, rec, crate::render::RenderConfig { max_len: usize::MAX, ..Default::default() })?),
+            None => None,
+        };
+        let r = match recorded {
+            Some(r) => Some(r),
+            None => chat_renderer(&tok, &files, &a.chat_template, false)?,
+        };
         let r = match r {
             Some(r) => r,
             // No template in the model: the built-in kochatgpt one.
@@ -793,7 +887,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         return Ok(());
     }
     let cfg = sampling_config(&a.sampling, &tok, &files, &[])?;
-    let template = a.template.as_deref().map(template_arg).transpose()?.flatten();
+    let mut template = a.template.as_deref().map(template_arg).transpose()?.flatten();
+    if let Some(t) = rec.as_ref().and_then(|r| r.prompt_template.as_deref()) {
+        eprintln!("rendering each prompt through the adapter's training template {t:?} (--template none to continue the prompt as given)");
+        template = Some(crate::template::Template::new(t)?);
+    }
     let render = |p: &String| template.as_ref().map_or(p.clone(), |t| t.render(p));
     let prompts = a.prompt.iter().map(|p| tok.encode(&render(p))).collect::<Result<Vec<_>>>()?;
     let outs = generate(&model, &prompts, tok.padding_id(), &cfg)?;

@@ -921,3 +921,84 @@ pub fn read_examples_with_rows(path: &Path, stage: Stage, skip_bad_rows: bool) -
     }
     Ok((out, stats))
 }
+
+// ---- Rows for a training stage -------------------------------------------------------------
+
+/// A row that needs the conversational reader: `messages` / `conversations`, or a prompt,
+/// completion, chosen or rejected given as messages.
+pub fn is_conversational(v: &Value) -> bool {
+    let Some(o) = v.as_object() else { return false };
+    o.contains_key("messages") || o.contains_key("conversations") || ["prompt", "completion", "chosen", "rejected"].iter().any(|k| o.get(*k).is_some_and(Value::is_array))
+}
+
+/// The rows of a training stage's file, as [`Example`]s, with their locations.
+#[derive(Debug, Default)]
+pub struct StageRows {
+    pub rows: Vec<(Loc, Example)>,
+    /// Bad rows skipped (with `skip_bad_rows`).
+    pub skipped_bad: usize,
+    /// The text rows' SFT format (KoChatGPT or Alpaca, decided by the first row that has
+    /// either's fields), when the file has text rows.
+    pub sft_format: Option<SftFormat>,
+    /// Rows that are conversations (or prompts / preferences as messages).
+    pub conversations: usize,
+}
+
+/// Reads a stage's data file: conversational rows through [`parse_example`]; text rows exactly
+/// as lorafit always read them ([`read_sft`], [`read_ranked`], [`read_prompts`]: the same rows,
+/// the same errors), so prompt/completion data trains on the same ids as before.
+pub fn read_stage(path: &Path, stage: Stage, skip_bad_rows: bool) -> Result<StageRows> {
+    let (records, bad) = read_records_skipping(path, skip_bad_rows)?;
+    let mut out = StageRows { skipped_bad: bad, ..Default::default() };
+    if stage == Stage::Sft {
+        out.sft_format = records.iter().filter(|(_, v)| !is_conversational(v)).find_map(|(_, v)| detect(v));
+        if out.sft_format.is_none() && records.iter().all(|(_, v)| !is_conversational(v)) {
+            bail!(
+                "{}: no row has SFT fields: expected {{\"prompt\", \"completion\"}} (KoChatGPT), {{\"instruction\", \"input\", \"output\"}} (Alpaca), \
+                 {{\"messages\": [...]}} or {{\"conversations\": [...]}}",
+                path.display()
+            )
+        }
+    }
+    let (rows, skipped) = parse_rows(path, &records, skip_bad_rows, |v, loc| {
+        let ex = if is_conversational(v) {
+            parse_example(v, loc, stage)?
+        } else {
+            match stage {
+                Stage::Sft => {
+                    let format = out.sft_format.with_context(|| format!("{loc}: no SFT fields (prompt/completion, instruction/output, messages)"))?;
+                    let r = sft_row(v, loc, format)?;
+                    Example::Completion { prompt: r.prompt, completion: r.completion }
+                }
+                Stage::Preference => {
+                    let r = ranked_row(v, loc)?;
+                    Example::Ranked { prompt: Prompt::Text(r.prompt), completions: r.completions.into_iter().map(Completion::Text).collect(), pairs: r.pairs }
+                }
+                Stage::Prompts => {
+                    let p = str_field(v, loc, "prompt")?;
+                    if p.trim().is_empty() {
+                        bail!("{loc}: field \"prompt\" is empty")
+                    }
+                    Example::Prompt(Prompt::Text(p.to_string()))
+                }
+                Stage::Any => parse_example(v, loc, stage)?,
+            }
+        };
+        Ok((loc.clone(), ex))
+    })?;
+    out.conversations = rows.iter().filter(|(_, e)| !e.is_text()).count();
+    out.rows = rows;
+    out.skipped_bad += skipped;
+    Ok(out)
+}
+
+impl Example {
+    /// Plain text only (no messages): what a `{prompt}` template can render.
+    pub fn is_text(&self) -> bool {
+        match self {
+            Example::Completion { .. } | Example::Prompt(Prompt::Text(_)) => true,
+            Example::Ranked { prompt: Prompt::Text(_), completions, .. } => completions.iter().all(|c| matches!(c, Completion::Text(_))),
+            _ => false,
+        }
+    }
+}

@@ -583,7 +583,9 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
             std::fs::copy(files.dir.join(f), tmp.0.join(f)).with_context(|| format!("cannot copy {f}"))?;
             std::fs::File::open(tmp.0.join(f))?.sync_all()?;
         }
-        crate::chat_template::install_chat_template(&files.dir, &tmp.0, None)?;
+        // The chat template the adapters were trained with (their lorafit.json), else the base's.
+        let trained = o.adapters.iter().find_map(|(d, _)| crate::render::TemplateRecord::read(d).ok().flatten().and_then(|r| r.chat_template));
+        crate::chat_template::install_chat_template(&files.dir, &tmp.0, trained.as_deref())?;
         Ok(())
     })()
     .with_context(|| format!("writing the merged model (nothing was changed in {})", o.out.display()))?;

@@ -31,7 +31,7 @@ use crate::template::Template;
 use crate::tokenizer::Tokenizer;
 
 /// Which assistant turns a conversation teaches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TrainOn {
     AllAssistant,
@@ -224,6 +224,67 @@ impl<'a> Renderer<'a> {
                 (explicit_prompt, Some(ChatTemplate::from_file(p, vars.clone())?))
             }
         };
+        Self::assemble(tok, prompt_template, chat, cfg, files.control_tokens.as_deref())
+    }
+
+    /// A renderer with a `{prompt}` template only (no chat template): text rows exactly as
+    /// `lorafit sft` / `rm` / `ppo` always encoded them (the library's `prepare` functions).
+    pub fn with_prompt_template(tok: &'a Tokenizer, template: Template, cfg: RenderConfig) -> Result<Self> {
+        Self::assemble(tok, Some(template), None, cfg, None)
+    }
+
+    /// A renderer for a template an adapter recorded (`lorafit.json`, see [`TemplateRecord`]):
+    /// its chat template's text, else its `{prompt}` template.
+    pub fn from_record(tok: &'a Tokenizer, model_dir: &Path, rec: &TemplateRecord, cfg: RenderConfig) -> Result<Self> {
+        let files = ModelChatFiles::read(model_dir)?;
+        let mut vars = files.vars.clone();
+        for (name, id) in [("eos_token", tok.eos_id), ("bos_token", tok.bos_id)] {
+            if !vars.contains_key(name) {
+                if let Some(t) = id.and_then(|i| tok.id_to_token(i)) {
+                    vars.insert(name.into(), t);
+                }
+            }
+        }
+        let prompt = rec.prompt_template.as_deref().map(Template::new).transpose()?;
+        let chat = match &rec.chat_template {
+            Some(src) => {
+                let origin = match rec.chat_template_origin.strip_prefix("builtin:") {
+                    Some(n) => match crate::chat_template::BUILTINS.iter().find(|b| **b == n) {
+                        Some(b) => crate::chat_template::Origin::Builtin(b),
+                        None => crate::chat_template::Origin::File(PathBuf::from("lorafit.json")),
+                    },
+                    None => crate::chat_template::Origin::File(PathBuf::from("lorafit.json")),
+                };
+                Some(ChatTemplate::new(origin, src, vars, rec.add_special_tokens)?)
+            }
+            None => None,
+        };
+        anyhow::ensure!(prompt.is_some() || chat.is_some(), "the adapter's lorafit.json records no template");
+        Self::assemble(tok, prompt, chat, cfg, files.control_tokens.as_deref())
+    }
+
+    /// What this renderer renders with, for an adapter's `lorafit.json` (see [`TemplateRecord`]).
+    pub fn record(&self, used_prompt_template: bool, used_chat_template: bool) -> TemplateRecord {
+        TemplateRecord {
+            prompt_template: self.prompt_template.as_ref().filter(|_| used_prompt_template).map(|t| t.text().to_string()),
+            chat_template: self.chat.as_ref().filter(|_| used_chat_template).map(|c| c.source.clone()),
+            chat_template_origin: self
+                .chat
+                .as_ref()
+                .filter(|_| used_chat_template)
+                .map(|c| match &c.origin {
+                    crate::chat_template::Origin::Builtin(n) => format!("builtin:{n}"),
+                    crate::chat_template::Origin::Model(_) => "model".to_string(),
+                    crate::chat_template::Origin::File(p) => format!("file:{}", p.display()),
+                })
+                .unwrap_or_default(),
+            add_special_tokens: self.chat.as_ref().is_some_and(|c| c.add_special_tokens),
+            train_on: self.cfg.train_on,
+            split_special_tokens: self.cfg.split_special_tokens,
+        }
+    }
+
+    fn assemble(tok: &'a Tokenizer, prompt_template: Option<Template>, chat: Option<ChatTemplate>, cfg: RenderConfig, control_list: Option<&[String]>) -> Result<Self> {
         let added_all = tok.added_tokens();
         let added: Vec<String> = added_all.iter().map(|(_, t, _)| t.clone()).filter(|t| !t.is_empty()).collect();
         let source = chat.as_ref().map(|c| c.source.as_str()).unwrap_or("");
@@ -231,7 +292,7 @@ impl<'a> Renderer<'a> {
             .iter()
             .filter(|(_, t, special)| {
                 !t.is_empty()
-                    && match &files.control_tokens {
+                    && match control_list {
                         Some(list) => *special || list.contains(t),
                         None => *special || (source.contains(t.as_str()) && !t.chars().all(char::is_whitespace)),
                     }
@@ -578,7 +639,8 @@ impl<'a> Renderer<'a> {
             co.push((ptext.len() + completion.len(), text.len()));
             let max_len = self.cfg.max_len;
             if p.len() + c.len() > max_len {
-                let keep_p = p.len().min(max_len.saturating_sub(c.len()).max(max_len / 2)).max(1);
+                // At least one prompt token when there is one; an empty prompt stays empty.
+                let keep_p = p.len().min(max_len.saturating_sub(c.len()).max(max_len / 2).max(1));
                 cut = p.len() + c.len() - max_len.max(keep_p);
                 p.drain(..p.len() - keep_p);
                 po.drain(..po.len() - keep_p);
@@ -639,6 +701,188 @@ impl<'a> Renderer<'a> {
             }
             _ => self.encode_messages(&p.messages(), true, &|_| false),
         }
+    }
+}
+
+// ---- Stage-specific shapes (the reward model, PPO prompts) ---------------------------------
+
+impl Renderer<'_> {
+    /// Whether `ex` renders through the chat template (else through the `{prompt}` template).
+    pub fn uses_chat(&self, ex: &Example) -> bool {
+        !(ex.is_text() && self.prompt_template.is_some())
+    }
+
+    /// A ranked row as the reward model scores it: one sequence per completion, prompt +
+    /// completion, the completion learned (shown by `lorafit render --stage rm`), ending at the
+    /// completion's last learned token (eos; a chat template's end-of-turn, e.g. `<|im_end|>`),
+    /// where the reward is read. Text rows through the `{prompt}` template are
+    /// `encode(template(prompt)) ++ encode_plain(completion) ++ eos` (no quote stripped), as
+    /// `lorafit rm` always scored them. Too long, a sequence keeps its end: earlier exchanges of
+    /// the prompt are dropped first (never the system message), then tokens from the left.
+    pub fn encode_reward(&self, ex: &Example) -> Result<Vec<Encoded>> {
+        let Example::Ranked { prompt, completions, .. } = ex else {
+            bail!("the reward model scores ranked rows (\"chosen\"/\"rejected\" or \"completion_0\".. + \"ranking\")")
+        };
+        let k = completions.len();
+        let mut out = vec![];
+        for (i, c) in completions.iter().enumerate() {
+            let mut e = match (&self.prompt_template, prompt, c) {
+                (Some(t), crate::data::Prompt::Text(p), crate::data::Completion::Text(c)) => {
+                    let eos = self.tok.eos_id.context("the tokenizer has no end-of-sequence token: set eos_token_id in config.json")?;
+                    let ptext = t.render(p);
+                    let (mut ids, mut offsets) = self.tok.encode_with_offsets(&ptext, true)?;
+                    let n_prompt = ids.len();
+                    let (ci, co) = self.tok.encode_with_offsets(c, false)?;
+                    ids.extend(ci);
+                    offsets.extend(co.iter().map(|&(a, b)| (a + ptext.len(), b + ptext.len())));
+                    let eos_text = self.tok.id_to_token(eos).unwrap_or_default();
+                    let text = format!("{ptext}{c}{eos_text}");
+                    ids.push(eos);
+                    offsets.push((ptext.len() + c.len(), text.len()));
+                    let mut mask = vec![false; n_prompt];
+                    mask.resize(ids.len(), true);
+                    let special_text = self.control_re.as_ref().is_some_and(|re| re.is_match(p) || re.is_match(c));
+                    let mut e = Encoded { label: None, ids, mask, text, offsets, dropped_turns: 0, cut_tokens: 0, special_text };
+                    cut_left(&mut e, self.cfg.max_len);
+                    e
+                }
+                _ => {
+                    let mut msgs = prompt.messages();
+                    let n = msgs.len();
+                    msgs.extend(c.messages());
+                    self.fit_end(&msgs, &|i| i >= n, n, false, self.cfg.max_len)?
+                }
+            };
+            e.label = Some(if k == 2 { ["chosen", "rejected"][i].to_string() } else { format!("completion_{i}") });
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    /// A conversation as the reward model scores it (`lorafit score`): its last assistant turn
+    /// learned, the sequence ending at that turn's last token (see [`Self::encode_reward`]).
+    pub fn encode_reward_chat(&self, msgs: &[Message]) -> Result<Encoded> {
+        let last = msgs.iter().rposition(|m| m.role == Role::Assistant).context("a conversation to score needs an assistant turn")?;
+        self.fit_end(msgs, &|i| i == last, last, false, self.cfg.max_len)
+    }
+
+    /// A prompt for generation (PPO), at most `max_len` tokens: text through the `{prompt}`
+    /// template cut from the left (as `lorafit ppo` always did); messages with the generation
+    /// prompt, losing earlier exchanges first (never the system message), then cut from the left.
+    pub fn encode_prompt_fit(&self, p: &crate::data::Prompt, max_len: usize) -> Result<Encoded> {
+        match (&self.prompt_template, p) {
+            (Some(_), crate::data::Prompt::Text(_)) => {
+                let mut e = self.encode_prompt(p)?;
+                cut_left(&mut e, max_len);
+                Ok(e)
+            }
+            _ => {
+                let msgs = p.messages();
+                self.fit_end(&msgs, &|_| false, msgs.len(), true, max_len)
+            }
+        }
+    }
+
+    /// Encodes `msgs` (with the generation prompt when `generation`), keeping the end: drops
+    /// exchanges from the front (after a system message, not into the messages from
+    /// `keep_from` on) until it fits `max_len`, then cuts tokens from the left. A sequence with
+    /// learned tokens ends at its last learned one.
+    fn fit_end(&self, msgs: &[Message], learn: &dyn Fn(usize) -> bool, keep_from: usize, generation: bool, max_len: usize) -> Result<Encoded> {
+        let sys = usize::from(msgs.first().is_some_and(|m| m.role == Role::System));
+        let (mut start, mut dropped) = (sys, 0);
+        loop {
+            let cur: Vec<Message> = msgs[..sys].iter().chain(&msgs[start..]).cloned().collect();
+            let shift = start - sys;
+            let mut e = self.encode_messages(&cur, generation, &|i| learn(if i < sys { i } else { i + shift }))?;
+            if let Some(last) = e.mask.iter().rposition(|&m| m) {
+                e.ids.truncate(last + 1);
+                e.mask.truncate(last + 1);
+                e.offsets.truncate(last + 1);
+            }
+            e.dropped_turns = dropped;
+            if e.ids.len() <= max_len {
+                return Ok(e);
+            }
+            let next = msgs.iter().enumerate().skip(start).skip_while(|(_, m)| m.role != Role::Assistant).find(|(_, m)| m.role == Role::User).map(|(i, _)| i);
+            match next {
+                Some(n) if n > start && n < keep_from => {
+                    start = n;
+                    dropped += 1;
+                }
+                _ => {
+                    cut_left(&mut e, max_len);
+                    return Ok(e);
+                }
+            }
+        }
+    }
+}
+
+/// Drops tokens from the left of `e` until it holds `max_len`.
+fn cut_left(e: &mut Encoded, max_len: usize) {
+    if e.ids.len() > max_len {
+        let cut = e.ids.len() - max_len;
+        e.ids.drain(..cut);
+        e.mask.drain(..cut);
+        e.offsets.drain(..cut);
+        e.cut_tokens += cut;
+    }
+}
+
+/// The template an adapter was trained with, recorded in its folder's `lorafit.json` under
+/// `"template"`, so `chat`, `generate` and `merge` render as training did by default.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct TemplateRecord {
+    /// The `{prompt}` template text rows went through (None: no text row was trained).
+    #[serde(default)]
+    pub prompt_template: Option<String>,
+    /// The chat template's Jinja text conversations went through (None: none was).
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    /// "model", "builtin:NAME" or "file:PATH".
+    #[serde(default)]
+    pub chat_template_origin: String,
+    /// The tokenizer's own special tokens are added around the rendering (built-ins but llama3).
+    #[serde(default)]
+    pub add_special_tokens: bool,
+    pub train_on: TrainOn,
+    #[serde(default)]
+    pub split_special_tokens: bool,
+}
+
+impl TemplateRecord {
+    /// The record in `adapter_dir/lorafit.json`, if any.
+    pub fn read(adapter_dir: &Path) -> Result<Option<Self>> {
+        let p = adapter_dir.join(crate::peft::STACK_FILE);
+        let Ok(text) = std::fs::read_to_string(&p) else { return Ok(None) };
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", p.display()))?;
+        match v.get("template") {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(t) => Ok(Some(serde_json::from_value(t.clone()).with_context(|| format!("{}: \"template\" is not a template record", p.display()))?)),
+        }
+    }
+
+    /// Writes the record into `adapter_dir/lorafit.json`, keeping its other keys (the stack).
+    pub fn write(&self, adapter_dir: &Path) -> Result<()> {
+        let p = adapter_dir.join(crate::peft::STACK_FILE);
+        let mut v: serde_json::Value = match std::fs::read_to_string(&p) {
+            Ok(text) => serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", p.display()))?,
+            Err(_) => serde_json::json!({}),
+        };
+        let o = v.as_object_mut().with_context(|| format!("{}: not a JSON object", p.display()))?;
+        o.insert("template".into(), serde_json::to_value(self)?);
+        crate::io::atomic_write(&p, serde_json::to_string_pretty(&v)?.as_bytes())
+    }
+
+    /// The record of the first adapter (of `--adapter DIR[:W]` values) that has one.
+    pub fn of_adapters(adapters: &[String]) -> Result<Option<Self>> {
+        for a in adapters {
+            let (dir, _) = crate::peft::parse_adapter_arg(a)?;
+            if let Some(r) = Self::read(&dir)? {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -741,7 +985,14 @@ pub fn run_render(a: RenderArgs) -> Result<()> {
             return Ok(());
         }
         shown += 1;
-        let seqs = r.encode_example(&ex).with_context(|| loc.to_string())?;
+        // What the stage trains on: the reward model scores each completion up to its end;
+        // PPO generates after the prompt (cut to ppo.max_prompt_len).
+        let seqs = match (a.stage.as_str(), &ex) {
+            ("rm", Example::Ranked { .. }) => r.encode_reward(&ex),
+            ("ppo" | "grpo", Example::Prompt(p)) => r.encode_prompt_fit(p, cfg.ppo.max_prompt_len).map(|e| vec![e]),
+            _ => r.encode_example(&ex),
+        }
+        .with_context(|| loc.to_string())?;
         stats.add(&seqs);
         for e in &seqs {
             if a.json {

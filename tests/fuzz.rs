@@ -450,6 +450,12 @@ const TARGETS: &[(Target, u32)] = &[
     (Target::Data("data/ppo_prompts.json"), 1),
     (Target::Data("data/eval_sample.txt"), 1),
     (Target::Data("tests/fixtures/rm_rows.json"), 1),
+    // Conversations (issue 13): messages, ShareGPT, TRL preference rows; JSON Lines, JSON, Parquet.
+    (Target::Data("data/chat_sample.jsonl"), 1),
+    (Target::Data("data/sharegpt_sample.json"), 1),
+    (Target::Data("data/chat_pref_sample.jsonl"), 1),
+    (Target::Data("tests/fixtures/data/messages.parquet"), 1),
+    (Target::Data("tests/fixtures/data/preference.parquet"), 1),
 ];
 
 fn target(rng: &mut Rng) -> Target {
@@ -676,10 +682,42 @@ fn load(t: Target, dir: &Path) -> anyhow::Result<()> {
                 lorafit::data::read_prompts(&p, true).map(drop),
                 lorafit::eval::read_lines(&p).map(drop),
                 lorafit::data::read_records(&p).map(drop),
+                render_rows(&p),
             ];
             results.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
         }
     }
+}
+
+/// Every stage's reader on `p` (skipping bad rows: the failing reads are the readers above), and
+/// its first rows rendered as each stage renders them
+/// through a chat template (the tiny Qwen3 fixture's), with and without split_special_tokens.
+fn render_rows(p: &Path) -> anyhow::Result<()> {
+    use lorafit::data::{read_examples, read_stage, Example, Stage};
+    use lorafit::render::{RenderConfig, Renderer};
+    let mut first_err = None;
+    for stage in [Stage::Sft, Stage::Preference, Stage::Prompts] {
+        if let Err(e) = read_stage(p, stage, true) {
+            first_err.get_or_insert(e);
+        }
+    }
+    let d = repo("tests/fixtures/chat_sft/model");
+    let tok = lorafit::tokenizer::Tokenizer::load(&d.join("tokenizer.json"), &d.join("config.json"))?;
+    let (rows, _) = read_examples(p, Stage::Any, true)?;
+    for split in [false, true] {
+        let r = Renderer::new(&tok, &d, RenderConfig { split_special_tokens: split, max_len: 48, ..Default::default() })?;
+        for (_, ex) in rows.iter().take(3) {
+            let out = match ex {
+                Example::Ranked { .. } => r.encode_reward(ex).map(drop),
+                Example::Prompt(pr) => r.encode_prompt_fit(pr, 32).map(drop),
+                _ => r.encode_example(ex).map(drop),
+            };
+            if let Err(e) = out {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
 }
 
 // ---------------------------------------------------------------- the child: runs cases

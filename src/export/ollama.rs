@@ -51,10 +51,14 @@ pub fn known_template(chat_template: &str) -> Option<(&'static str, &'static [&'
     KNOWN.iter().find(|(m, _, _)| chat_template.contains(m)).map(|(_, t, s)| (*t, *s))
 }
 
-/// The prompt template the last lorafit-trained adapter used (its run's config.toml).
+/// The prompt template the last lorafit-trained adapter used (its lorafit.json template record;
+/// for older folders, its run's config.toml). None when it trained through a chat template.
 fn lorafit_template(folded: &Folded) -> Option<String> {
     folded.record.iter().rev().find_map(|r| {
         let dir = Path::new(r["path"].as_str()?);
+        if let Ok(Some(rec)) = crate::render::TemplateRecord::read(dir) {
+            return rec.prompt_template;
+        }
         let cfg: crate::train::config::TrainConfig = toml::from_str(&std::fs::read_to_string(dir.join("config.toml")).ok()?).ok()?;
         Some(crate::template::Template::or_default(&cfg.data.template).ok()?.text().to_string())
     })

@@ -8,7 +8,6 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::template::Template;
 use crate::tokenizer::Tokenizer;
 use crate::train::config::TrainConfig;
 
@@ -64,37 +63,47 @@ impl Measured {
         }
         let tokenizer = config_json.with_file_name("tokenizer.json");
         let tok = if tokenizer.is_file() { Some(Tokenizer::load(&tokenizer, config_json)?) } else { None };
-        let template = Template::or_default(&d.template)?;
         let ctx = crate::model::Arch::from_file(config_json)?.max_positions();
         let max_len = d.max_len.min(ctx);
+        // Rows through the renderer the stage trains with (`render.rs`): prompt/completion rows
+        // through the `{prompt}` template, conversations through the chat template.
+        let renderer = match &tok {
+            Some(t) => {
+                let mut rc = crate::render::RenderConfig::from_data(d)?;
+                rc.max_len = max_len;
+                Some(crate::render::Renderer::new(t, config_json.parent().unwrap_or(Path::new(".")), rc)?)
+            }
+            None => None,
+        };
         let mut m = Self::default();
         let rows = match stage {
             "rm" => {
-                let (rows, _) = crate::data::read_ranked(path, d.skip_bad_rows)?;
-                let mut ks: Vec<usize> = rows.iter().map(|r| r.completions.len()).collect();
+                let read = crate::data::read_stage(path, crate::data::Stage::Preference, d.skip_bad_rows)?;
+                let mut ks: Vec<usize> = read.rows.iter().map(|(_, e)| if let crate::data::Example::Ranked { completions, .. } = e { completions.len() } else { 0 }).collect();
                 ks.sort_unstable_by(|a, b| b.cmp(a));
                 m.ks = Some(ks);
-                if let Some(tok) = &tok {
-                    let (exs, _) = crate::train::rm::prepare(&rows, tok, &template, max_len)?;
+                if let Some(r) = &renderer {
+                    let (exs, _) = crate::train::rm::prepare_examples(read.rows.iter().map(|(l, e)| (Some(l), e)), r)?;
                     m.lens = Some(exs.iter().map(|e| (e.seqs.iter().map(Vec::len).max().unwrap_or(0), 0)).collect());
                 }
-                rows.len()
+                read.rows.len()
             }
             "ppo" => {
-                let (prompts, _) = crate::data::read_prompts(path, d.skip_bad_rows)?;
-                if let Some(tok) = &tok {
-                    let cut = cfg.ppo.max_prompt_len;
-                    m.lens = Some(prompts.iter().map(|p| Ok((tok.encode(&template.render(p))?.len().min(cut), 0))).collect::<Result<_>>()?);
+                let read = crate::data::read_stage(path, crate::data::Stage::Prompts, d.skip_bad_rows)?;
+                let prompts: Vec<&crate::data::Prompt> = read.rows.iter().filter_map(|(_, e)| if let crate::data::Example::Prompt(p) = e { Some(p) } else { None }).collect();
+                if let Some(r) = &renderer {
+                    let (ids, _) = crate::train::batch::tokenize_prompt_examples(prompts.iter().copied(), r, cfg.ppo.max_prompt_len)?;
+                    m.lens = Some(ids.iter().map(|p| (p.len(), 0)).collect());
                 }
                 prompts.len()
             }
             _ => {
-                let (rows, _, _) = crate::data::read_sft(path, d.skip_bad_rows)?;
-                if let Some(tok) = &tok {
-                    let (exs, _) = crate::train::sft::prepare(&rows, tok, &template, max_len, d.strip_leading_quote)?;
-                    m.lens = Some(exs.iter().map(|e| (e.ids.len(), e.ids.len() - e.prompt_len())).collect());
+                let read = crate::data::read_stage(path, crate::data::Stage::Sft, d.skip_bad_rows)?;
+                if let Some(r) = &renderer {
+                    let (exs, _) = crate::train::sft::prepare_examples(read.rows.iter().map(|(l, e)| (Some(l), e)), r)?;
+                    m.lens = Some(exs.iter().map(|e| (e.ids.len(), e.learned.iter().map(|s| s.len()).sum())).collect());
                 }
-                rows.len()
+                read.rows.len()
             }
         };
         if let Some(l) = &mut m.lens {

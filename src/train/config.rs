@@ -286,6 +286,49 @@ impl Default for PpoSection {
     }
 }
 
+/// Preference optimisation settings (`lorafit dpo`; the losses are in `train/dpo_math.rs`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoSection {
+    /// sigmoid (DPO) | ipo | hinge | orpo | simpo (orpo and simpo use no reference).
+    pub loss: String,
+    /// The KL strength β (IPO's τ; SimPO's reward scale).
+    pub beta: f64,
+    /// cDPO / SimPO label smoothing ε in [0, 0.5): the share of labels taken as flipped.
+    pub label_smoothing: f64,
+    /// Compute the reference log-probs once before training (kept in the checkpoints).
+    pub precompute_ref: bool,
+    /// ORPO's λ: the weight of the odds-ratio term next to the SFT NLL.
+    pub lambda: f64,
+    /// SimPO's γ: the target reward margin.
+    pub gamma: f64,
+    /// The SFT adapter: the policy starts from it and the reference is it, frozen.
+    /// Empty = a new adapter, and the reference is the base with adapters off.
+    pub sft_adapter: String,
+}
+
+impl Default for DpoSection {
+    fn default() -> Self {
+        Self { loss: "sigmoid".into(), beta: 0.1, label_smoothing: 0.0, precompute_ref: false, lambda: 0.1, gamma: 0.5, sft_adapter: String::new() }
+    }
+}
+
+impl DpoSection {
+    pub fn validate(&self) -> Result<()> {
+        crate::train::dpo_math::LossType::parse(&self.loss)?;
+        if !(self.beta > 0.0 && self.beta.is_finite()) {
+            bail!("dpo.beta = {} must be above 0; e.g. --set dpo.beta=0.1", self.beta)
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            bail!("dpo.label_smoothing = {} must be in [0, 0.5) (0.5 makes every pair a coin flip); e.g. --set dpo.label_smoothing=0.0", self.label_smoothing)
+        }
+        if !(self.lambda >= 0.0 && self.lambda.is_finite()) || !self.gamma.is_finite() {
+            bail!("dpo.lambda = {} must be 0 or more and dpo.gamma = {} finite", self.lambda, self.gamma)
+        }
+        Ok(())
+    }
+}
+
 // ---- GRPO (`lorafit grpo`) -----------------------------------------------------------------
 
 /// GRPO settings (`lorafit grpo`); `train.max_steps` counts GRPO iterations and
@@ -485,6 +528,7 @@ pub struct TrainConfig {
     pub rm: RmSection,
     pub ppo: PpoSection,
     pub grpo: GrpoSection,
+    pub dpo: DpoSection,
 }
 
 /// Parses `value` as a TOML value (number, bool, array, quoted string), else as a bare string.
@@ -635,6 +679,7 @@ impl TrainConfig {
             bail!("train.weight_decay = {} must be 0 or more; e.g. --set train.weight_decay=0.0", t.weight_decay)
         }
         self.grpo.validate()?;
+        self.dpo.validate()?;
         Ok(())
     }
 
@@ -646,6 +691,7 @@ impl TrainConfig {
                 "rm" => "data/rm_sample.json",
                 "ppo" => "data/ppo_prompts.json",
                 "grpo" => "data/grpo_arith.jsonl",
+                "dpo" => "data/dpo_pairs.jsonl",
                 _ => "data/sft_sample.json",
             }
             .into();
@@ -663,7 +709,7 @@ impl TrainConfig {
 
 /// Keys that hold paths: a resumed run compares them as paths (`./o/run` = `o/run/`), and those
 /// inside the run's own parent folder relative to it (a pipeline folder moved or copied).
-const PATH_KEYS: &[&str] = &["model.name", "data.path", "data.eval_path", "rm.sft_adapter", "ppo.sft_adapter", "ppo.reward_adapter", "grpo.sft_adapter"];
+const PATH_KEYS: &[&str] = &["model.name", "data.path", "data.eval_path", "rm.sft_adapter", "ppo.sft_adapter", "ppo.reward_adapter", "dpo.sft_adapter", "grpo.sft_adapter"];
 
 /// `p` without `.` components, repeated or trailing slashes.
 fn normalize(p: &str) -> std::path::PathBuf {

@@ -25,6 +25,7 @@ pub struct PipelineSummary {
     pub ppo: Option<super::ppo::PpoSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpo: Option<super::grpo::GrpoSummary>,
+    pub dpo: Option<super::dpo::DpoSummary>,
 }
 
 /// The config of each stage, resolved.
@@ -80,6 +81,9 @@ pub fn run(file: &Path, sets: &[String], start: Start) -> Result<PipelineSummary
     if let Some((root, sft, grpo)) = grpo_stages(file, sets)? {
         return run_sft_grpo(&root, sft, grpo, start);
     }
+    if let Some((root, cfgs)) = resolve_sft_dpo(file, sets)? {
+        return run_sft_dpo(&root, cfgs, start);
+    }
     let (root, [sft, rm, ppo]) = resolve(file, sets)?;
     // The root is locked while the pipeline runs (a second pipeline into it fails at once).
     let inputs: Vec<(&str, &Path)> = [&sft, &rm, &ppo]
@@ -124,6 +128,7 @@ pub fn run(file: &Path, sets: &[String], start: Start) -> Result<PipelineSummary
             super::ppo::run(&ppo, how(&ppo)).context("pipeline stage ppo")?
         }),
         grpo: None,
+        dpo: None,
     };
     if all_done {
         tracing::info!("{root} holds a finished pipeline (sft, rm and ppo are done): nothing to resume");
@@ -134,6 +139,88 @@ pub fn run(file: &Path, sets: &[String], start: Start) -> Result<PipelineSummary
     tracing::info!("next: lorafit generate --model {m} --adapter {policy} --prompt \"...\"");
     drop(dir);
     Ok(summary)
+}
+
+// ---- sft -> dpo ----------------------------------------------------------------------------
+// A pipeline config with `[stages.dpo]` runs SFT, then DPO with the policy starting from the
+// SFT adapter and the reference being it, frozen (`dpo.sft_adapter` = `<out.dir>/sft` unless
+// set). Its stages are `[stages.sft]` and `[stages.dpo]` only.
+
+/// The root folder and the (sft, dpo) configs of a pipeline config with `[stages.dpo]`;
+/// None for the sft -> rm -> ppo recipe.
+pub fn resolve_sft_dpo(file: &Path, sets: &[String]) -> Result<Option<(String, [TrainConfig; 2])>> {
+    let mut table = read_table(Some(file))?;
+    apply_sets(&mut table, sets)?;
+    let stages = match table.remove("stages") {
+        Some(toml::Value::Table(t)) if t.contains_key("dpo") => t,
+        _ => return Ok(None),
+    };
+    // `--device`/`--dtype`/`--quantize` set `stages.{sft,rm,ppo}.model.*`: only those are allowed there.
+    let only_model_flags = |v: &toml::Value| v.as_table().is_some_and(|t| t.keys().all(|k| k == "model"));
+    if let Some(k) = stages.iter().find(|(k, v)| !["sft", "dpo"].contains(&k.as_str()) && !(["rm", "ppo"].contains(&k.as_str()) && only_model_flags(v))).map(|(k, _)| k) {
+        anyhow::bail!("{}: [stages.dpo] makes this an sft -> dpo pipeline; [stages.{k}] does not belong to it (stages: sft, dpo)", file.display())
+    }
+    let root = table.get("out").and_then(|o| o.get("dir")).and_then(|d| d.as_str()).unwrap_or("adapters/pipeline").to_string();
+    let mut out = vec![];
+    for stage in ["sft", "dpo"] {
+        let mut t = table.clone();
+        let mut defaults = toml::Table::new();
+        apply_sets(&mut defaults, &[format!("out.dir={}", toml::Value::String(format!("{root}/{stage}")))])?;
+        if stage == "dpo" {
+            apply_sets(&mut defaults, &[format!("dpo.sft_adapter={}", toml::Value::String(format!("{root}/sft")))])?;
+        }
+        merge(&mut t, &defaults);
+        if let Some(toml::Value::Table(o)) = stages.get(stage) {
+            merge(&mut t, o);
+        }
+        // The pipeline's `--device`/`--dtype`/`--quantize` (written for sft, rm, ppo) win here too.
+        if let (true, Some(toml::Value::Table(o))) = (stage == "dpo", stages.get("ppo")) {
+            merge(&mut t, o);
+        }
+        out.push(TrainConfig::from_table(t, &format!("{} [stages.{stage}]", file.display()))?.for_stage(stage));
+    }
+    let [sft, dpo]: [TrainConfig; 2] = out.try_into().map_err(|_| anyhow::anyhow!("two stages"))?;
+    Ok(Some((root, [sft, dpo])))
+}
+
+/// Runs SFT, then DPO from its adapter; `Start::Resume` as in [`run`].
+fn run_sft_dpo(root: &str, [sft, dpo]: [TrainConfig; 2], start: Start) -> Result<PipelineSummary> {
+    let inputs: Vec<(&str, &Path)> = [&sft, &dpo]
+        .iter()
+        .flat_map(|c| [("model.name", Path::new(&c.model.name)), ("data.path", Path::new(&c.data.path)), ("data.eval_path", Path::new(&c.data.eval_path))])
+        .collect();
+    crate::outdir::check_not_input(Path::new(root), "out.dir", &inputs)?;
+    let dir = OutDir::lock(Path::new(root))?;
+    if dir.contents()?.is_empty() || dir.marker().is_some() {
+        dir.write_marker("pipeline", &[])?;
+    }
+    let finished = |cfg: &TrainConfig| start == Start::Resume && Path::new(&cfg.out.dir).join("summary.json").is_file();
+    let how = |cfg: &TrainConfig| -> Start {
+        let out = Path::new(&cfg.out.dir);
+        match start {
+            Start::Resume if super::checkpoint::list(out).map(|l| !l.is_empty()).unwrap_or(false) => Start::Resume,
+            Start::Resume if super::session::RUN_FILES.iter().any(|f| out.join(f).exists()) => Start::Force,
+            Start::Resume => Start::Fresh,
+            s => s,
+        }
+    };
+    let sft_s = if finished(&sft) {
+        read_summary(&sft)?
+    } else {
+        tracing::info!("1/2: SFT -> {}", sft.out.dir);
+        super::sft::run(&sft, how(&sft)).context("pipeline stage sft")?
+    };
+    let dpo_s = if finished(&dpo) {
+        read_summary(&dpo)?
+    } else {
+        tracing::info!("2/2: DPO ({}) -> {}", dpo.dpo.loss, dpo.out.dir);
+        super::dpo::run(&dpo, how(&dpo)).context("pipeline stage dpo")?
+    };
+    tracing::info!("done: sft and dpo in {root}");
+    let (m, policy) = (super::session::shell_word(&dpo.model.name), super::session::shell_word(&dpo.out.dir));
+    tracing::info!("next: lorafit generate --model {m} --adapter {policy} --prompt \"...\"");
+    drop(dir);
+    Ok(PipelineSummary { sft: Some(sft_s), rm: None, ppo: None, dpo: Some(dpo_s), grpo: None })
 }
 
 // ---- sft -> grpo ---------------------------------------------------------------------------
@@ -204,5 +291,5 @@ fn run_sft_grpo(root: &str, sft: TrainConfig, grpo: TrainConfig, start: Start) -
     let (m, policy) = (super::session::shell_word(&grpo.model.name), super::session::shell_word(&grpo.out.dir));
     tracing::info!("next: lorafit generate --model {m} --adapter {policy} --prompt \"...\"");
     drop(dir);
-    Ok(PipelineSummary { sft: Some(sft_summary), rm: None, ppo: None, grpo: Some(grpo_summary) })
+    Ok(PipelineSummary { sft: Some(sft_summary), rm: None, ppo: None, dpo: None, grpo: Some(grpo_summary) })
 }

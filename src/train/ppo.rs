@@ -9,7 +9,9 @@
 //! One iteration (Ouyang et al. 2022; Ziegler et al. 2019; TRL's `PPOTrainer`) is three steps,
 //! as in torchtune's PPO recipe:
 //! - `rollout`: generate responses (KV-cached, batched; the old log-probs and the logged
-//!   entropy come from the sampler's own logits); score `template(prompt) + response (+ eos)`
+//!   entropy come from the sampler's own logits; prompts rendered by `render::Renderer`, as
+//!   messages through the chat template with the generation prompt, stopping at its
+//!   end-of-turn); score `template(prompt) + response (+ eos, or the end-of-turn)`
 //!   with the reward model (without a critic adapter, the critic's features are kept from this
 //!   pass); reference log-probs and values; per-token rewards `-β (log π - log π_ref)` plus the
 //!   score on the last token; GAE and whitened advantages;
@@ -29,7 +31,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::batch::{make_batch, tokenize_prompts, SftExample};
+use super::batch::{make_batch, tokenize_prompt_examples, SftExample};
 use super::config::TrainConfig;
 use super::plot::PanelSpec;
 use super::ppo_math::{adapt_kl_coef, clipped_policy_loss, clipped_value_loss, gae, kl_rewards, shape_scores, whiten};
@@ -37,6 +39,7 @@ use super::roles::{self, Roles, POLICY};
 use super::session::{Method, PhaseTimes, Session, StepOut, Trainer};
 use super::{epoch_batches, forward_backward, GradAccum, Setup, Start};
 use crate::generate::{generate_with_logprobs, SamplingConfig};
+use crate::render::{RenderConfig, Renderer, TemplateRecord};
 use crate::runtime::fmt_bytes;
 use crate::tokenizer::Tokenizer;
 
@@ -309,9 +312,11 @@ impl Method for Ppo<'_> {
     }
 }
 
-/// The prompts (through the template, cut from the left to `ppo.max_prompt_len`), the stop
-/// tokens and eos.
-fn load_data(cfg: &TrainConfig, setup: &Setup) -> Result<(Vec<Vec<u32>>, Vec<u32>, u32)> {
+/// The prompts through the renderer every stage uses (`{prompt}` template or chat template
+/// with the generation prompt; cut to `ppo.max_prompt_len`, earlier exchanges first), the stop
+/// tokens, the token the reward model reads a cut response at (eos; the chat template's
+/// end-of-turn when prompts are conversations, as `rm` trained on), and the template record.
+fn load_data(cfg: &TrainConfig, setup: &Setup) -> Result<(Vec<Vec<u32>>, Vec<u32>, u32, TemplateRecord)> {
     let (p, tok) = (&cfg.ppo, &setup.tok);
     let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token")?;
     if p.max_prompt_len + p.max_new_tokens > setup.arch.max_positions() {
@@ -320,17 +325,38 @@ fn load_data(cfg: &TrainConfig, setup: &Setup) -> Result<(Vec<Vec<u32>>, Vec<u32
             p.max_prompt_len, p.max_new_tokens, setup.arch.max_positions()
         )
     }
-    let (prompts, skipped) = crate::data::read_prompts(Path::new(&cfg.data.path), cfg.data.skip_bad_rows)?;
-    let (ids, cut) = tokenize_prompts(&prompts, tok, &setup.template, p.max_prompt_len)?;
+    let r = Renderer::new(tok, &setup.files.dir, RenderConfig::from_data(&cfg.data)?)?;
+    let read = crate::data::read_stage(Path::new(&cfg.data.path), crate::data::Stage::Prompts, cfg.data.skip_bad_rows)?;
+    let prompts: Vec<&crate::data::Prompt> = read.rows.iter().filter_map(|(_, e)| if let crate::data::Example::Prompt(p) = e { Some(p) } else { None }).collect();
+    let (ids, cut) = tokenize_prompt_examples(prompts.iter().copied(), &r, p.max_prompt_len)?;
+    let chat = read.rows.iter().any(|(_, e)| r.uses_chat(e));
     let mut stop = vec![eos];
+    let mut end = eos;
+    if chat {
+        // A conversation's answer ends at the template's end-of-turn (ChatML `<|im_end|>`) or
+        // one of the model's end ids.
+        let eot = r.end_of_turn_ids();
+        end = eot.first().copied().unwrap_or(eos);
+        for &i in eot.iter().chain(&tok.end_ids) {
+            if !stop.contains(&i) {
+                stop.push(i);
+            }
+        }
+    }
     for s in &p.stop {
         match tok.encode_plain(s)?.as_slice() {
             [id] => stop.push(*id),
             other => bail!("ppo.stop {s:?} is {} tokens; a stop text must be a single token", other.len()),
         }
     }
-    tracing::info!("data: {} prompts ({cut} cut to {} tokens, {skipped} bad rows skipped)", prompts.len(), p.max_prompt_len);
-    Ok((ids, stop, eos))
+    tracing::info!(
+        "data: {} prompts ({}; {cut} cut to {} tokens, {} bad rows skipped)",
+        prompts.len(),
+        r.describe(),
+        p.max_prompt_len,
+        read.skipped_bad
+    );
+    Ok((ids, stop, end, r.record(read.rows.iter().any(|(_, e)| !r.uses_chat(e)), chat)))
 }
 
 /// Runs (or resumes) PPO as configured.
@@ -356,7 +382,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
     let (device, tok) = (setup.device.clone(), &setup.tok);
 
     // 2. Data: the prompts through the template, cut to max_prompt_len; the stop tokens.
-    let (prompts, stop, eos) = load_data(cfg, &setup)?;
+    let (prompts, stop, eos, record) = load_data(cfg, &setup)?;
 
     // 3. The roles: adapters over the one base, loaded once; on --resume, the checkpoint's.
     let (model, policy, parts) = roles::load(&setup, cfg, session.resume_dir())?;
@@ -369,6 +395,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
     let mut method =
         Ppo { cfg, roles, tok, prompts, stop, eos, pad: tok.padding_id(), device, kl_coef: p.kl_coef, out, laps: PhaseTimes::start() };
     let s = session.train(&model, &policy, vars, &mut method)?;
+    record.write(session.out())?;
 
     // 5. The run's record, and what to do with the policy.
     let summary = PpoSummary {

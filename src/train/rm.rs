@@ -3,7 +3,8 @@
 //!
 //! A prompt with K ranked completions gives its C(K,2) ordered pairs (ties give none). All the
 //! completions of a prompt go into the same micro-batch (each scored once, at the last real
-//! token of `template(prompt) + completion + eos`, the SFT template), and each pair weighs
+//! token of `template(prompt) + completion + eos`, the SFT template; for conversational rows,
+//! at the end-of-turn token after the answer, both rendered by `render::Renderer::encode_reward`), and each pair weighs
 //! 1/(pairs of its prompt), so one prompt counts once (InstructGPT §3.5's remedy for
 //! overfitting; KoChatGPT shuffled the pairs of a prompt apart). The step loss is the mean
 //! over the step's prompts.
@@ -15,7 +16,7 @@
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -24,9 +25,10 @@ use super::batch::{evaluating, lora_config, split_held_out};
 use super::config::TrainConfig;
 use super::session::{shell_word, Method, MicroOut, Session, StepOut, Trainer};
 use super::{forward_backward, GradAccum, Setup, Start};
-use crate::data::{read_ranked, RankedRow};
+use crate::data::{read_stage, Completion, Example, Loc, Prompt, RankedRow, Stage};
 use crate::lora::Adapter;
 use crate::model::Model;
+use crate::render::{RenderConfig, Renderer};
 use crate::reward::{pad_batch, RewardHead, SCORE_KEY};
 use crate::runtime::fmt_bytes;
 use crate::template::Template;
@@ -38,26 +40,29 @@ pub struct RankedExample {
     pub pairs: Vec<(usize, usize)>,
 }
 
-/// Tokenizes ranked rows; sequences longer than `max_len` keep their end (the completion and
-/// eos, where the reward is read) and lose prompt tokens from the left. Returns the count cut.
+/// Tokenizes ranked rows through the `{prompt}` template (see [`prepare_examples`]).
 pub fn prepare(rows: &[RankedRow], tok: &Tokenizer, template: &Template, max_len: usize) -> Result<(Vec<RankedExample>, usize)> {
-    let eos = tok.eos_id.ok_or_else(|| anyhow::anyhow!("the tokenizer has no end-of-sequence token: set eos_token_id in config.json"))?;
+    let cfg = RenderConfig { max_len, ..Default::default() };
+    let r = Renderer::with_prompt_template(tok, template.clone(), cfg)?;
+    let exs: Vec<Example> = rows
+        .iter()
+        .map(|row| Example::Ranked { prompt: Prompt::Text(row.prompt.clone()), completions: row.completions.iter().cloned().map(Completion::Text).collect(), pairs: row.pairs.clone() })
+        .collect();
+    prepare_examples(exs.iter().map(|e| (None, e)), &r)
+}
+
+/// Ranked rows through the one renderer every stage uses ([`Renderer::encode_reward`], what
+/// `lorafit render --stage rm` shows): each completion's sequence ends where its reward is
+/// read (eos, or the chat template's end-of-turn); a too-long one keeps its end. Returns the
+/// examples and the number of sequences cut.
+pub fn prepare_examples<'e>(exs: impl Iterator<Item = (Option<&'e Loc>, &'e Example)>, r: &Renderer) -> Result<(Vec<RankedExample>, usize)> {
     let mut truncated = 0;
     let mut out = vec![];
-    for row in rows {
-        let p = tok.encode(&template.render(&row.prompt))?;
-        let mut seqs = vec![];
-        for c in &row.completions {
-            let mut s = p.clone();
-            s.extend(tok.encode_plain(c)?);
-            s.push(eos);
-            if s.len() > max_len {
-                truncated += 1;
-                s.drain(..s.len() - max_len);
-            }
-            seqs.push(s);
-        }
-        out.push(RankedExample { seqs, pairs: row.pairs.clone() });
+    for (loc, ex) in exs {
+        let seqs = r.encode_reward(ex).with_context(|| loc.map(|l| l.to_string()).unwrap_or_default())?;
+        truncated += seqs.iter().filter(|e| e.truncated()).count();
+        let Example::Ranked { pairs, .. } = ex else { unreachable!("encode_reward takes ranked rows only") };
+        out.push(RankedExample { seqs: seqs.into_iter().map(|e| e.ids).collect(), pairs: pairs.clone() });
     }
     Ok((out, truncated))
 }
@@ -205,23 +210,35 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<RmSummary> {
         return Ok(done);
     }
     let setup = Setup::new(cfg)?;
-    let (template, device, arch, tok) = (&setup.template, &setup.device, &setup.arch, &setup.tok);
+    let (device, arch, tok) = (&setup.device, &setup.arch, &setup.tok);
 
-    // 2. Data: ranked rows -> tokenized completions + pairs; held-out prompts for eval.
-    let (rows, skipped) = read_ranked(Path::new(&cfg.data.path), cfg.data.skip_bad_rows)?;
-    let max_len = cfg.data.max_len.min(arch.max_positions());
-    let (all, truncated) = prepare(&rows, tok, template, max_len)?;
+    // 2. Data: ranked rows -> rendered completions + pairs; held-out prompts for eval.
+    let mut rc = RenderConfig::from_data(&cfg.data)?;
+    rc.max_len = cfg.data.max_len.min(arch.max_positions());
+    let r = Renderer::new(tok, &setup.files.dir, rc)?;
+    let read = read_stage(Path::new(&cfg.data.path), Stage::Preference, cfg.data.skip_bad_rows)?;
+    let (rows, skipped) = (&read.rows, read.skipped_bad);
+    let mut used = (rows.iter().any(|(_, e)| !r.uses_chat(e)), rows.iter().any(|(_, e)| r.uses_chat(e)));
+    let (all, truncated) = prepare_examples(rows.iter().map(|(l, e)| (Some(l), e)), &r)?;
     let pairs: usize = all.iter().map(|e| e.pairs.len()).sum();
     let (train, eval) = if !cfg.data.eval_path.is_empty() {
-        let (erows, _) = read_ranked(Path::new(&cfg.data.eval_path), cfg.data.skip_bad_rows)?;
-        (all, prepare(&erows, tok, template, max_len)?.0)
+        let eread = read_stage(Path::new(&cfg.data.eval_path), Stage::Preference, cfg.data.skip_bad_rows)?;
+        used.0 |= eread.rows.iter().any(|(_, e)| !r.uses_chat(e));
+        used.1 |= eread.rows.iter().any(|(_, e)| r.uses_chat(e));
+        (all, prepare_examples(eread.rows.iter().map(|(l, e)| (Some(l), e)), &r)?.0)
     } else {
         split_held_out(all, cfg.data.eval_fraction, cfg.train.seed)
     };
     if train.is_empty() {
         bail!("{}: no training prompts left after the eval split", cfg.data.path)
     }
-    tracing::info!("data: {} prompts, {pairs} pairs -> {} train / {} eval prompts; {truncated} sequences truncated, {skipped} bad rows skipped", rows.len(), train.len(), eval.len());
+    tracing::info!(
+        "data: {} prompts ({}), {pairs} pairs -> {} train / {} eval prompts; {truncated} sequences truncated, {skipped} bad rows skipped",
+        rows.len(),
+        r.describe(),
+        train.len(),
+        eval.len()
+    );
 
     // 3. The model: [SFT adapter, frozen] + new reward adapter + head.
     let mut adapters = vec![];
@@ -256,6 +273,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<RmSummary> {
     if !stack.is_empty() {
         crate::peft::write_stack(session.out(), &stack)?;
     }
+    r.record(used.0, used.1).write(session.out())?;
 
     // 5. The run's record, and what to do with the reward model.
     let summary = RmSummary {

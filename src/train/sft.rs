@@ -1,7 +1,10 @@
-//! `lorafit sft`: supervised fine-tuning of a LoRA adapter on prompt/completion pairs.
+//! `lorafit sft`: supervised fine-tuning of a LoRA adapter on prompt/completion pairs and conversations.
 //!
-//! Each row becomes `template(prompt) ++ completion ++ eos`; the loss is the mean over the
-//! learned tokens (completion and eos; the prompt is masked) of `-log p(token | prefix)`,
+//! Each row is rendered by `render::Renderer` (what `lorafit render` shows): a prompt/completion
+//! row on a model without a chat template becomes `template(prompt) ++ completion ++ eos`, a
+//! conversation (`messages`, ShareGPT) goes through the chat template with its assistant turns
+//! learned (`data.train_on`). The loss is the mean over the learned tokens (completion and
+//! eos, or assistant turns and their end-of-turn; the rest is masked) of `-log p(token | prefix)`,
 //! normalised by the learned-token count of the whole optimizer step (all accumulated
 //! micro-batches), so accumulation gives the same gradient as one big batch.
 //! Only positions that carry a label reach the LM head, through the fused chunked
@@ -22,9 +25,10 @@ use super::batch::{evaluating, split_held_out};
 use super::config::TrainConfig;
 use super::session::{shell_word, Method, MicroOut, Session, StepOut, Trainer};
 use super::{forward_backward, GradAccum, Setup, Start};
-use crate::data::{read_sft, SftRow};
+use crate::data::{read_stage, Example, Loc, SftRow, Stage};
 use crate::lora::Adapter;
 use crate::model::Model;
+use crate::render::{RenderConfig, Renderer, TemplateRecord};
 use crate::runtime::fmt_bytes;
 use crate::template::Template;
 use crate::tokenizer::Tokenizer;
@@ -38,38 +42,37 @@ pub struct PrepStats {
     pub skipped_bad: usize,
 }
 
-/// Tokenizes rows into examples. Too-long rows lose prompt tokens from the left first (the
-/// prompt keeps at least half the window if it has that many), then completion tokens from
-/// the right (the eos goes with them: a cut answer must not teach stopping). A row with no
-/// completion token left is dropped and counted.
+/// Tokenizes prompt/completion rows through the `{prompt}` template (see [`prepare_examples`]).
+/// Too-long rows lose prompt tokens from the left first (the prompt keeps at least half the
+/// window if it has that many), then completion tokens from the right (the eos goes with them:
+/// a cut answer must not teach stopping). A row with no completion token left is dropped.
 pub fn prepare(rows: &[SftRow], tok: &Tokenizer, template: &Template, max_len: usize, strip_quote: bool) -> Result<(Vec<SftExample>, PrepStats)> {
-    let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token: set eos_token_id in config.json")?;
-    let mut stats = PrepStats { rows: rows.len(), ..Default::default() };
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let completion = if strip_quote { row.completion.strip_prefix('\'').unwrap_or(&row.completion) } else { &row.completion };
-        let mut p = tok.encode(&template.render(&row.prompt))?;
-        let mut c = tok.encode_plain(completion)?;
-        if c.is_empty() {
+    let cfg = RenderConfig { max_len, strip_leading_quote: strip_quote, ..Default::default() };
+    let r = Renderer::with_prompt_template(tok, template.clone(), cfg)?;
+    let exs: Vec<Example> = rows.iter().map(|row| Example::Completion { prompt: row.prompt.clone(), completion: row.completion.clone() }).collect();
+    let (out, mut stats) = prepare_examples(exs.iter().map(|e| (None, e)), &r)?;
+    stats.rows = rows.len();
+    Ok((out, stats))
+}
+
+/// Examples through the one renderer every stage uses (`render.rs`, what `lorafit render`
+/// shows): prompt/completion rows as `template(prompt) ++ completion ++ eos` on a model
+/// without a chat template, conversations through the chat template with the assistant turns
+/// of `data.train_on` learned. A sequence left with no learned token is dropped and counted.
+pub fn prepare_examples<'e>(exs: impl Iterator<Item = (Option<&'e Loc>, &'e Example)>, r: &Renderer) -> Result<(Vec<SftExample>, PrepStats)> {
+    let mut stats = PrepStats::default();
+    let mut out = vec![];
+    for (loc, ex) in exs {
+        stats.rows += 1;
+        let mut seqs = r.encode_example(ex).with_context(|| loc.map(|l| l.to_string()).unwrap_or_default())?;
+        let e = seqs.pop().context("a training row gave no sequence")?;
+        stats.truncated += usize::from(e.truncated());
+        if e.learned() == 0 {
             stats.dropped += 1;
             continue;
         }
-        c.push(eos);
-        if p.len() + c.len() > max_len {
-            stats.truncated += 1;
-            // At least one prompt token when there is one (it predicts the first completion
-            // token); an empty prompt (template "{prompt}", prompt "") stays empty.
-            let keep_p = p.len().min(max_len.saturating_sub(c.len()).max(max_len / 2).max(1));
-            p.drain(..p.len() - keep_p);
-            c.truncate(max_len - keep_p);
-        }
-        if c.is_empty() {
-            stats.dropped += 1;
-            continue;
-        }
-        let prompt_len = p.len();
-        p.extend(c);
-        out.push(SftExample::completion(p, prompt_len));
+        let learned = e.learned_spans();
+        out.push(SftExample { ids: e.ids, learned });
     }
     Ok((out, stats))
 }
@@ -140,15 +143,21 @@ impl Method for Sft<'_> {
     }
 }
 
-/// Reads, tokenizes and splits the SFT data (train, eval), with the row statistics.
-fn load_data(cfg: &TrainConfig, tok: &Tokenizer, max_len: usize) -> Result<(Vec<SftExample>, Vec<SftExample>, PrepStats)> {
-    let template = Template::or_default(&cfg.data.template)?;
-    let (rows, format, skipped) = read_sft(Path::new(&cfg.data.path), cfg.data.skip_bad_rows)?;
-    let (all, mut prep) = prepare(&rows, tok, &template, max_len, cfg.data.strip_leading_quote)?;
-    prep.skipped_bad = skipped;
+/// Reads, renders and splits the SFT data (train, eval), with the row statistics and the
+/// template record of what rendered them.
+fn load_data(cfg: &TrainConfig, setup: &Setup, max_len: usize) -> Result<(Vec<SftExample>, Vec<SftExample>, PrepStats, TemplateRecord)> {
+    let mut rc = RenderConfig::from_data(&cfg.data)?;
+    rc.max_len = max_len;
+    let r = Renderer::new(&setup.tok, &setup.files.dir, rc)?;
+    let read = read_stage(Path::new(&cfg.data.path), Stage::Sft, cfg.data.skip_bad_rows)?;
+    let (all, mut prep) = prepare_examples(read.rows.iter().map(|(l, e)| (Some(l), e)), &r)?;
+    prep.skipped_bad = read.skipped_bad;
+    let mut used = (read.rows.iter().any(|(_, e)| !r.uses_chat(e)), read.rows.iter().any(|(_, e)| r.uses_chat(e)));
     let (train, mut eval) = if !cfg.data.eval_path.is_empty() {
-        let (erows, _, _) = read_sft(Path::new(&cfg.data.eval_path), cfg.data.skip_bad_rows)?;
-        (all, prepare(&erows, tok, &template, max_len, cfg.data.strip_leading_quote)?.0)
+        let eread = read_stage(Path::new(&cfg.data.eval_path), Stage::Sft, cfg.data.skip_bad_rows)?;
+        used.0 |= eread.rows.iter().any(|(_, e)| !r.uses_chat(e));
+        used.1 |= eread.rows.iter().any(|(_, e)| r.uses_chat(e));
+        (all, prepare_examples(eread.rows.iter().map(|(l, e)| (Some(l), e)), &r)?.0)
     } else {
         split_held_out(all, cfg.data.eval_fraction, cfg.train.seed)
     };
@@ -156,11 +165,16 @@ fn load_data(cfg: &TrainConfig, tok: &Tokenizer, max_len: usize) -> Result<(Vec<
         bail!("{}: no training examples left ({} rows, {} dropped)", cfg.data.path, prep.rows, prep.dropped)
     }
     eval.sort_by_key(|e| e.ids.len());
+    let format = match (read.sft_format, read.conversations) {
+        (Some(f), 0) => format!("{f:?}"),
+        (Some(f), n) => format!("{f:?} + {n} conversations"),
+        (None, _) => "conversations".into(),
+    };
     tracing::info!(
-        "data: {} rows ({format:?} format) -> {} train / {} eval examples; {} truncated, {} dropped, {} bad rows skipped",
-        prep.rows, train.len(), eval.len(), prep.truncated, prep.dropped, prep.skipped_bad
+        "data: {} rows ({format} format; {}) -> {} train / {} eval examples; {} truncated, {} dropped, {} bad rows skipped",
+        prep.rows, r.describe(), train.len(), eval.len(), prep.truncated, prep.dropped, prep.skipped_bad
     );
-    Ok((train, eval, prep))
+    Ok((train, eval, prep, r.record(used.0, used.1)))
 }
 
 /// Runs (or resumes) SFT as configured.
@@ -177,7 +191,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<SftSummary> {
     let (arch, tok) = (&setup.arch, &setup.tok);
 
     // 2. Data: rows -> tokenized examples (prompt masked, eos learned); a held-out split.
-    let (train, eval, prep) = load_data(cfg, tok, cfg.data.max_len.min(arch.max_positions()))?;
+    let (train, eval, prep, record) = load_data(cfg, &setup, cfg.data.max_len.min(arch.max_positions()))?;
 
     // 3. The model with the adapter attached at construction: new, or the checkpoint's.
     let adapter = match session.resume_dir() {
@@ -190,6 +204,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<SftSummary> {
     // 4. The session's loop: accumulation, AdamW, schedule, eval, metrics, checkpoints, export.
     let mut method = Sft { model: &model, train: &train, eval: &eval, pad: tok.padding_id(), cfg };
     let s = session.train(&model, &adapter, adapter.vars(), &mut method)?;
+    record.write(session.out())?;
 
     // 5. The run's record, and what to do with the adapter.
     let eval_loss = s.last("eval_loss");
