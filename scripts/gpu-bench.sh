@@ -18,6 +18,8 @@
 #                c_attn,c_proj,c_fc: lorafit bench sft, then PEFT (scripts/gpu/peft_bench.py)
 #   ppo          lorafit sft (1 step) + rm (1 step) on the KoGPT2 shape, then ppo, 2 iterations of
 #                8 prompts (timed per iteration)
+#   grpo         lorafit grpo on the KoGPT2 shape (configs/grpo-arith.toml: rule rewards), 2
+#                iterations of 2 prompts x group 4 x 64 new tokens (timed per iteration and phase)
 #   dpo          lorafit sft (1 step) on the KoGPT2 shape, then dpo from it (sigmoid, 2 pairs per
 #                step, 4 steps; lorafit-dpo: a reference pass per step, lorafit-dpo-precompute:
 #                dpo.precompute_ref = true); DPO's CPU-vs-device check is in training-correctness
@@ -48,7 +50,7 @@ mkdir -p "$OUT"
 DIST="$ROOT/target-cuda/dist"
 BIN="${LORAFIT_BIN:-}"
 DEADLINE_S="${DEADLINE_S:-575}"
-STAGES="${STAGES:-setup smoke correctness training-correctness kogpt2 ppo dpo llama7b families}"
+STAGES="${STAGES:-setup smoke correctness training-correctness kogpt2 ppo grpo dpo llama7b families}"
 PY="${PYTHON:-python3}"
 if [ "${DRY_RUN:-0}" = 1 ]; then
   : "${DEVICE:=cpu}" "${LORAFIT_BIN:=$ROOT/target/release/lorafit}" "${KO_MODEL:=builtin:tiny-gpt2}" "${KO_BATCH:=1}"
@@ -314,6 +316,14 @@ if want ppo; then
     tail -n 20 "$P/sft.err" "$P/rm.err" 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g'
     note lorafit-ppo "$rc" "SFT or RM adapter step failed"
   fi
+fi
+# ---- GRPO on the KoGPT2 shape -----------------------------------------------------------------------
+if want grpo; then
+  G="$WORK/grpo"
+  rm -rf "$G"; mkdir -p "$G"
+  measure lorafit-grpo 150 --ppo-metrics "$G/grpo" -- "${LF[@]}" grpo --config configs/grpo-arith.toml --model "$KO" --set model.device="$DEV" \
+    --out "$G/grpo" --force --set train.max_steps=2 --set train.log_every=1 --set train.batch_size=2 --set grpo.group_size=4 \
+    --set grpo.max_new_tokens=64 --set grpo.max_prompt_len=64 --set grpo.sample_every=0
 fi
 # ---- DPO on the KoGPT2 shape ------------------------------------------------------------------------
 if want dpo; then

@@ -30,6 +30,8 @@ pub enum Command {
     Score(ScoreArgs),
     /// PPO of the policy against the reward model; policy, reference, reward and critic share one base.
     Ppo(PpoArgs),
+    /// GRPO: sample a group of answers per prompt, reward each (rules, a command, a reward model), learn from the group-relative advantage; no critic.
+    Grpo(GrpoArgs),
     /// Preference optimisation on chosen/rejected pairs: DPO, IPO, hinge, ORPO or SimPO (dpo.loss).
     Dpo(DpoArgs),
     /// SFT, reward model and PPO in order, from one config (the KoChatGPT recipe in one command).
@@ -186,6 +188,46 @@ impl DpoArgs {
     }
 }
 
+/// `lorafit grpo`: the training flags, the policy's SFT adapter and rewards from the command line.
+#[derive(Args)]
+pub struct GrpoArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Overrides grpo.sft_adapter: the policy's start and the (frozen) reference.
+    #[arg(long)]
+    pub sft_adapter: Option<String>,
+    /// Adds a `model` reward: a reward model folder written by `lorafit rm` (same base). Repeatable.
+    #[arg(long)]
+    pub reward_adapter: Vec<String>,
+    /// Adds a `command` reward: a program (no shell) reading JSON Lines {"prompt", "completion",
+    /// "row"} on stdin and writing one number per line, e.g. --reward-command "python3 score.py". Repeatable.
+    #[arg(long)]
+    pub reward_command: Vec<String>,
+}
+
+impl GrpoArgs {
+    pub fn start(&self) -> crate::train::Start {
+        self.train.start()
+    }
+
+    /// The config, as [`TrainArgs::resolve`], with the adapter flag; each reward flag adds a
+    /// `[[grpo.rewards]]` table (weight 1).
+    pub fn resolve(&self, _stage: &str) -> Result<crate::train::config::TrainConfig> {
+        use crate::train::config::{CommandLine, RewardSpec};
+        let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let sets: Vec<String> = self.sft_adapter.iter().map(|a| format!("grpo.sft_adapter={}", quote(a))).collect();
+        let mut cfg = self.train.resolve_with(&sets)?;
+        for a in &self.reward_adapter {
+            cfg.grpo.rewards.push(RewardSpec { kind: "model".into(), adapter: a.clone(), ..Default::default() });
+        }
+        for c in &self.reward_command {
+            cfg.grpo.rewards.push(RewardSpec { kind: "command".into(), command: CommandLine::Line(c.clone()), ..Default::default() });
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
 impl TrainArgs {
     pub fn start(&self) -> crate::train::Start {
         use crate::train::Start;
@@ -266,6 +308,11 @@ impl PipelineArgs {
             if let Some(v) = v {
                 let v = toml::Value::String(v.clone());
                 sets.extend(["sft", "rm", "ppo"].map(|stage| format!("stages.{stage}.model.{key}={v}")));
+                // An sft -> grpo pipeline (a [stages.grpo] table) gets the flag in its grpo stage too.
+                let table = crate::train::config::read_table(Some(&self.config)).unwrap_or_default();
+                if table.get("stages").and_then(|s| s.get("grpo")).is_some() {
+                    sets.push(format!("stages.grpo.model.{key}={v}"));
+                }
             }
         }
         sets
@@ -540,6 +587,11 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Ppo(a) => {
             let s = crate::train::ppo::run(&a.resolve("ppo")?, a.start())?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }
+        Command::Grpo(a) => {
+            let s = crate::train::grpo::run(&a.resolve("grpo")?, a.start())?;
             println!("{}", serde_json::to_string_pretty(&s)?);
             Ok(())
         }

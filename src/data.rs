@@ -891,6 +891,37 @@ pub fn read_examples(path: &Path, stage: Stage, skip_bad_rows: bool) -> Result<(
     Ok((out, stats))
 }
 
+/// [`read_examples`], each example with its row as read (GRPO's `exact` and `command` rewards
+/// read the row's other fields, e.g. `answer`).
+pub fn read_examples_with_rows(path: &Path, stage: Stage, skip_bad_rows: bool) -> Result<(Vec<(Loc, Example, Value)>, ReadStats)> {
+    let mut stats = ReadStats::default();
+    let mut out = vec![];
+    for r in open_records(path)? {
+        match r? {
+            Record::Value(loc, v) => match parse_example(&v, &loc, stage) {
+                Ok(ex) => {
+                    stats.rows += 1;
+                    out.push((loc, ex, v));
+                }
+                Err(e) if skip_bad_rows => {
+                    tracing::warn!("skipping bad row: {e:#}");
+                    stats.skipped_bad += 1;
+                }
+                Err(e) => return Err(e),
+            },
+            Record::Bad(_, e) if skip_bad_rows => {
+                tracing::warn!("skipping bad row: {e:#}");
+                stats.skipped_bad += 1;
+            }
+            Record::Bad(_, e) => return Err(e),
+        }
+    }
+    if stats.rows == 0 {
+        bail!("{}: no usable rows ({} skipped)", path.display(), stats.skipped_bad)
+    }
+    Ok((out, stats))
+}
+
 // ---- Rows for a training stage -------------------------------------------------------------
 
 /// A row that needs the conversational reader: `messages` / `conversations`, or a prompt,

@@ -48,7 +48,7 @@ RAW="$OUT_DIR/$BENCH-$STAMP.jsonl"
 MD="$OUT_DIR/$BENCH-$STAMP.md"
 : >"$RAW"
 
-# record ROUND TOOL CONFIG_JSON -- COMMAND...: runs COMMAND (600 s at most), appends
+# record ROUND TOOL CONFIG_JSON -- COMMAND...: runs COMMAND (RECORD_TIMEOUT_S, 600 s, at most), appends
 # {"round", "tool", "config", "rc", "loadavg_before", "wall_s", "result"} to $RAW, where result
 # is the last JSON line the command printed (null when it failed). Stderr goes to $OUT_DIR/*.stderr.
 record() {
@@ -56,7 +56,7 @@ record() {
   shift 4
   load0=$(cut -d' ' -f1 /proc/loadavg)
   t0=$(date +%s.%N)
-  out=$(timeout 600 "$@" 2>>"$OUT_DIR/$BENCH-$STAMP.stderr" | grep '^{' | tail -n1) || rc=$?
+  out=$(timeout "${RECORD_TIMEOUT_S:-600}" "$@" 2>>"$OUT_DIR/$BENCH-$STAMP.stderr" | grep '^{' | tail -n1) || rc=$?
   t1=$(date +%s.%N)
   [[ $rc == 0 && $out == "{"* ]] || out=null
   printf '{"round": %d, "tool": "%s", "config": %s, "rc": %d, "loadavg_before": %s, "wall_s": %s, "result": %s}\n' \

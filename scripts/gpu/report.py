@@ -186,6 +186,19 @@ def table(a):
             w(f"| {st}: GPU peak < {lim:g} GiB | not measured (failed or skipped) | - |")
     w("")
 
+    if "lorafit-grpo" in by:
+        r = by["lorafit-grpo"]
+        w("## GRPO on the KoGPT2 shape (lorafit)\n")
+        w(f"GPU peak {fmt(gib(r.get('gpu_peak_mib')))} GiB (rc {r.get('rc')}). Per iteration (2 prompts x group 4, up to 64 new tokens):\n")
+        its = r.get("ppo_iterations") or []
+        if its:
+            keys = [k for k in its[0] if k.startswith("time_")]
+            w("| iteration | total s | " + " | ".join(keys) + " |")
+            w("|---" * (len(keys) + 2) + "|")
+            for it in its:
+                w(f"| {it['step']} | {it['total_s']:.2f} | " + " | ".join(f"{it[k]:.2f}" for k in keys) + " |")
+        w("")
+
     if "lorafit-ppo" in by:
         r = by["lorafit-ppo"]
         w("## PPO on the KoGPT2 shape (lorafit)\n")

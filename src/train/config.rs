@@ -329,6 +329,193 @@ impl DpoSection {
     }
 }
 
+// ---- GRPO (`lorafit grpo`) -----------------------------------------------------------------
+
+/// GRPO settings (`lorafit grpo`); `train.max_steps` counts GRPO iterations and
+/// `train.batch_size` is the number of prompts per iteration (each sampled `group_size` times).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoSection {
+    /// Completions sampled per prompt (at least 2: the advantage is relative to the group).
+    pub group_size: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    /// Prompts are cut (from the left) to this many tokens.
+    pub max_prompt_len: usize,
+    /// Lower clip of the ratio: `1 - epsilon`.
+    pub epsilon: f64,
+    /// Upper clip of the ratio: `1 + epsilon_high` (DAPO's asymmetric clipping when above `epsilon`).
+    pub epsilon_high: f64,
+    /// k3 KL to the reference, per token (0 = no reference pass at all).
+    pub beta: f64,
+    /// grpo (mean over sequences of per-sequence token means) | dr_grpo (sum / (B * max_new_tokens))
+    /// | dapo (sum / all completion tokens), as TRL 1.16 defines them.
+    pub loss_type: String,
+    /// Divide advantages by the group's std (false = Dr. GRPO: only subtract the group mean).
+    pub scale_rewards: bool,
+    /// Updates per generation, each a pass over all of the iteration's completions.
+    pub num_iterations: usize,
+    /// The SFT adapter: the policy starts from it and the reference is it, frozen.
+    /// Empty = the policy is a new adapter and the reference is the bare base.
+    pub sft_adapter: String,
+    /// Extra texts that end a completion besides eos (single tokens).
+    pub stop: Vec<String>,
+    /// Log a sample completion every N iterations (0 = never).
+    pub sample_every: usize,
+    /// The rewards, summed with their weights.
+    pub rewards: Vec<RewardSpec>,
+}
+
+impl Default for GrpoSection {
+    fn default() -> Self {
+        Self {
+            group_size: 4,
+            max_new_tokens: 128,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_prompt_len: 256,
+            epsilon: 0.2,
+            epsilon_high: 0.2,
+            beta: 0.04,
+            loss_type: "grpo".into(),
+            scale_rewards: true,
+            num_iterations: 1,
+            sft_adapter: String::new(),
+            stop: vec![],
+            sample_every: 10,
+            rewards: vec![],
+        }
+    }
+}
+
+/// A program and its arguments: an argv list, or one string split like a shell line (quotes
+/// group words) but run without a shell.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CommandLine {
+    Line(String),
+    Argv(Vec<String>),
+}
+
+impl Default for CommandLine {
+    fn default() -> Self {
+        CommandLine::Argv(vec![])
+    }
+}
+
+/// One `[[grpo.rewards]]` table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardSpec {
+    /// regex | exact | length | command | model.
+    pub kind: String,
+    /// The name its mean is logged under (`reward_<name>`); default: the kind, numbered if repeated.
+    pub name: String,
+    pub weight: f64,
+    /// regex: 1 when the completion matches (0 otherwise; `negate` flips it).
+    pub pattern: String,
+    pub negate: bool,
+    /// exact: 1 when the completion's answer equals the data row's `field`.
+    pub field: String,
+    /// exact: a regex whose first group (or whole match) is the answer; empty = the whole
+    /// completion; both sides are trimmed.
+    pub extract: String,
+    /// length: 1 when the completion has min..=max characters (max 0 = no upper bound).
+    pub min: usize,
+    pub max: usize,
+    /// command: the program (argv list or a string, no shell), and how long one answer may take.
+    pub command: CommandLine,
+    pub timeout_s: f64,
+    /// model: a reward-model folder from `lorafit rm` (on the same base).
+    pub adapter: String,
+}
+
+impl Default for RewardSpec {
+    fn default() -> Self {
+        Self {
+            kind: String::new(),
+            name: String::new(),
+            weight: 1.0,
+            pattern: String::new(),
+            negate: false,
+            field: String::new(),
+            extract: String::new(),
+            min: 0,
+            max: 0,
+            command: CommandLine::default(),
+            timeout_s: 30.0,
+            adapter: String::new(),
+        }
+    }
+}
+
+impl GrpoSection {
+    /// Checks every key of `[grpo]` and `[[grpo.rewards]]` (regexes compile, each kind has what
+    /// it needs); errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.group_size < 2 {
+            bail!("grpo.group_size = {}: must be at least 2 (with one completion per prompt every advantage is 0: nothing is learned)", self.group_size)
+        }
+        if self.max_new_tokens == 0 || self.num_iterations == 0 {
+            bail!("grpo.max_new_tokens and grpo.num_iterations must be at least 1")
+        }
+        if !matches!(self.loss_type.as_str(), "grpo" | "dr_grpo" | "dapo") {
+            bail!("grpo.loss_type = {:?}: expected grpo, dr_grpo or dapo", self.loss_type)
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            bail!("grpo.temperature = {}: must be above 0 (GRPO samples its groups)", self.temperature)
+        }
+        for (k, v) in [("epsilon", self.epsilon), ("epsilon_high", self.epsilon_high), ("beta", self.beta)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                bail!("grpo.{k} = {v}: must be 0 or more")
+            }
+        }
+        for (i, r) in self.rewards.iter().enumerate() {
+            let at = format!("grpo.rewards[{i}] (kind {:?})", r.kind);
+            if !r.weight.is_finite() {
+                bail!("{at}.weight = {}: must be finite", r.weight)
+            }
+            match r.kind.as_str() {
+                "regex" => {
+                    if r.pattern.is_empty() {
+                        bail!("{at}: pattern is not set")
+                    }
+                    regex::Regex::new(&r.pattern).with_context(|| format!("{at}.pattern = {:?} does not compile", r.pattern))?;
+                }
+                "exact" => {
+                    if r.field.is_empty() {
+                        bail!("{at}: field is not set (the data row's field holding the answer, e.g. field = \"answer\")")
+                    }
+                    regex::Regex::new(&r.extract).with_context(|| format!("{at}.extract = {:?} does not compile", r.extract))?;
+                }
+                "length" => {
+                    if r.max > 0 && r.max < r.min {
+                        bail!("{at}: max ({}) is below min ({})", r.max, r.min)
+                    }
+                }
+                "command" => {
+                    if r.command == CommandLine::default() || r.command == CommandLine::Line(String::new()) {
+                        bail!("{at}: command is not set (an argv list, or a string such as \"python3 score.py\")")
+                    }
+                    if !(r.timeout_s > 0.0 && r.timeout_s.is_finite()) {
+                        bail!("{at}.timeout_s = {}: must be above 0", r.timeout_s)
+                    }
+                }
+                "model" => {
+                    if r.adapter.is_empty() {
+                        bail!("{at}: adapter is not set (a folder written by `lorafit rm`, or --reward-adapter DIR)")
+                    }
+                }
+                other => bail!("grpo.rewards[{i}].kind = {other:?}: expected regex, exact, length, command or model"),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A whole training config.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -340,6 +527,7 @@ pub struct TrainConfig {
     pub out: OutSection,
     pub rm: RmSection,
     pub ppo: PpoSection,
+    pub grpo: GrpoSection,
     pub dpo: DpoSection,
 }
 
@@ -368,7 +556,7 @@ pub fn apply_sets(table: &mut toml::Table, sets: &[String]) -> Result<()> {
         let Some((key, value)) = s.split_once('=') else { bail!("--set {s}: expected section.key=value") };
         let parts: Vec<&str> = key.trim().split('.').collect();
         if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
-            bail!("--set {s}: the key must be section.key (sections: model, data, lora, train, out, rm, ppo)")
+            bail!("--set {s}: the key must be section.key (sections: model, data, lora, train, out, rm, ppo, grpo)")
         }
         let mut t = &mut *table;
         for p in &parts[..parts.len() - 1] {
@@ -416,7 +604,7 @@ impl TrainConfig {
     pub fn from_table(table: toml::Table, where_: &str) -> Result<Self> {
         let is_pipeline = table.contains_key("stages");
         let cfg: std::result::Result<TrainConfig, _> = toml::Value::Table(table).try_into();
-        let msg = format!("{where_}: invalid config (sections: model, data, lora, train, out, rm, ppo)");
+        let msg = format!("{where_}: invalid config (sections: model, data, lora, train, out, rm, ppo, grpo)");
         let cfg = if is_pipeline {
             cfg.kind(crate::error::Kind::PipelineConfigToStage, msg)?
         } else {
@@ -490,6 +678,7 @@ impl TrainConfig {
         if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
             bail!("train.weight_decay = {} must be 0 or more; e.g. --set train.weight_decay=0.0", t.weight_decay)
         }
+        self.grpo.validate()?;
         self.dpo.validate()?;
         Ok(())
     }
@@ -501,6 +690,7 @@ impl TrainConfig {
             c.data.path = match stage {
                 "rm" => "data/rm_sample.json",
                 "ppo" => "data/ppo_prompts.json",
+                "grpo" => "data/grpo_arith.jsonl",
                 "dpo" => "data/dpo_pairs.jsonl",
                 _ => "data/sft_sample.json",
             }
@@ -519,7 +709,7 @@ impl TrainConfig {
 
 /// Keys that hold paths: a resumed run compares them as paths (`./o/run` = `o/run/`), and those
 /// inside the run's own parent folder relative to it (a pipeline folder moved or copied).
-const PATH_KEYS: &[&str] = &["model.name", "data.path", "data.eval_path", "rm.sft_adapter", "ppo.sft_adapter", "ppo.reward_adapter", "dpo.sft_adapter"];
+const PATH_KEYS: &[&str] = &["model.name", "data.path", "data.eval_path", "rm.sft_adapter", "ppo.sft_adapter", "ppo.reward_adapter", "dpo.sft_adapter", "grpo.sft_adapter"];
 
 /// `p` without `.` components, repeated or trailing slashes.
 fn normalize(p: &str) -> std::path::PathBuf {

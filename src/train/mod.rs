@@ -11,11 +11,15 @@
 //! - [`trainer`]: what a method's step updates through (AdamW, schedule, clipping, the f16
 //!   loss scaler, the non-finite guard, accumulation of micro-batches);
 //! - `optim.rs` (AdamW, schedule, clipping, loss scaler), `checkpoint.rs`, `plot.rs`, and
-//!   PPO's `roles.rs` and `ppo_math.rs`.
+//!   PPO's `roles.rs` and `ppo_math.rs`; GRPO's `grpo_math.rs` and `grpo_rewards.rs`; `prompts.rs`
+//!   (prompts for the methods that generate, through the renderer).
 pub mod batch;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod grpo;
+pub mod grpo_math;
+pub mod grpo_rewards;
 pub mod dpo;
 pub mod dpo_math;
 pub mod optim;
@@ -24,6 +28,7 @@ pub mod pipeline;
 pub mod plot;
 pub mod ppo;
 pub mod ppo_math;
+pub mod prompts;
 pub mod rm;
 pub mod roles;
 pub mod session;

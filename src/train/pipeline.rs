@@ -7,7 +7,8 @@
 //! SFT adapter (InstructGPT starts the RM from the SFT model), PPO starts its policy and
 //! reference from the SFT adapter and scores with the reward model.
 //! The root folder is locked while the pipeline runs; each stage claims its own folder
-//! through its training session.
+//! through its training session. With a `[stages.grpo]` table the pipeline is SFT -> GRPO
+//! instead (see the block at the end).
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -23,6 +24,7 @@ pub struct PipelineSummary {
     pub rm: Option<super::rm::RmSummary>,
     pub ppo: Option<super::ppo::PpoSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpo: Option<super::grpo::GrpoSummary>,
     pub dpo: Option<super::dpo::DpoSummary>,
 }
 
@@ -40,8 +42,8 @@ fn resolve(file: &Path, sets: &[String]) -> Result<(String, [TrainConfig; 3])> {
         Some(_) => anyhow::bail!("{}: `stages` must be a table ([stages.sft], [stages.rm], [stages.ppo])", file.display()),
         None => toml::Table::new(),
     };
-    if let Some(k) = stages.keys().find(|k| !["sft", "rm", "ppo"].contains(&k.as_str())) {
-        anyhow::bail!("{}: unknown stage [stages.{k}] (stages: sft, rm, ppo)", file.display())
+    if let Some(k) = stages.keys().find(|k| !["sft", "rm", "ppo", "grpo"].contains(&k.as_str())) {
+        anyhow::bail!("{}: unknown stage [stages.{k}] (stages: sft, rm, ppo, grpo)", file.display())
     }
     let root = table.get("out").and_then(|o| o.get("dir")).and_then(|d| d.as_str()).unwrap_or("adapters/pipeline").to_string();
     let mut out = vec![];
@@ -76,6 +78,9 @@ fn read_summary<S: serde::de::DeserializeOwned>(cfg: &TrainConfig) -> Result<S> 
 /// checkpoint.
 pub fn run(file: &Path, sets: &[String], start: Start) -> Result<PipelineSummary> {
     let _span = tracing::info_span!("pipeline").entered();
+    if let Some((root, sft, grpo)) = grpo_stages(file, sets)? {
+        return run_sft_grpo(&root, sft, grpo, start);
+    }
     if let Some((root, cfgs)) = resolve_sft_dpo(file, sets)? {
         return run_sft_dpo(&root, cfgs, start);
     }
@@ -122,6 +127,7 @@ pub fn run(file: &Path, sets: &[String], start: Start) -> Result<PipelineSummary
             tracing::info!("3/3: PPO -> {}", ppo.out.dir);
             super::ppo::run(&ppo, how(&ppo)).context("pipeline stage ppo")?
         }),
+        grpo: None,
         dpo: None,
     };
     if all_done {
@@ -214,5 +220,76 @@ fn run_sft_dpo(root: &str, [sft, dpo]: [TrainConfig; 2], start: Start) -> Result
     let (m, policy) = (super::session::shell_word(&dpo.model.name), super::session::shell_word(&dpo.out.dir));
     tracing::info!("next: lorafit generate --model {m} --adapter {policy} --prompt \"...\"");
     drop(dir);
-    Ok(PipelineSummary { sft: Some(sft_s), rm: None, ppo: None, dpo: Some(dpo_s) })
+    Ok(PipelineSummary { sft: Some(sft_s), rm: None, ppo: None, dpo: Some(dpo_s), grpo: None })
+}
+
+// ---- sft -> grpo ---------------------------------------------------------------------------
+// A config with a `[stages.grpo]` table runs SFT, then GRPO from the SFT adapter (its policy's
+// start and, frozen, its reference); `[stages.rm]` / `[stages.ppo]` are not run then.
+
+/// The root, SFT and GRPO configs when the pipeline config has `[stages.grpo]`.
+pub fn grpo_stages(file: &Path, sets: &[String]) -> Result<Option<(String, TrainConfig, TrainConfig)>> {
+    let mut table = read_table(Some(file))?;
+    apply_sets(&mut table, sets)?;
+    let Some(toml::Value::Table(stages)) = table.remove("stages") else { return Ok(None) };
+    if !stages.contains_key("grpo") {
+        return Ok(None);
+    }
+    let root = table.get("out").and_then(|o| o.get("dir")).and_then(|d| d.as_str()).unwrap_or("adapters/pipeline").to_string();
+    let mut out = vec![];
+    for stage in ["sft", "grpo"] {
+        let mut t = table.clone();
+        let mut defaults = toml::Table::new();
+        apply_sets(&mut defaults, &[format!("out.dir={}", toml::Value::String(format!("{root}/{stage}")))])?;
+        if stage == "grpo" {
+            apply_sets(&mut defaults, &[format!("grpo.sft_adapter={}", toml::Value::String(format!("{root}/sft")))])?;
+        }
+        merge(&mut t, &defaults);
+        if let Some(toml::Value::Table(o)) = stages.get(stage) {
+            merge(&mut t, o);
+        }
+        out.push(TrainConfig::from_table(t, &format!("{} [stages.{stage}]", file.display()))?.for_stage(stage));
+    }
+    let grpo = out.pop().unwrap();
+    Ok(Some((root, out.pop().unwrap(), grpo)))
+}
+
+/// SFT then GRPO, each skipped when finished and resuming, as [`run`] does for the three stages.
+fn run_sft_grpo(root: &str, sft: TrainConfig, grpo: TrainConfig, start: Start) -> Result<PipelineSummary> {
+    let inputs: Vec<(&str, &Path)> = [&sft, &grpo]
+        .iter()
+        .flat_map(|c| [("model.name", Path::new(&c.model.name)), ("data.path", Path::new(&c.data.path)), ("data.eval_path", Path::new(&c.data.eval_path))])
+        .collect();
+    crate::outdir::check_not_input(Path::new(root), "out.dir", &inputs)?;
+    let dir = OutDir::lock(Path::new(root))?;
+    if dir.contents()?.is_empty() || dir.marker().is_some() {
+        dir.write_marker("pipeline", &[])?;
+    }
+    let finished = |cfg: &TrainConfig| start == Start::Resume && Path::new(&cfg.out.dir).join("summary.json").is_file();
+    let how = |cfg: &TrainConfig| -> Start {
+        let out = Path::new(&cfg.out.dir);
+        match start {
+            Start::Resume if super::checkpoint::list(out).map(|l| !l.is_empty()).unwrap_or(false) => Start::Resume,
+            Start::Resume if super::session::RUN_FILES.iter().any(|f| out.join(f).exists()) => Start::Force,
+            Start::Resume => Start::Fresh,
+            s => s,
+        }
+    };
+    let sft_summary = if finished(&sft) {
+        read_summary(&sft)?
+    } else {
+        tracing::info!("1/2: SFT -> {}", sft.out.dir);
+        super::sft::run(&sft, how(&sft)).context("pipeline stage sft")?
+    };
+    let grpo_summary = if finished(&grpo) {
+        read_summary(&grpo)?
+    } else {
+        tracing::info!("2/2: GRPO -> {}", grpo.out.dir);
+        super::grpo::run(&grpo, how(&grpo)).context("pipeline stage grpo")?
+    };
+    tracing::info!("done: sft and grpo in {root}");
+    let (m, policy) = (super::session::shell_word(&grpo.model.name), super::session::shell_word(&grpo.out.dir));
+    tracing::info!("next: lorafit generate --model {m} --adapter {policy} --prompt \"...\"");
+    drop(dir);
+    Ok(PipelineSummary { sft: Some(sft_summary), rm: None, ppo: None, dpo: None, grpo: Some(grpo_summary) })
 }
