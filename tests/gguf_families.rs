@@ -20,7 +20,7 @@ use serde_json::Value as Json;
 use sha2::Digest;
 
 /// Every family llama.cpp ran from our files in the fixture script.
-const FAMILIES: [&str; 9] = ["mistral", "qwen2", "qwen3", "llama3", "gemma3", "exaone4", "exaone", "phi3", "gpt_neox"];
+const FAMILIES: [&str; 10] = ["mistral", "qwen2", "qwen3", "llama3", "gemma3", "gemma2", "exaone4", "exaone", "phi3", "gpt_neox"];
 const QUANTS: [&str; 3] = ["f32", "f16", "q8_0"];
 
 fn fam_fixture(name: &str) -> PathBuf {
@@ -42,8 +42,14 @@ fn source(f: &str, tmp: &Path) -> PathBuf {
     let Some(v) = variants.get(f) else { return family_dir(f) };
     let dir = tmp.join(v.get("dir").and_then(Json::as_str).unwrap_or(f));
     std::fs::create_dir_all(&dir).unwrap();
-    for file in ["model.safetensors", "tokenizer.json"] {
-        std::fs::copy(family_dir(f).join(file), dir.join(file)).unwrap();
+    std::fs::copy(family_dir(f).join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let drop: Vec<&str> = v.get("drop").and_then(Json::as_array).map(|a| a.iter().filter_map(Json::as_str).collect()).unwrap_or_default();
+    if drop.is_empty() {
+        std::fs::copy(family_dir(f).join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    } else {
+        let mut t = candle_core::safetensors::load(family_dir(f).join("model.safetensors"), &Device::Cpu).unwrap();
+        t.retain(|k, _| !drop.contains(&k.as_str()));
+        candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
     }
     let mut cfg = read_json(&family_dir(f).join("config.json"));
     if let Some(edits) = v.get("config").and_then(Json::as_object) {
@@ -198,10 +204,10 @@ fn llama_cpps_logits_on_our_files_match_transformers() {
             let d = rec["ours_vs_llama_cpp_own_files_max_abs_diff"][q].as_f64().unwrap();
             assert!(d < 1e-6, "{f} {q}: llama.cpp on ours vs on its converter's file: {d}");
         }
-        // f32: 1e-4. Gemma 3 and GPT-NeoX run GELU, which llama.cpp computes through an f16
+        // f32: 1e-4. Gemma and GPT-NeoX run GELU, which llama.cpp computes through an f16
         // lookup table (ggml's GGML_GELU_FP16), ~2e-3 from transformers whoever wrote the file:
         // the bound is llama.cpp's own f32 conversion's distance (as GPT-2 in gguf_export.rs).
-        let gelu = matches!(f, "gemma3" | "gpt_neox");
+        let gelu = matches!(f, "gemma3" | "gemma2" | "gpt_neox");
         let f32_bound = if gelu { own("f32") + 1e-6 } else { 1e-4 };
         assert!(f32_bound < 5e-3, "{f}: llama.cpp's own f32 file is {f32_bound} from transformers");
         let d = diff("ours.f32", "hf");
@@ -257,6 +263,14 @@ fn settings_llama_cpp_cannot_run_are_refused_with_the_reason() {
     };
     // The fixtures as they are (the fixture script edits these settings away).
     refused(&family_dir("gemma2"), &["tie_word_embeddings", "lm_head"]);
+    let g2 = edited("gemma2", tmp.path(), "g2-tied", |c| c["tie_word_embeddings"] = true.into());
+    refused(&g2, &["query_pre_attn_scalar"]);
+    let g2 = edited("gemma2", tmp.path(), "g2-pattern", |c| {
+        c["tie_word_embeddings"] = true.into();
+        c["query_pre_attn_scalar"] = 16.into();
+        c["layer_types"] = serde_json::json!(["full_attention", "sliding_attention"]);
+    });
+    refused(&g2, &["layer_types", "alternates"]);
     refused(&family_dir("gemma3"), &["query_pre_attn_scalar", "1/sqrt(16)"]);
     refused(&edited("gemma3", tmp.path(), "g3-pattern", |c| c["query_pre_attn_scalar"] = 16.into()), &["layer_types", "every 6th layer"]);
     refused(&edited("gemma3", tmp.path(), "g3-cap", |c| c["attn_logit_softcapping"] = 50.0.into()), &["attn_logit_softcapping"]);

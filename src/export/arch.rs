@@ -528,6 +528,14 @@ pub fn gemma3_hparams(c: &Json) -> Result<Vec<(String, Value)>> {
 /// `gemma2.*`: Gemma2Model's own list (it does not call TextModel's).
 pub fn gemma2_hparams(c: &Json) -> Result<Vec<(String, Value)>> {
     gemma_checks(c, "gemma2", 46)?;
+    // llama.cpp reads no layer pattern from a gemma2 file: even layers sliding, odd global.
+    if let Some(a) = c.get("layer_types").and_then(Json::as_array) {
+        let got: Vec<bool> = a.iter().map(|t| t.as_str() == Some("sliding_attention")).collect();
+        let want: Vec<bool> = (0..got.len()).map(|i| i % 2 == 0).collect();
+        if got != want {
+            bail!("layer_types {got:?} (true = sliding): llama.cpp's gemma2 alternates sliding and global layers ({want:?}), so it would compute other logits than transformers")
+        }
+    }
     let heads = int(c, &["num_attention_heads"])?;
     let v = vec![
         ("context_length", Value::U32(int(c, &["max_position_embeddings"])?)),
