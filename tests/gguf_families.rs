@@ -4,8 +4,9 @@
 //! files have the metadata keys, value types, values, tensor names, types and shapes of
 //! llama.cpp's convert_hf_to_gguf.py on the same merged model, and every tensor's bytes equal its
 //! converter's (so the q/k permutation, Gemma's `1 + w` norms, GPT-NeoX's qkv split and the
-//! computed rope tensors are the converter's); our files are the ones llama.cpp ran in the fixture
-//! script, and the logits it computed from them are checked against transformers'. Settings
+//! computed rope tensors are the converter's); our files (and a base GGUF + LoRA GGUF of the
+//! adapter) are the ones llama.cpp ran in the fixture script, and the logits it computed from them
+//! are checked against transformers'. Settings
 //! llama.cpp cannot run are refused with the reason.
 mod common;
 
@@ -160,6 +161,26 @@ fn metadata_and_tensor_bytes_equal_llama_cpps_converter() {
             let c = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap_or_else(|e| panic!("{f} {q}: candle: {e}"));
             assert_eq!(c.tensor_infos.len(), h.tensors.len(), "{f} {q}");
         }
+        // The base GGUF and the LoRA GGUF llama.cpp ran in the fixture script.
+        let base = tmp.path().join(format!("{f}-base.gguf"));
+        run(&model, None, "f32", &base).unwrap();
+        let lora = tmp.path().join(format!("{f}-lora.gguf"));
+        export(&ExportOptions {
+            model: model.display().to_string(),
+            adapters: vec![(family_dir(f).join("adapter"), 1.0)],
+            format: Format::GgufLora,
+            out: lora.clone(),
+            quant: Quant::parse("f32").unwrap(),
+            force: true,
+            ollama: false,
+            slice_values: lorafit::export::SLICE,
+        })
+        .unwrap_or_else(|e| panic!("{f} gguf-lora: {e:#}"));
+        for (p, key) in [(&base, "base-f32"), (&lora, "lora")] {
+            let h = Header::read_file(p).unwrap();
+            let bytes = std::fs::read(p).unwrap();
+            assert_eq!(sha(&bytes[h.data_offset as usize..]), rec["ours_data_sha256"][key].as_str().unwrap(), "{f} {key}");
+        }
     }
 }
 
@@ -212,6 +233,10 @@ fn llama_cpps_logits_on_our_files_match_transformers() {
         assert!(f32_bound < 5e-3, "{f}: llama.cpp's own f32 file is {f32_bound} from transformers");
         let d = diff("ours.f32", "hf");
         assert!(d < f32_bound, "{f} f32: max |llama.cpp - transformers| = {d} >= {f32_bound}");
+        // Our f32 base GGUF + our LoRA GGUF, applied by llama.cpp at load: as the merged model
+        // (GPT-NeoX's qkv split and Phi-3's fused qkv / gate_up applied to lora_b's rows).
+        let d = diff("ours.lora", "hf");
+        assert!(d < f32_bound * 1.5, "{f}: base + LoRA GGUF vs transformers on the merged model: {d}");
         // f16: the weights rounded to f16. On these random models (initializer_range 0.2, logits
         // up to `scale`) that moves a logit by up to 1.8e-2 (Qwen2), the same for llama.cpp's own
         // f16 file: the logits within 1e-2 of the logit range, and within llama.cpp's own
