@@ -6,8 +6,9 @@
 //! tensor, in llama-quantize's order (global tensors, then layer by layer):
 //!
 //! ```text
-//! checkpoint rows --fold adapters--> f32 --permute q/k rows (LLaMA) | transpose (GPT-2 Conv1D)-->
-//!   --type of llama.cpp's mix (quant.rs)--> GGML blocks --> the file
+//! checkpoint rows --fold adapters--> f32 --permute q/k rows (LLaMA) | transpose (GPT-2 Conv1D)
+//!   | regroup qkv rows (GPT-NeoX) | 1 + w (Gemma norms)--> --type of llama.cpp's mix (quant.rs)-->
+//!   GGML blocks --> the file          (+ tensors computed from config.json: rope_freqs, ...)
 //! ```
 //!
 //! Metadata keys, tensor names and types are those llama.cpp's `convert_hf_to_gguf.py` (and
@@ -22,6 +23,7 @@
 pub mod arch;
 pub mod blocks;
 pub mod gguf;
+pub mod hparams;
 pub mod ollama;
 pub mod pre_hashes;
 pub mod quant;
