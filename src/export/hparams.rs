@@ -54,6 +54,10 @@ fn full_rope(p: &Json) -> &Json {
     p.get("full_attention").unwrap_or(p)
 }
 
+/// Layer patterns are built per layer: a bound far above any real model, so that a corrupt
+/// config.json cannot ask for a huge allocation.
+const MAX_LAYERS: u32 = 100_000;
+
 fn f32v(x: f64) -> Value {
     Value::F32(x as f32)
 }
@@ -219,13 +223,14 @@ pub fn gemma3_hparams(c: &Json) -> Result<Vec<(String, Value)>> {
         bail!("attn_logit_softcapping is set: llama.cpp's gemma3 has no attention soft-capping (its converter refuses such a model)")
     }
     let layers = int(c, &["num_hidden_layers"])?;
+    ensure!(layers <= MAX_LAYERS, "num_hidden_layers = {layers}: more than any model llama.cpp runs");
     let window = num(c, &["sliding_window"]);
     let pattern = num(c, &["sliding_window_pattern"]);
     // llama.cpp reads no layer pattern from a gemma3 file: every 6th layer is global.
     if window.is_some() && pattern != Some(1.0) {
         let want: Vec<bool> = (0..layers).map(|i| (i + 1) % 6 != 0).collect();
         let got: Option<Vec<bool>> = c.get("layer_types").and_then(Json::as_array).map(|a| a.iter().map(|t| t.as_str() == Some("sliding_attention")).collect());
-        let got = got.unwrap_or_else(|| (0..layers).map(|i| (i + 1) % pattern.unwrap_or(6.0) as u32 != 0).collect());
+        let got = got.unwrap_or_else(|| (0..layers).map(|i| (i + 1) % (pattern.unwrap_or(6.0) as u32).max(1) != 0).collect());
         if got != want {
             bail!("layer_types {got:?} (true = sliding): llama.cpp's gemma3 makes every 6th layer global ({want:?}), so it would compute other logits than transformers")
         }
@@ -282,6 +287,7 @@ pub fn exaone4_hparams(c: &Json) -> Result<Vec<(String, Value)>> {
     let mut v = base_hparams(c)?;
     v.push(("vocab_size", Value::U32(int(c, &["vocab_size"])?)));
     let layers_n = int(c, &["num_hidden_layers"])?;
+    ensure!(layers_n <= MAX_LAYERS, "num_hidden_layers = {layers_n}: more than any model llama.cpp runs");
     let any_sliding = c.get("layer_types").and_then(Json::as_array).map_or(num(c, &["sliding_window_pattern"]).is_some() || c.get("sliding_window_pattern").is_some_and(Json::is_string), |a| {
         a.iter().any(|t| t.as_str() == Some("sliding_attention"))
     });
@@ -419,6 +425,7 @@ pub fn llama3_rope_freqs(c: &Json) -> Result<Vec<(String, Vec<f32>)>> {
     let g = |k: &str, d: f64| fr.get(k).and_then(Json::as_f64).unwrap_or(d);
     let base = g("rope_theta", 10000.0) as f32;
     let dim = head_size(c)? as usize;
+    ensure!(dim <= 1 << 16, "head_dim {dim}: not a model llama.cpp runs");
     let (factor, low, high, old) = (g("factor", 8.0), g("low_freq_factor", 1.0), g("high_freq_factor", 4.0), g("original_max_position_embeddings", 8192.0));
     let (low_wavelen, high_wavelen) = (old / low, old / high);
     let f = (0..dim)
