@@ -125,16 +125,12 @@ fn unsupported_tokenizer_and_architecture_are_refused_with_the_reason() {
     let out = t.path().join("new-folder").join("k.gguf");
     fails(&["export", "--model", &s(&d), "--out", &s(&out)], &["tokenizer.json", "llama.cpp cannot represent", "byte"]);
     assert!(!t.path().join("new-folder").exists(), "the folder the failed export created is removed");
-    // A model_type llama.cpp runs that lorafit does not export yet.
-    let q = t.path().join("qwen");
-    std::fs::create_dir_all(&q).unwrap();
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("llama-a").join("config.json")).unwrap()).unwrap();
-    cfg["model_type"] = "qwen3".into();
-    std::fs::write(q.join("config.json"), cfg.to_string()).unwrap();
-    std::fs::copy(fixture("llama-a").join("model.safetensors"), q.join("model.safetensors")).unwrap();
+    // A model_type llama.cpp runs only with a file lorafit does not write (Gemma 3's vision
+    // tower needs a separate mmproj GGUF).
+    let q = fixture("families/gemma3-mm");
     let (code, _, err) = run(&["export", "--model", &s(&q), "--out", &s(&out)]);
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("qwen3"), "{err}");
+    assert!(err.contains("\"gemma3\"") && err.contains("mmproj"), "{err}");
     no_temps(t.path());
 }
 

@@ -51,7 +51,7 @@ timed() {
   sync
   /usr/bin/time -f '%e %M %U %S' -o "$tf" timeout 1800 "$@" >/dev/null 2>>"$ERR" || rc=$?
   read -r wall kib usr sys < <(tail -n1 "$tf")
-  echo "$wall $((kib * 1024)) $rc $(echo "$usr + $sys" | bc)"
+  echo "$wall $((kib * 1024)) $rc $(awk -v u="$usr" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')"
 }
 size() { stat -c %s "$1" 2>/dev/null || echo 0; }
 

@@ -6,8 +6,9 @@
 //! tensor, in llama-quantize's order (global tensors, then layer by layer):
 //!
 //! ```text
-//! checkpoint rows --fold adapters--> f32 --permute q/k rows (LLaMA) | transpose (GPT-2 Conv1D)-->
-//!   --type of llama.cpp's mix (quant.rs)--> GGML blocks --> the file
+//! checkpoint rows --fold adapters--> f32 --permute q/k rows (LLaMA) | transpose (GPT-2 Conv1D)
+//!   | regroup qkv rows (GPT-NeoX) | 1 + w (Gemma norms)--> --type of llama.cpp's mix (quant.rs)-->
+//!   GGML blocks --> the file          (+ tensors computed from config.json: rope_freqs, ...)
 //! ```
 //!
 //! Metadata keys, tensor names and types are those llama.cpp's `convert_hf_to_gguf.py` (and
@@ -22,6 +23,7 @@
 pub mod arch;
 pub mod blocks;
 pub mod gguf;
+pub mod hparams;
 pub mod ollama;
 pub mod pre_hashes;
 pub mod quant;
@@ -108,8 +110,10 @@ struct Item {
     ty: GgmlType,
     shape: Vec<usize>,
     transform: Transform,
-    /// Heads of the q/k permutation.
+    /// Heads of the q/k permutation (or of GPT-NeoX's qkv split).
     heads: usize,
+    /// Values the converter generates (rope_freqs, ...), instead of a checkpoint tensor.
+    data: Option<Vec<f32>>,
 }
 
 /// The `lorafit.*` keys: what the file was built from.
@@ -356,7 +360,10 @@ fn plan_model(folded: &Folded, config: &Json, family: &arch::Family, quant: Quan
         } else {
             shape.clone()
         };
-        items.push(Item { src: name.clone(), name: gname, ty: GgmlType::F32, shape, transform, heads: perm_heads(config, transform) });
+        items.push(Item { src: name.clone(), name: gname, ty: GgmlType::F32, shape, transform, heads: perm_heads(config, transform), data: None });
+    }
+    for (gname, v) in (family.extra)(config).with_context(|| format!("{}: reading the model's settings", folded.files.config.display()))? {
+        items.push(Item { src: format!("(computed from config.json: {gname})"), name: gname, ty: GgmlType::F32, shape: vec![v.len()], transform: Transform::None, heads: 1, data: Some(v) });
     }
     // llama-quantize's order: tensors outside the layers, then layer by layer, names sorted.
     items.sort_by(|a, b| (layer_of(&a.name), &a.name).cmp(&(layer_of(&b.name), &b.name)));
@@ -377,7 +384,9 @@ fn plan_model(folded: &Folded, config: &Json, family: &arch::Family, quant: Quan
 
     let vocab = vocab::build(&folded.files.dir, &folded.files.tokenizer, config, vocab_size)
         .with_context(|| format!("the tokenizer of {} cannot be written to GGUF", folded.files.name))?;
-    let notes = vocab.notes.clone();
+    check_phi3_tokens(&model_name(folded), &vocab.kvs)?;
+    let mut notes = vocab.notes.clone();
+    notes.extend(arch::notes(config, family.arch));
     let params: u64 = items.iter().map(|it| it.shape.iter().product::<usize>() as u64).sum();
     let mut kvs = vec![
         ("general.architecture".to_string(), Value::Str(family.arch.into())),
@@ -393,6 +402,27 @@ fn plan_model(folded: &Folded, config: &Json, family: &arch::Family, quant: Quan
     Ok(Plan { kvs, items, vocab: Some(vocab), fallbacks, notes })
 }
 
+/// llama.cpp gives a model whose `general.name` contains "phi3" / "phi-3" Phi-3's token
+/// attributes, looking up `</s>`, `<unk>`, `<s>` and `<|endoftext|>`; without them the file
+/// does not load ("error loading model vocabulary: unordered_map::at").
+fn check_phi3_tokens(name: &str, kvs: &[(String, Value)]) -> Result<()> {
+    let lower = name.to_lowercase();
+    if !(lower.contains("phi3") || lower.contains("phi-3")) {
+        return Ok(());
+    }
+    let Some((_, Value::Arr(tokens))) = kvs.iter().find(|(k, _)| k == "tokenizer.ggml.tokens") else { return Ok(()) };
+    let missing: Vec<&str> = ["</s>", "<unk>", "<s>", "<|endoftext|>"].into_iter().filter(|t| !tokens.iter().any(|x| x.as_str() == Some(*t))).collect();
+    if !missing.is_empty() {
+        bail!(
+            "the model is named {name:?}: llama.cpp treats a model whose name contains \"phi3\" as Phi-3 and fails to load it unless its vocabulary has {} (this one lacks {}); \
+             rename the model folder",
+            "</s>, <unk>, <s> and <|endoftext|>",
+            missing.join(", ")
+        )
+    }
+    Ok(())
+}
+
 fn model_name(folded: &Folded) -> String {
     let n = folded.files.name.trim_end_matches('/');
     n.rsplit('/').next().unwrap_or(n).to_string()
@@ -405,14 +435,21 @@ fn write_model_tensor<W: Write>(folded: &Folded, it: &Item, slice: usize, w: &mu
     let row = it.shape.iter().skip(1).product::<usize>().max(1);
     let n = rows * row;
     let f32_of = |t: candle_core::Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
-    if it.transform == Transform::Transpose || n <= slice || it.shape.len() < 2 {
+    if let Some(v) = &it.data {
+        check_finite(v, &it.name, 0)?;
+        return w.tensor(&quant::quantize(it.ty, v, row).with_context(|| format!("tensor {}", it.name))?);
+    }
+    if matches!(it.transform, Transform::Transpose | Transform::NeoxQkv) || n <= slice || it.shape.len() < 2 {
         let mut t = folded.tensor(&it.src)?;
         if it.transform == Transform::Transpose {
             t = t.t()?.contiguous()?;
         }
         let mut v = f32_of(t)?;
-        if matches!(it.transform, Transform::PermuteQ | Transform::PermuteK) {
-            v = arch::permute(&v, rows, it.heads).with_context(|| format!("tensor {}", it.src))?;
+        match it.transform {
+            Transform::PermuteQ | Transform::PermuteK => v = arch::permute(&v, rows, it.heads).with_context(|| format!("tensor {}", it.src))?,
+            Transform::NeoxQkv => v = arch::neox_qkv(&v, rows, it.heads).with_context(|| format!("tensor {}", it.src))?,
+            Transform::AddOne => v.iter_mut().for_each(|x| *x += 1.0),
+            Transform::None | Transform::Transpose => {}
         }
         check_finite(&v, &it.src, 0)?;
         return w.tensor(&quant::quantize(it.ty, &v, row).with_context(|| format!("tensor {}", it.name))?);
@@ -425,6 +462,9 @@ fn write_model_tensor<W: Write>(folded: &Folded, it: &Item, slice: usize, w: &mu
     while start < rows {
         let k = step.min(rows - start);
         let mut v = f32_of(folded.rows(&it.src, start, k)?)?;
+        if it.transform == Transform::AddOne {
+            v.iter_mut().for_each(|x| *x += 1.0);
+        }
         if group > 1 {
             v = arch::permute(&v, k, k / group).with_context(|| format!("tensor {}", it.src))?;
         }
@@ -454,6 +494,7 @@ fn plan_lora(folded: &Folded, config: &Json, family: &arch::Family, quant: Quant
         let Some((gname, transform)) = family.map(key)? else {
             bail!("an adapter targets {key}, which llama.cpp's {} model does not have", family.arch)
         };
+        ensure!(transform != Transform::AddOne, "an adapter targets the norm {key}: llama.cpp's LoRA applies to matrices only; export the merged model (--format gguf)");
         let r: usize = terms.iter().map(|(_, a, _, _)| a.dim(0).unwrap_or(0)).sum();
         let (_, a0, b0, _) = terms[0];
         let (inp, outp) = (a0.dim(1)?, b0.dim(0)?);
@@ -462,8 +503,8 @@ fn plan_lora(folded: &Folded, config: &Json, family: &arch::Family, quant: Quant
             let t = quant.default_type();
             if t.is_quantized() && row % t.block() != 0 { GgmlType::F16 } else { t }
         };
-        items.push(Item { src: key.to_string(), name: format!("{gname}.lora_a"), ty: lora_ty(inp), shape: vec![r, inp], transform, heads });
-        items.push(Item { src: key.to_string(), name: format!("{gname}.lora_b"), ty: lora_ty(r), shape: vec![outp, r], transform, heads });
+        items.push(Item { src: key.to_string(), name: format!("{gname}.lora_a"), ty: lora_ty(inp), shape: vec![r, inp], transform, heads, data: None });
+        items.push(Item { src: key.to_string(), name: format!("{gname}.lora_b"), ty: lora_ty(r), shape: vec![outp, r], transform, heads, data: None });
     }
     items.sort_by(|a, b| (layer_of(&a.name), &a.name).cmp(&(layer_of(&b.name), &b.name)));
     let kvs = vec![
@@ -533,6 +574,9 @@ fn write_lora_tensors<W: Write>(folded: &Folded, items: &[Item], w: &mut gguf::W
         // q/k: the permutation acts on the weight's output rows, i.e. on B's rows.
         if !is_a && matches!(it.transform, Transform::PermuteQ | Transform::PermuteK) {
             v = arch::permute(&v, it.shape[0], it.heads)?;
+        }
+        if !is_a && it.transform == Transform::NeoxQkv {
+            v = arch::neox_qkv(&v, it.shape[0], it.heads)?;
         }
         check_finite(&v, &it.name, 0)?;
         let row = it.shape[1];
