@@ -162,3 +162,40 @@ fn conversations_train_in_rm_and_ppo_through_the_same_template() {
     assert!(sample["prompt"].as_str().unwrap().ends_with("<|im_start|>assistant\n"), "{sample}");
     assert_eq!(lorafit::render::TemplateRecord::read(&ppo).unwrap().unwrap().chat_template_origin, "model");
 }
+
+#[test]
+fn export_writes_the_adapters_recorded_chat_template() {
+    // An adapter trained through a chat template: the GGUF carries it as tokenizer.chat_template
+    // (what llama.cpp / Ollama prompt with), as merge writes it into tokenizer_config.json.
+    // llama-a (a LLaMA fixture whose tokenizer llama.cpp knows) has no template of its own.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-a");
+    let a = tmp.path().join("a");
+    std::fs::create_dir_all(&a).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(root.join("adapter").join(f), a.join(f)).unwrap();
+    }
+    let trained = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{# trained #}";
+    let rec = lorafit::render::TemplateRecord {
+        prompt_template: None,
+        chat_template: Some(trained.into()),
+        chat_template_origin: "file:trained.jinja".into(),
+        add_special_tokens: false,
+        train_on: lorafit::render::TrainOn::AllAssistant,
+        split_special_tokens: false,
+    };
+    rec.write(&a).unwrap();
+    let model = root.display().to_string();
+    let template_of = |path: &Path| {
+        let mut f = std::fs::File::open(path).unwrap();
+        let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        c.metadata.get("tokenizer.chat_template").map(|v| v.to_string().unwrap().clone())
+    };
+    let with = tmp.path().join("with.gguf");
+    lorafit(&["export", "--model", &model, "--adapter", a.to_str().unwrap(), "--format", "gguf", "--quant", "f32", "--out", with.to_str().unwrap()]);
+    assert_eq!(template_of(&with).as_deref(), Some(trained));
+    // Without the adapter: the model's own (here none).
+    let base = tmp.path().join("base.gguf");
+    lorafit(&["export", "--model", &model, "--format", "gguf", "--quant", "f32", "--out", base.to_str().unwrap()]);
+    assert_eq!(template_of(&base), None);
+}

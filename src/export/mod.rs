@@ -271,7 +271,12 @@ fn write(o: &ExportOptions, parent: &Path, modelfile: Option<&Path>, t0: std::ti
     let vocab_size = config.get("vocab_size").and_then(Json::as_u64).context("config.json has no vocab_size")? as usize;
 
     let Plan { kvs, items, vocab, fallbacks, mut notes } = match o.format {
-        Format::Gguf => plan_model(&folded, &config, family, o.quant, vocab_size)?,
+        Format::Gguf => {
+            // The chat template an adapter was trained with (its lorafit.json) replaces the
+            // model's, as `merge` writes it into tokenizer_config.json.
+            let trained = o.adapters.iter().find_map(|(d, _)| crate::render::TemplateRecord::read(d).ok().flatten().and_then(|r| r.chat_template));
+            plan_model(&folded, &config, family, o.quant, vocab_size, trained)?
+        }
         Format::GgufLora => plan_lora(&folded, &config, family, o.quant)?,
     };
     let shapes: Vec<(String, GgmlType, Vec<usize>)> = items.iter().map(|it| (it.name.clone(), it.ty, it.shape.clone())).collect();
@@ -349,7 +354,7 @@ struct Plan {
 }
 
 /// Metadata and tensors of the merged model.
-fn plan_model(folded: &Folded, config: &Json, family: &arch::Family, quant: Quant, vocab_size: usize) -> Result<Plan> {
+fn plan_model(folded: &Folded, config: &Json, family: &arch::Family, quant: Quant, vocab_size: usize, trained_template: Option<String>) -> Result<Plan> {
     let mut items = vec![];
     for (name, (dt, shape)) in &folded.shapes {
         let Some((gname, transform)) = family.map(name)? else { continue };
@@ -382,8 +387,13 @@ fn plan_model(folded: &Folded, config: &Json, family: &arch::Family, quant: Quan
         .map(|f| format!("{} has rows of {} values, not a multiple of {}'s block of {}: written as {} (as llama.cpp does)", f.tensor, f.row, f.wanted.name(), f.wanted.block(), f.got.name()))
         .collect();
 
-    let vocab = vocab::build(&folded.files.dir, &folded.files.tokenizer, config, vocab_size)
+    let mut vocab = vocab::build(&folded.files.dir, &folded.files.tokenizer, config, vocab_size)
         .with_context(|| format!("the tokenizer of {} cannot be written to GGUF", folded.files.name))?;
+    if let Some(t) = trained_template {
+        vocab.kvs.retain(|(k, _)| k != "tokenizer.chat_template");
+        vocab.kvs.push(("tokenizer.chat_template".into(), Value::Str(t.clone())));
+        vocab.chat_template = Some(t);
+    }
     check_phi3_tokens(&model_name(folded), &vocab.kvs)?;
     let mut notes = vocab.notes.clone();
     notes.extend(arch::notes(config, family.arch));
