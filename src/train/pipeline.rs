@@ -21,10 +21,15 @@ use crate::outdir::OutDir;
 #[derive(Debug, Serialize)]
 pub struct PipelineSummary {
     pub sft: Option<super::sft::SftSummary>,
+    // A pipeline runs sft -> rm -> ppo, sft -> dpo or sft -> grpo: stages it has no table for
+    // are left out of the printed summary rather than shown as null.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rm: Option<super::rm::RmSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ppo: Option<super::ppo::PpoSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpo: Option<super::grpo::GrpoSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dpo: Option<super::dpo::DpoSummary>,
 }
 
