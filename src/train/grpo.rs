@@ -325,7 +325,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<GrpoSummary> {
 
     // 2. Data and rewards: every row has the fields the rewards read; each command answers.
     let limits = PromptLimits { section: "grpo", max_prompt_len: g.max_prompt_len, max_new_tokens: g.max_new_tokens, stop: &g.stop };
-    let (prompts, stop, eos) = load_prompts(cfg, &setup, &limits)?;
+    let super::prompts::Prompts { rows: prompts, stop, eos, .. } = load_prompts(cfg, &setup, &limits)?;
     let mut rewards = Rewards::new(&g.rewards)?;
     rewards.check_rows(&prompts.iter().map(|p| (&p.loc, &p.row)).collect::<Vec<_>>())?;
     let p0 = &prompts[0];
