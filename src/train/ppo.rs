@@ -28,7 +28,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::batch::{make_batch, SftExample};
@@ -72,15 +71,8 @@ struct UpdateStats {
     skipped: usize,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct PpoSummary {
-    pub out_dir: PathBuf,
-    pub iterations: usize,
-    pub first_reward_mean: Option<f64>,
-    pub last_reward_mean: Option<f64>,
-    pub last_kl_mean: Option<f64>,
-    pub peak_rss_bytes: Option<u64>,
-}
+/// summary.json: reward and KL of the first and last iterations, peak memory.
+pub type PpoSummary = super::session::RewardSummary;
 
 /// PPO as a [`Method`] of the training session.
 struct Ppo<'a> {
@@ -109,7 +101,7 @@ impl Ppo<'_> {
             top_k: p.top_k,
             top_p: p.top_p,
             repetition_penalty: 1.0,
-            seed: t.seed ^ (step as u64).wrapping_mul(0x9E3779B97F4A7C15),
+            seed: roles::rollout_seed(t.seed, step),
             stop_tokens: self.stop.clone(),
         };
         roles.activate(&[POLICY.into()]);
@@ -354,14 +346,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
     record.write(session.out())?;
 
     // 5. The run's record, and what to do with the policy.
-    let summary = PpoSummary {
-        out_dir: session.out().to_path_buf(),
-        iterations: s.steps,
-        first_reward_mean: s.first("reward_mean"),
-        last_reward_mean: s.last("reward_mean"),
-        last_kl_mean: s.last("kl_mean"),
-        peak_rss_bytes: s.peak_rss_bytes,
-    };
+    let summary = PpoSummary::new(session.out(), &s);
     let headline = format!(
         "{} iterations, reward {:.3} -> {:.3}, KL {:.4}, peak memory {}",
         s.steps,
