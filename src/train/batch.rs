@@ -114,8 +114,9 @@ pub fn evaluating<T>(model: &Model, f: impl FnOnce() -> Result<T>) -> Result<T> 
     out
 }
 
-/// Prompts (text or messages) through `r`, each at most `max_len` tokens. Returns the ids and
-/// how many were cut.
+/// Prompts (text or messages) through `r`, each at most `max_len` tokens, cut as the methods
+/// that generate cut them (`prompts.rs`): for `lorafit plan`'s lengths. Returns the ids and how
+/// many were cut.
 pub fn tokenize_prompt_examples<'e>(prompts: impl Iterator<Item = &'e crate::data::Prompt>, r: &crate::render::Renderer, max_len: usize) -> Result<(Vec<Vec<u32>>, usize)> {
     let mut cut = 0;
     let mut out = vec![];
