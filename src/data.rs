@@ -891,35 +891,26 @@ pub fn read_examples(path: &Path, stage: Stage, skip_bad_rows: bool) -> Result<(
     Ok((out, stats))
 }
 
-/// [`read_examples`], each example with its row as read (GRPO's `exact` and `command` rewards
-/// read the row's other fields, e.g. `answer`).
-pub fn read_examples_with_rows(path: &Path, stage: Stage, skip_bad_rows: bool) -> Result<(Vec<(Loc, Example, Value)>, ReadStats)> {
-    let mut stats = ReadStats::default();
-    let mut out = vec![];
-    for r in open_records(path)? {
-        match r? {
-            Record::Value(loc, v) => match parse_example(&v, &loc, stage) {
-                Ok(ex) => {
-                    stats.rows += 1;
-                    out.push((loc, ex, v));
-                }
-                Err(e) if skip_bad_rows => {
-                    tracing::warn!("skipping bad row: {e:#}");
-                    stats.skipped_bad += 1;
-                }
-                Err(e) => return Err(e),
-            },
-            Record::Bad(_, e) if skip_bad_rows => {
-                tracing::warn!("skipping bad row: {e:#}");
-                stats.skipped_bad += 1;
-            }
-            Record::Bad(_, e) => return Err(e),
-        }
+/// The prompts of a data file as [`read_stage`] reads them (`Stage::Prompts`), each with its
+/// row as read (GRPO's `exact` and `command` rewards read the row's other fields, e.g.
+/// `answer`). Returns the rows and the number of bad rows skipped.
+pub fn read_prompt_rows(path: &Path, skip_bad_rows: bool) -> Result<(Vec<(Loc, Example, Value)>, usize)> {
+    let (records, bad) = read_records_skipping(path, skip_bad_rows)?;
+    let (rows, skipped) = parse_rows(path, &records, skip_bad_rows, |v, loc| Ok((loc.clone(), prompt_example(v, loc)?, v.clone())))?;
+    Ok((rows, bad + skipped))
+}
+
+/// A `Stage::Prompts` row: a conversation (its trailing answer dropped), or a text row's
+/// `"prompt"` field, as lorafit always read PPO prompts.
+fn prompt_example(v: &Value, loc: &Loc) -> Result<Example> {
+    if is_conversational(v) {
+        return parse_example(v, loc, Stage::Prompts);
     }
-    if stats.rows == 0 {
-        bail!("{}: no usable rows ({} skipped)", path.display(), stats.skipped_bad)
+    let p = str_field(v, loc, "prompt")?;
+    if p.trim().is_empty() {
+        bail!("{loc}: field \"prompt\" is empty")
     }
-    Ok((out, stats))
+    Ok(Example::Prompt(Prompt::Text(p.to_string())))
 }
 
 // ---- Rows for a training stage -------------------------------------------------------------
@@ -974,13 +965,7 @@ pub fn read_stage(path: &Path, stage: Stage, skip_bad_rows: bool) -> Result<Stag
                     let r = ranked_row(v, loc)?;
                     Example::Ranked { prompt: Prompt::Text(r.prompt), completions: r.completions.into_iter().map(Completion::Text).collect(), pairs: r.pairs }
                 }
-                Stage::Prompts => {
-                    let p = str_field(v, loc, "prompt")?;
-                    if p.trim().is_empty() {
-                        bail!("{loc}: field \"prompt\" is empty")
-                    }
-                    Example::Prompt(Prompt::Text(p.to_string()))
-                }
+                Stage::Prompts => prompt_example(v, loc)?,
                 Stage::Any => parse_example(v, loc, stage)?,
             }
         };

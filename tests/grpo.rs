@@ -130,15 +130,7 @@ fn killed_grpo_resumes_to_the_same_adapter() {
     };
     let (full, cut) = (dir.path().join("full"), dir.path().join("cut"));
     assert!(std::process::Command::new(bin).args(args(&full)).env("RUST_LOG", "warn").status().unwrap().success());
-    let mut child = std::process::Command::new(bin).args(args(&cut)).env("RUST_LOG", "warn").spawn().unwrap();
-    let t0 = std::time::Instant::now();
-    while lorafit::train::checkpoint::list(&cut).unwrap().is_empty() {
-        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(!cut.join("summary.json").exists(), "the run was killed before finishing");
+    common::kill_at_first_checkpoint(&args(&cut), &cut, std::time::Duration::from_millis(2));
     let mut resume = args(&cut);
     resume.push("--resume".into());
     assert!(std::process::Command::new(bin).args(resume).env("RUST_LOG", "warn").status().unwrap().success());

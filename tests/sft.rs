@@ -147,15 +147,7 @@ fn killed_run_resumes_to_the_same_adapter() {
     assert!(ok.success());
 
     // Start again, SIGKILL once a checkpoint exists, then resume.
-    let mut child = std::process::Command::new(bin).args(args(&cut)).env("RUST_LOG", "warn").spawn().unwrap();
-    let t0 = std::time::Instant::now();
-    while lorafit::train::checkpoint::list(&cut).unwrap().is_empty() {
-        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(!cut.join("summary.json").exists(), "the run was killed before finishing");
+    common::kill_at_first_checkpoint(&args(&cut), &cut, std::time::Duration::from_millis(5));
     let mut resume = args(&cut);
     resume.push("--resume".into());
     let ok = std::process::Command::new(bin).args(resume).env("RUST_LOG", "warn").status().unwrap();

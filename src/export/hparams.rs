@@ -23,7 +23,7 @@ fn int(c: &Json, keys: &[&str]) -> Result<u32> {
 /// the parameters are per attention kind (`full_attention` / `sliding_attention`).
 fn rope_params(c: &Json) -> Json {
     let mut p = c.get("rope_parameters").or_else(|| c.get("rope_scaling")).filter(|v| v.is_object()).cloned().unwrap_or(serde_json::json!({}));
-    let o = p.as_object_mut().expect("an object");
+    let o = p.as_object_mut().expect("an object"); // filtered to objects (or `{}`) above
     if !o.contains_key("full_attention") && !o.contains_key("sliding_attention") {
         if let Some(t) = ["rope_local_base_freq", "local_rope_theta"].iter().find_map(|k| c.get(*k).filter(|v| v.is_number())) {
             o.insert("sliding_attention".into(), serde_json::json!({"rope_theta": t}));
@@ -87,15 +87,14 @@ pub fn base_hparams(c: &Json) -> Result<Vec<(&'static str, Value)>> {
     }
     let p = rope_params(c);
     let fr = full_rope(&p);
-    let factor = fr.get("factor").and_then(Json::as_f64);
-    match fr.get("rope_type").and_then(Json::as_str) {
-        Some("linear") if factor.is_some() => {
+    match (fr.get("rope_type").and_then(Json::as_str), fr.get("factor").and_then(Json::as_f64)) {
+        (Some("linear"), Some(factor)) => {
             v.push(("rope.scaling.type", Value::Str("linear".into())));
-            v.push(("rope.scaling.factor", f32v(factor.unwrap())));
+            v.push(("rope.scaling.factor", f32v(factor)));
         }
-        Some("yarn") if factor.is_some() => {
+        (Some("yarn"), Some(factor)) => {
             v.push(("rope.scaling.type", Value::Str("yarn".into())));
-            v.push(("rope.scaling.factor", f32v(factor.unwrap())));
+            v.push(("rope.scaling.factor", f32v(factor)));
             let orig = fr.get("original_max_position_embeddings").and_then(Json::as_f64).context("yarn rope_parameters without original_max_position_embeddings")?;
             v.push(("rope.scaling.original_context_length", Value::U32(orig as u32)));
             for (k, keys) in [
@@ -109,9 +108,9 @@ pub fn base_hparams(c: &Json) -> Result<Vec<(&'static str, Value)>> {
                 }
             }
         }
-        Some("su" | "longrope") => v.push(("rope.scaling.type", Value::Str("longrope".into()))),
+        (Some("su" | "longrope"), _) => v.push(("rope.scaling.type", Value::Str("longrope".into()))),
         // default: nothing; llama3: the rope_freqs tensor; dynamic: llama.cpp has no NTK scaling.
-        Some("dynamic") => bail!("rope_type \"dynamic\" (NTK-aware scaling): llama.cpp has no such RoPE, so it would compute other logits than transformers"),
+        (Some("dynamic"), _) => bail!("rope_type \"dynamic\" (NTK-aware scaling): llama.cpp has no such RoPE, so it would compute other logits than transformers"),
         _ => {}
     }
     if let Some(t) = fr.get("rope_theta").and_then(Json::as_f64) {

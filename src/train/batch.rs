@@ -114,17 +114,9 @@ pub fn evaluating<T>(model: &Model, f: impl FnOnce() -> Result<T>) -> Result<T> 
     out
 }
 
-/// Prompts through the `{prompt}` template, each cut from the left to `max_len` tokens (the end
-/// of a prompt is what the answer follows), by the renderer every stage uses
-/// ([`crate::render::Renderer::encode_prompt_fit`]). Returns the ids and how many were cut.
-pub fn tokenize_prompts(prompts: &[String], tok: &crate::tokenizer::Tokenizer, template: &crate::template::Template, max_len: usize) -> Result<(Vec<Vec<u32>>, usize)> {
-    let r = crate::render::Renderer::with_prompt_template(tok, template.clone(), crate::render::RenderConfig::default())?;
-    let exs: Vec<crate::data::Prompt> = prompts.iter().map(|p| crate::data::Prompt::Text(p.clone())).collect();
-    tokenize_prompt_examples(exs.iter(), &r, max_len)
-}
-
-/// Prompts (text or messages) through `r`, each at most `max_len` tokens. Returns the ids and
-/// how many were cut.
+/// Prompts (text or messages) through `r`, each at most `max_len` tokens, cut as the methods
+/// that generate cut them (`prompts.rs`): for `lorafit plan`'s lengths. Returns the ids and how
+/// many were cut.
 pub fn tokenize_prompt_examples<'e>(prompts: impl Iterator<Item = &'e crate::data::Prompt>, r: &crate::render::Renderer, max_len: usize) -> Result<(Vec<Vec<u32>>, usize)> {
     let mut cut = 0;
     let mut out = vec![];

@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::batch::{lora_config, make_batch, Batch, SftExample};
@@ -33,7 +32,7 @@ use super::grpo_math::{group_advantages, grpo_loss, mean_std, token_weights, Los
 use super::grpo_rewards::{Rewards, Scored};
 use super::plot::PanelSpec;
 use super::prompts::{load_prompts, PromptLimits, PromptRow};
-use super::roles::{Roles, POLICY, REFERENCE};
+use super::roles::{self, Roles, POLICY, REFERENCE};
 use super::session::{Method, PhaseTimes, Session, StepOut, Trainer};
 use super::{forward_backward, GradAccum, Setup, Start};
 use crate::generate::{generate_with_logprobs, SamplingConfig};
@@ -68,15 +67,8 @@ struct Rollout {
     entropy: f64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct GrpoSummary {
-    pub out_dir: PathBuf,
-    pub iterations: usize,
-    pub first_reward_mean: Option<f64>,
-    pub last_reward_mean: Option<f64>,
-    pub last_kl_mean: Option<f64>,
-    pub peak_rss_bytes: Option<u64>,
-}
+/// summary.json: reward and KL of the first and last iterations, peak memory.
+pub type GrpoSummary = super::session::RewardSummary;
 
 /// GRPO as a [`Method`] of the training session.
 struct Grpo<'a> {
@@ -121,7 +113,7 @@ impl Grpo<'_> {
             top_k: g.top_k,
             top_p: g.top_p,
             repetition_penalty: 1.0,
-            seed: t.seed ^ (step as u64).wrapping_mul(0x9E3779B97F4A7C15),
+            seed: roles::rollout_seed(t.seed, step),
             stop_tokens: self.stop.clone(),
         };
         self.activate(&[POLICY]);
@@ -325,7 +317,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<GrpoSummary> {
 
     // 2. Data and rewards: every row has the fields the rewards read; each command answers.
     let limits = PromptLimits { section: "grpo", max_prompt_len: g.max_prompt_len, max_new_tokens: g.max_new_tokens, stop: &g.stop };
-    let (prompts, stop, eos) = load_prompts(cfg, &setup, &limits)?;
+    let super::prompts::Prompts { rows: prompts, stop, eos, .. } = load_prompts(cfg, &setup, &limits)?;
     let mut rewards = Rewards::new(&g.rewards)?;
     rewards.check_rows(&prompts.iter().map(|p| (&p.loc, &p.row)).collect::<Vec<_>>())?;
     let p0 = &prompts[0];
@@ -367,14 +359,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<GrpoSummary> {
     let s = session.train(&model, &policy, vars, &mut method)?;
 
     // 5. The run's record, and what to do with the policy.
-    let summary = GrpoSummary {
-        out_dir: session.out().to_path_buf(),
-        iterations: s.steps,
-        first_reward_mean: s.first("reward_mean"),
-        last_reward_mean: s.last("reward_mean"),
-        last_kl_mean: s.last("kl_mean"),
-        peak_rss_bytes: s.peak_rss_bytes,
-    };
+    let summary = GrpoSummary::new(session.out(), &s);
     let headline = format!(
         "{} iterations, reward {:.3} -> {:.3}, peak memory {}",
         s.steps,

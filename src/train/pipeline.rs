@@ -69,13 +69,75 @@ fn resolve(file: &Path, sets: &[String]) -> Result<(String, [TrainConfig; 3])> {
         }
         out.push(TrainConfig::from_table(t, &format!("{} [stages.{stage}]", file.display()))?.for_stage(stage));
     }
-    Ok((root, out.try_into().map_err(|_| anyhow::anyhow!("three stages")).unwrap()))
+    Ok((root, out.try_into().map_err(|_| anyhow::anyhow!("three stages"))?))
 }
 
 /// A stage's summary.json (a finished stage that `--resume` skips).
 fn read_summary<S: serde::de::DeserializeOwned>(cfg: &TrainConfig) -> Result<S> {
     let p = Path::new(&cfg.out.dir).join("summary.json");
     serde_json::from_str(&std::fs::read_to_string(&p)?).with_context(|| format!("{}: cannot read the stage's summary", p.display()))
+}
+
+/// Checks that no stage reads from `root`, locks it (a second pipeline into it fails at once)
+/// and marks it as lorafit's.
+fn lock_root(root: &str, stages: &[&TrainConfig]) -> Result<OutDir> {
+    let inputs: Vec<(&str, &Path)> = stages
+        .iter()
+        .flat_map(|c| [("model.name", Path::new(&c.model.name)), ("data.path", Path::new(&c.data.path)), ("data.eval_path", Path::new(&c.data.eval_path))])
+        .collect();
+    crate::outdir::check_not_input(Path::new(root), "out.dir", &inputs)?;
+    let dir = OutDir::lock(Path::new(root))?;
+    if dir.contents()?.is_empty() || dir.marker().is_some() {
+        dir.write_marker("pipeline", &[])?;
+    }
+    Ok(dir)
+}
+
+/// Whether `--resume` skips the stage: it has a summary.json.
+fn finished(cfg: &TrainConfig, start: Start) -> bool {
+    start == Start::Resume && Path::new(&cfg.out.dir).join("summary.json").is_file()
+}
+
+/// How an unfinished stage starts: `--resume` resumes its last checkpoint, restarts one that
+/// stopped before its first checkpoint (lorafit's own partial output), or starts it fresh.
+fn stage_start(cfg: &TrainConfig, start: Start) -> Start {
+    let out = Path::new(&cfg.out.dir);
+    match start {
+        Start::Resume if super::checkpoint::list(out).map(|l| !l.is_empty()).unwrap_or(false) => Start::Resume,
+        Start::Resume if super::session::RUN_FILES.iter().any(|f| out.join(f).exists()) => Start::Force,
+        Start::Resume => Start::Fresh,
+        s => s,
+    }
+}
+
+/// A stage's summary: read when `--resume` skips it, else from running it.
+fn stage<S: serde::de::DeserializeOwned>(cfg: &TrainConfig, start: Start, name: &str, what: &str, run_stage: fn(&TrainConfig, Start) -> Result<S>) -> Result<S> {
+    if finished(cfg, start) {
+        return read_summary(cfg);
+    }
+    tracing::info!("{what} -> {}", cfg.out.dir);
+    run_stage(cfg, stage_start(cfg, start)).with_context(|| format!("pipeline stage {name}"))
+}
+
+/// SFT, then a second stage that starts from its adapter (DPO, GRPO), each skipped when
+/// finished and resuming, as [`run`] does for the three stages.
+fn run_sft_then<S: serde::de::DeserializeOwned>(
+    root: &str,
+    sft: &TrainConfig,
+    second: &TrainConfig,
+    start: Start,
+    name: &str,
+    what: &str,
+    run_second: fn(&TrainConfig, Start) -> Result<S>,
+) -> Result<(super::sft::SftSummary, S)> {
+    let dir = lock_root(root, &[sft, second])?;
+    let sft_s = stage(sft, start, "sft", "1/2: SFT", super::sft::run)?;
+    let second_s = stage(second, start, name, &format!("2/2: {what}"), run_second)?;
+    tracing::info!("done: sft and {name} in {root}");
+    let (m, policy) = (super::session::shell_word(&second.model.name), super::session::shell_word(&second.out.dir));
+    tracing::info!("next: lorafit generate --model {m} --adapter {policy} --prompt \"...\"");
+    drop(dir);
+    Ok((sft_s, second_s))
 }
 
 /// Runs the three stages in order. `Start::Resume` skips finished stages (those with a
@@ -90,48 +152,12 @@ pub fn run(file: &Path, sets: &[String], start: Start) -> Result<PipelineSummary
         return run_sft_dpo(&root, cfgs, start);
     }
     let (root, [sft, rm, ppo]) = resolve(file, sets)?;
-    // The root is locked while the pipeline runs (a second pipeline into it fails at once).
-    let inputs: Vec<(&str, &Path)> = [&sft, &rm, &ppo]
-        .iter()
-        .flat_map(|c| [("model.name", Path::new(&c.model.name)), ("data.path", Path::new(&c.data.path)), ("data.eval_path", Path::new(&c.data.eval_path))])
-        .collect();
-    crate::outdir::check_not_input(Path::new(&root), "out.dir", &inputs)?;
-    let dir = OutDir::lock(Path::new(&root))?;
-    if dir.contents()?.is_empty() || dir.marker().is_some() {
-        dir.write_marker("pipeline", &[])?;
-    }
-    let finished = |cfg: &TrainConfig| start == Start::Resume && Path::new(&cfg.out.dir).join("summary.json").is_file();
-    let how = |cfg: &TrainConfig| -> Start {
-        let out = Path::new(&cfg.out.dir);
-        let has_run = super::session::RUN_FILES.iter().any(|f| out.join(f).exists());
-        match start {
-            Start::Resume if super::checkpoint::list(out).map(|l| !l.is_empty()).unwrap_or(false) => Start::Resume,
-            // Stopped before its first checkpoint: lorafit's own partial output, started again.
-            Start::Resume if has_run => Start::Force,
-            Start::Resume => Start::Fresh,
-            s => s,
-        }
-    };
-    let all_done = finished(&sft) && finished(&rm) && finished(&ppo);
+    let dir = lock_root(&root, &[&sft, &rm, &ppo])?;
+    let all_done = [&sft, &rm, &ppo].iter().all(|c| finished(c, start));
     let summary = PipelineSummary {
-        sft: Some(if finished(&sft) {
-            read_summary(&sft)?
-        } else {
-            tracing::info!("1/3: SFT -> {}", sft.out.dir);
-            super::sft::run(&sft, how(&sft)).context("pipeline stage sft")?
-        }),
-        rm: Some(if finished(&rm) {
-            read_summary(&rm)?
-        } else {
-            tracing::info!("2/3: reward model -> {}", rm.out.dir);
-            super::rm::run(&rm, how(&rm)).context("pipeline stage rm")?
-        }),
-        ppo: Some(if finished(&ppo) {
-            read_summary(&ppo)?
-        } else {
-            tracing::info!("3/3: PPO -> {}", ppo.out.dir);
-            super::ppo::run(&ppo, how(&ppo)).context("pipeline stage ppo")?
-        }),
+        sft: Some(stage(&sft, start, "sft", "1/3: SFT", super::sft::run)?),
+        rm: Some(stage(&rm, start, "rm", "2/3: reward model", super::rm::run)?),
+        ppo: Some(stage(&ppo, start, "ppo", "3/3: PPO", super::ppo::run)?),
         grpo: None,
         dpo: None,
     };
@@ -190,41 +216,7 @@ pub fn resolve_sft_dpo(file: &Path, sets: &[String]) -> Result<Option<(String, [
 
 /// Runs SFT, then DPO from its adapter; `Start::Resume` as in [`run`].
 fn run_sft_dpo(root: &str, [sft, dpo]: [TrainConfig; 2], start: Start) -> Result<PipelineSummary> {
-    let inputs: Vec<(&str, &Path)> = [&sft, &dpo]
-        .iter()
-        .flat_map(|c| [("model.name", Path::new(&c.model.name)), ("data.path", Path::new(&c.data.path)), ("data.eval_path", Path::new(&c.data.eval_path))])
-        .collect();
-    crate::outdir::check_not_input(Path::new(root), "out.dir", &inputs)?;
-    let dir = OutDir::lock(Path::new(root))?;
-    if dir.contents()?.is_empty() || dir.marker().is_some() {
-        dir.write_marker("pipeline", &[])?;
-    }
-    let finished = |cfg: &TrainConfig| start == Start::Resume && Path::new(&cfg.out.dir).join("summary.json").is_file();
-    let how = |cfg: &TrainConfig| -> Start {
-        let out = Path::new(&cfg.out.dir);
-        match start {
-            Start::Resume if super::checkpoint::list(out).map(|l| !l.is_empty()).unwrap_or(false) => Start::Resume,
-            Start::Resume if super::session::RUN_FILES.iter().any(|f| out.join(f).exists()) => Start::Force,
-            Start::Resume => Start::Fresh,
-            s => s,
-        }
-    };
-    let sft_s = if finished(&sft) {
-        read_summary(&sft)?
-    } else {
-        tracing::info!("1/2: SFT -> {}", sft.out.dir);
-        super::sft::run(&sft, how(&sft)).context("pipeline stage sft")?
-    };
-    let dpo_s = if finished(&dpo) {
-        read_summary(&dpo)?
-    } else {
-        tracing::info!("2/2: DPO ({}) -> {}", dpo.dpo.loss, dpo.out.dir);
-        super::dpo::run(&dpo, how(&dpo)).context("pipeline stage dpo")?
-    };
-    tracing::info!("done: sft and dpo in {root}");
-    let (m, policy) = (super::session::shell_word(&dpo.model.name), super::session::shell_word(&dpo.out.dir));
-    tracing::info!("next: lorafit generate --model {m} --adapter {policy} --prompt \"...\"");
-    drop(dir);
+    let (sft_s, dpo_s) = run_sft_then(root, &sft, &dpo, start, "dpo", &format!("DPO ({})", dpo.dpo.loss), super::dpo::run)?;
     Ok(PipelineSummary { sft: Some(sft_s), rm: None, ppo: None, dpo: Some(dpo_s), grpo: None })
 }
 
@@ -255,46 +247,12 @@ pub fn grpo_stages(file: &Path, sets: &[String]) -> Result<Option<(String, Train
         }
         out.push(TrainConfig::from_table(t, &format!("{} [stages.{stage}]", file.display()))?.for_stage(stage));
     }
-    let grpo = out.pop().unwrap();
-    Ok(Some((root, out.pop().unwrap(), grpo)))
+    let [sft, grpo]: [TrainConfig; 2] = out.try_into().map_err(|_| anyhow::anyhow!("two stages"))?;
+    Ok(Some((root, sft, grpo)))
 }
 
 /// SFT then GRPO, each skipped when finished and resuming, as [`run`] does for the three stages.
 fn run_sft_grpo(root: &str, sft: TrainConfig, grpo: TrainConfig, start: Start) -> Result<PipelineSummary> {
-    let inputs: Vec<(&str, &Path)> = [&sft, &grpo]
-        .iter()
-        .flat_map(|c| [("model.name", Path::new(&c.model.name)), ("data.path", Path::new(&c.data.path)), ("data.eval_path", Path::new(&c.data.eval_path))])
-        .collect();
-    crate::outdir::check_not_input(Path::new(root), "out.dir", &inputs)?;
-    let dir = OutDir::lock(Path::new(root))?;
-    if dir.contents()?.is_empty() || dir.marker().is_some() {
-        dir.write_marker("pipeline", &[])?;
-    }
-    let finished = |cfg: &TrainConfig| start == Start::Resume && Path::new(&cfg.out.dir).join("summary.json").is_file();
-    let how = |cfg: &TrainConfig| -> Start {
-        let out = Path::new(&cfg.out.dir);
-        match start {
-            Start::Resume if super::checkpoint::list(out).map(|l| !l.is_empty()).unwrap_or(false) => Start::Resume,
-            Start::Resume if super::session::RUN_FILES.iter().any(|f| out.join(f).exists()) => Start::Force,
-            Start::Resume => Start::Fresh,
-            s => s,
-        }
-    };
-    let sft_summary = if finished(&sft) {
-        read_summary(&sft)?
-    } else {
-        tracing::info!("1/2: SFT -> {}", sft.out.dir);
-        super::sft::run(&sft, how(&sft)).context("pipeline stage sft")?
-    };
-    let grpo_summary = if finished(&grpo) {
-        read_summary(&grpo)?
-    } else {
-        tracing::info!("2/2: GRPO -> {}", grpo.out.dir);
-        super::grpo::run(&grpo, how(&grpo)).context("pipeline stage grpo")?
-    };
-    tracing::info!("done: sft and grpo in {root}");
-    let (m, policy) = (super::session::shell_word(&grpo.model.name), super::session::shell_word(&grpo.out.dir));
-    tracing::info!("next: lorafit generate --model {m} --adapter {policy} --prompt \"...\"");
-    drop(dir);
-    Ok(PipelineSummary { sft: Some(sft_summary), rm: None, ppo: None, dpo: None, grpo: Some(grpo_summary) })
+    let (sft_s, grpo_s) = run_sft_then(root, &sft, &grpo, start, "grpo", "GRPO", super::grpo::run)?;
+    Ok(PipelineSummary { sft: Some(sft_s), rm: None, ppo: None, dpo: None, grpo: Some(grpo_s) })
 }

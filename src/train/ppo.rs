@@ -24,22 +24,21 @@
 //! optimizer (with the f16 loss scaler) and export are the session's (`session.rs`).
 use std::cell::RefCell;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::batch::{make_batch, tokenize_prompt_examples, SftExample};
+use super::batch::{make_batch, SftExample};
 use super::config::TrainConfig;
 use super::plot::PanelSpec;
 use super::ppo_math::{adapt_kl_coef, clipped_policy_loss, clipped_value_loss, gae, kl_rewards, shape_scores, whiten};
+use super::prompts::{load_prompts, PromptLimits};
 use super::roles::{self, Roles, POLICY};
 use super::session::{Method, PhaseTimes, Session, StepOut, Trainer};
 use super::{epoch_batches, forward_backward, GradAccum, Setup, Start};
 use crate::generate::{generate_with_logprobs, SamplingConfig};
-use crate::render::{RenderConfig, Renderer, TemplateRecord};
 use crate::runtime::fmt_bytes;
 use crate::tokenizer::Tokenizer;
 
@@ -72,15 +71,8 @@ struct UpdateStats {
     skipped: usize,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct PpoSummary {
-    pub out_dir: PathBuf,
-    pub iterations: usize,
-    pub first_reward_mean: Option<f64>,
-    pub last_reward_mean: Option<f64>,
-    pub last_kl_mean: Option<f64>,
-    pub peak_rss_bytes: Option<u64>,
-}
+/// summary.json: reward and KL of the first and last iterations, peak memory.
+pub type PpoSummary = super::session::RewardSummary;
 
 /// PPO as a [`Method`] of the training session.
 struct Ppo<'a> {
@@ -109,7 +101,7 @@ impl Ppo<'_> {
             top_k: p.top_k,
             top_p: p.top_p,
             repetition_penalty: 1.0,
-            seed: t.seed ^ (step as u64).wrapping_mul(0x9E3779B97F4A7C15),
+            seed: roles::rollout_seed(t.seed, step),
             stop_tokens: self.stop.clone(),
         };
         roles.activate(&[POLICY.into()]);
@@ -312,53 +304,6 @@ impl Method for Ppo<'_> {
     }
 }
 
-/// The prompts through the renderer every stage uses (`{prompt}` template or chat template
-/// with the generation prompt; cut to `ppo.max_prompt_len`, earlier exchanges first), the stop
-/// tokens, the token the reward model reads a cut response at (eos; the chat template's
-/// end-of-turn when prompts are conversations, as `rm` trained on), and the template record.
-fn load_data(cfg: &TrainConfig, setup: &Setup) -> Result<(Vec<Vec<u32>>, Vec<u32>, u32, TemplateRecord)> {
-    let (p, tok) = (&cfg.ppo, &setup.tok);
-    let eos = tok.eos_id.context("the tokenizer has no end-of-sequence token")?;
-    if p.max_prompt_len + p.max_new_tokens > setup.arch.max_positions() {
-        bail!(
-            "ppo.max_prompt_len ({}) + ppo.max_new_tokens ({}) exceed the model's context of {} tokens",
-            p.max_prompt_len, p.max_new_tokens, setup.arch.max_positions()
-        )
-    }
-    let r = Renderer::new(tok, &setup.files.dir, RenderConfig::from_data(&cfg.data)?)?;
-    let read = crate::data::read_stage(Path::new(&cfg.data.path), crate::data::Stage::Prompts, cfg.data.skip_bad_rows)?;
-    let prompts: Vec<&crate::data::Prompt> = read.rows.iter().filter_map(|(_, e)| if let crate::data::Example::Prompt(p) = e { Some(p) } else { None }).collect();
-    let (ids, cut) = tokenize_prompt_examples(prompts.iter().copied(), &r, p.max_prompt_len)?;
-    let chat = read.rows.iter().any(|(_, e)| r.uses_chat(e));
-    let mut stop = vec![eos];
-    let mut end = eos;
-    if chat {
-        // A conversation's answer ends at the template's end-of-turn (ChatML `<|im_end|>`) or
-        // one of the model's end ids.
-        let eot = r.end_of_turn_ids();
-        end = eot.first().copied().unwrap_or(eos);
-        for &i in eot.iter().chain(&tok.end_ids) {
-            if !stop.contains(&i) {
-                stop.push(i);
-            }
-        }
-    }
-    for s in &p.stop {
-        match tok.encode_plain(s)?.as_slice() {
-            [id] => stop.push(*id),
-            other => bail!("ppo.stop {s:?} is {} tokens; a stop text must be a single token", other.len()),
-        }
-    }
-    tracing::info!(
-        "data: {} prompts ({}; {cut} cut to {} tokens, {} bad rows skipped)",
-        prompts.len(),
-        r.describe(),
-        p.max_prompt_len,
-        read.skipped_bad
-    );
-    Ok((ids, stop, end, r.record(read.rows.iter().any(|(_, e)| !r.uses_chat(e)), chat)))
-}
-
 /// Runs (or resumes) PPO as configured.
 pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
     let _span = tracing::info_span!("ppo").entered();
@@ -381,8 +326,11 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
     let setup = Setup::new(cfg)?;
     let (device, tok) = (setup.device.clone(), &setup.tok);
 
-    // 2. Data: the prompts through the template, cut to max_prompt_len; the stop tokens.
-    let (prompts, stop, eos, record) = load_data(cfg, &setup)?;
+    // 2. Data: the prompts through the template, cut to max_prompt_len; the stop tokens; the
+    //    token the reward model reads a cut response at (eos, or the chat end-of-turn).
+    let limits = PromptLimits { section: "ppo", max_prompt_len: p.max_prompt_len, max_new_tokens: p.max_new_tokens, stop: &p.stop };
+    let data = load_prompts(cfg, &setup, &limits)?;
+    let (prompts, stop, eos, record) = (data.rows.into_iter().map(|r| r.ids).collect(), data.stop, data.end, data.record);
 
     // 3. The roles: adapters over the one base, loaded once; on --resume, the checkpoint's.
     let (model, policy, parts) = roles::load(&setup, cfg, session.resume_dir())?;
@@ -398,14 +346,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<PpoSummary> {
     record.write(session.out())?;
 
     // 5. The run's record, and what to do with the policy.
-    let summary = PpoSummary {
-        out_dir: session.out().to_path_buf(),
-        iterations: s.steps,
-        first_reward_mean: s.first("reward_mean"),
-        last_reward_mean: s.last("reward_mean"),
-        last_kl_mean: s.last("kl_mean"),
-        peak_rss_bytes: s.peak_rss_bytes,
-    };
+    let summary = PpoSummary::new(session.out(), &s);
     let headline = format!(
         "{} iterations, reward {:.3} -> {:.3}, KL {:.4}, peak memory {}",
         s.steps,

@@ -24,6 +24,11 @@ pub const REWARD: &str = "reward";
 pub const CRITIC: &str = "critic";
 pub const V_HEAD_KEY: &str = "v_head.weight";
 
+/// The sampling seed of rollout `step` (a resumed run samples what the uninterrupted one did).
+pub fn rollout_seed(seed: u64, step: usize) -> u64 {
+    seed ^ (step as u64).wrapping_mul(0x9E3779B97F4A7C15)
+}
+
 /// The roles, the value head and the settings of a run.
 pub struct Roles<'a> {
     pub model: &'a Model,

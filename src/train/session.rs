@@ -233,6 +233,31 @@ impl Record {
     }
 }
 
+/// The summary.json of a method that generates and is rewarded (PPO, GRPO).
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct RewardSummary {
+    pub out_dir: PathBuf,
+    pub iterations: usize,
+    pub first_reward_mean: Option<f64>,
+    pub last_reward_mean: Option<f64>,
+    pub last_kl_mean: Option<f64>,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl RewardSummary {
+    /// From the run's record (`reward_mean` and `kl_mean` of its metrics lines).
+    pub fn new(out_dir: &Path, s: &Record) -> Self {
+        Self {
+            out_dir: out_dir.to_path_buf(),
+            iterations: s.steps,
+            first_reward_mean: s.first("reward_mean"),
+            last_reward_mean: s.last("reward_mean"),
+            last_kl_mean: s.last("kl_mean"),
+            peak_rss_bytes: s.peak_rss_bytes,
+        }
+    }
+}
+
 /// A training run's claim on its output folder, and its loop.
 pub struct Session<'c> {
     pub cfg: &'c TrainConfig,

@@ -85,3 +85,18 @@ pub fn shared_asset(rel: &str) -> Option<PathBuf> {
         None
     }
 }
+
+/// Starts `lorafit args` and SIGKILLs it once `out` holds a checkpoint (checking every
+/// `poll`), before it finished: the first half of the resume tests, whose resumed run must
+/// reach the uninterrupted run's adapter.
+pub fn kill_at_first_checkpoint(args: &[String], out: &Path, poll: std::time::Duration) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lorafit")).args(args).env("RUST_LOG", "warn").spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while lorafit::train::checkpoint::list(out).unwrap().is_empty() {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(poll);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out.join("summary.json").exists(), "the run was killed before finishing");
+}
