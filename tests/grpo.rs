@@ -107,6 +107,9 @@ fn a_regex_reward_rises_and_the_metrics_are_all_there() {
     assert_eq!(m[0]["kl_mean"].as_f64().unwrap(), 0.0, "policy = reference before the first update");
     assert!(m.iter().all(|l| l["kl_mean"].as_f64().unwrap() >= 0.0), "k3 is never negative");
     assert!(out.join("adapter_model.safetensors").is_file() && out.join("reward.png").is_file());
+    // The adapter records the template its prompts went through, as sft / rm / ppo adapters do.
+    let rec = lorafit::render::TemplateRecord::read(&out).unwrap().expect("lorafit.json records the template");
+    assert!(rec.prompt_template.is_some() || rec.chat_template.is_some(), "{rec:?}");
 
     // β = 0: no reference pass (no KL logged); Dr. GRPO / DAPO settings run too.
     let out = dir.path().join("nokl");

@@ -81,7 +81,8 @@ struct Grpo<'a> {
     reward_models: Vec<(Vec<String>, RewardHead)>,
     has_reference: bool,
     stop: Vec<u32>,
-    eos: u32,
+    /// The token a reward model reads a cut completion at (eos, or the end-of-turn for chats).
+    end: u32,
     pad: u32,
     device: Device,
     out: PathBuf,
@@ -131,7 +132,8 @@ impl Grpo<'_> {
             .collect::<Result<_>>()?;
         self.laps.lap("generate");
 
-        // 2. Rewards: reward models on `prompt + completion (+ eos if cut)`, then the rules and
+        // 2. Rewards: reward models on `prompt + completion (+ the end token if cut: eos, or the
+        //    chat template's end-of-turn for conversations, where `lorafit rm` reads), then the rules and
         //    commands; the weighted total; advantages within each group.
         let _no_grad = model.adapters.no_grad();
         let mut model_scores = vec![];
@@ -141,8 +143,8 @@ impl Grpo<'_> {
                 .iter()
                 .map(|e| {
                     let mut s = e.ids.clone();
-                    if s.last() != Some(&self.eos) && s.len() < model.arch.max_positions() {
-                        s.push(self.eos);
+                    if s.last() != Some(&self.end) && s.len() < model.arch.max_positions() {
+                        s.push(self.end);
                     }
                     s
                 })
@@ -317,7 +319,7 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<GrpoSummary> {
 
     // 2. Data and rewards: every row has the fields the rewards read; each command answers.
     let limits = PromptLimits { section: "grpo", max_prompt_len: g.max_prompt_len, max_new_tokens: g.max_new_tokens, stop: &g.stop };
-    let super::prompts::Prompts { rows: prompts, stop, eos, .. } = load_prompts(cfg, &setup, &limits)?;
+    let super::prompts::Prompts { rows: prompts, stop, end, record, .. } = load_prompts(cfg, &setup, &limits)?;
     let mut rewards = Rewards::new(&g.rewards)?;
     rewards.check_rows(&prompts.iter().map(|p| (&p.loc, &p.row)).collect::<Vec<_>>())?;
     let p0 = &prompts[0];
@@ -354,9 +356,10 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<GrpoSummary> {
     let out = session.out().to_path_buf();
     let mut method = Grpo {
         cfg, model: &model, tok, prompts, rewards, reward_models, has_reference: has_reference && g.beta > 0.0,
-        stop, eos, pad: tok.padding_id(), device, out, laps: PhaseTimes::start(),
+        stop, end, pad: tok.padding_id(), device, out, laps: PhaseTimes::start(),
     };
     let s = session.train(&model, &policy, vars, &mut method)?;
+    record.write(session.out())?; // the templates the prompts went through (chat / generate / merge use them)
 
     // 5. The run's record, and what to do with the policy.
     let summary = GrpoSummary::new(session.out(), &s);
