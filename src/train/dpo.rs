@@ -354,8 +354,8 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<DpoSummary> {
     let renderer = Renderer::new(tok, &setup.files.dir, rc)?;
     let (train, eval, stats) = load_pairs(&cfg.data, cfg.train.seed, &renderer)?;
     tracing::info!(
-        "data: {} rows -> {} pairs -> {} train / {} eval; {} identical skipped, {} prompts longer than max_len, {} truncated, {} bad rows skipped",
-        stats.rows, stats.pairs, train.len(), eval.len(), stats.identical, stats.prompt_too_long, stats.truncated, stats.skipped_bad
+        "data: {} rows -> {} pairs -> {} train / {} eval; {} identical skipped, {} prompts longer than max_len, {} truncated ({} rows cut on the prompt side), {} bad rows skipped",
+        stats.rows, stats.pairs, train.len(), eval.len(), stats.identical, stats.prompt_too_long, stats.truncated, stats.prompt_cut, stats.skipped_bad
     );
 
     // 3. The model: [reference = the SFT adapter, frozen] + the policy (a trainable copy of the
