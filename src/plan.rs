@@ -39,8 +39,8 @@
 //!   steps (mb sequences, mb·new labels), with the entropy's full logits when `ent_coef` > 0;
 //!   all roles share one base.
 //! - DPO: one pair (chosen + rejected, 2 sequences of the pair's longer length) per
-//!   forward/backward, the gradients accumulated; the no-grad reference (and eval) pass of
-//!   `batch_size` pairs, unless orpo/simpo; the frozen SFT adapter with `dpo.sft_adapter`.
+//!   forward/backward, the gradients accumulated; the no-grad reference pass of one pair (none
+//!   for orpo/simpo), the eval pass of `batch_size` pairs; the frozen SFT adapter with `dpo.sft_adapter`.
 //! - GRPO: generation of prompts × `group_size` with a KV cache (as PPO), the reference
 //!   (β > 0) and reward-model passes one group at a time without a graph, and the update's
 //!   forward/backward one group at a time (group_size sequences of prompt + new tokens).
@@ -384,17 +384,21 @@ impl Run<'_> {
             }
             "dpo" => {
                 // One pair (chosen + rejected, 2 sequences) per forward/backward, the gradients
-                // accumulated; the reference (or eval) pass of `batch_size` pairs has no graph.
+                // accumulated; the reference and eval passes have no graph.
                 let pairs = self.data.pairs().map_or(bs, |n| bs.min(n)) as f64;
                 let with_ref = crate::train::dpo_math::LossType::parse(&cfg.dpo.loss).map_or(true, |l| l.needs_reference());
                 let labels = self.data.learned(1).map_or(2.0 * (t - 1.0), |l| l as f64);
                 let (step, slack, what) = self.pass(&Pass { b: 2.0, t, labels, dropout: cfg.lora.lora_dropout > 0.0, active: 1.0, at_loss: 0.0 });
-                let ref_labels = self.data.learned(bs).map_or(2.0 * pairs * (t - 1.0), |l| l as f64);
-                let reference = self.infer(2.0 * pairs, t) + self.head_infer(ref_labels);
+                // Training's reference pass goes one pair at a time (as the policy's); the eval
+                // pass, when there is held-out data, `batch_size` pairs at a time.
+                let eval = cfg.data.eval_fraction > 0.0 || !cfg.data.eval_path.is_empty();
+                let per = if eval { pairs } else { 1.0 };
+                let ref_labels = self.data.learned(if eval { bs } else { 1 }).map_or(2.0 * per * (t - 1.0), |l| l as f64);
+                let reference = if with_ref || eval { self.infer(2.0 * per, t) + self.head_infer(ref_labels) } else { 0.0 };
                 let stacked = with_ref && !cfg.dpo.sft_adapter.is_empty();
                 let adapters = 16.0 * lp + if stacked { 4.0 * lp } else { 0.0 };
                 if reference > step + slack {
-                    let what = if with_ref { "no-grad reference / eval pass of a batch of pairs" } else { "no-grad eval pass of a batch of pairs" };
+                    let what = if eval { "no-grad eval pass of a batch of pairs" } else { "no-grad reference pass of a pair" };
                     (adapters, vec![(what.into(), reference)], "reference")
                 } else {
                     (adapters, vec![(format!("one pair's forward/backward: activations + peak op ({what})"), step), ("allocator slack".into(), slack)], "train step")
