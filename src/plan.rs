@@ -38,6 +38,12 @@
 //! - PPO: KV cache B·L·2·K·(prompt+new)·e during rollouts, no-grad passes, then SFT-like minibatch
 //!   steps (mb sequences, mb·new labels), with the entropy's full logits when `ent_coef` > 0;
 //!   all roles share one base.
+//! - DPO: one pair (chosen + rejected, 2 sequences of the pair's longer length) per
+//!   forward/backward, the gradients accumulated; the no-grad reference pass of one pair (none
+//!   for orpo/simpo), the eval pass of `batch_size` pairs; the frozen SFT adapter with `dpo.sft_adapter`.
+//! - GRPO: generation of prompts × `group_size` with a KV cache (as PPO), the reference
+//!   (β > 0) and reward-model passes one group at a time without a graph, and the update's
+//!   forward/backward one group at a time (group_size sequences of prompt + new tokens).
 //! - NF4: + (12 + e)·in·out for the largest linear, dequantized per pass (`quant.rs`).
 //! - bf16 on the CPU: candle widens each matmul's operands to f32; the LM head's (4·V·C +
 //!   4·rows·V) is added to the loss's working set.
@@ -95,7 +101,8 @@ pub struct PlanArgs {
     /// Overrides model.quantize: none or nf4.
     #[arg(long)]
     pub quantize: Option<String>,
-    /// sft, rm or ppo (default: sft; with a pipeline config, every stage).
+    /// sft, rm, ppo, dpo or grpo (default: dpo / grpo for a config with that table, else sft;
+    /// with a pipeline config, every stage).
     #[arg(long)]
     pub stage: Option<String>,
     /// Memory available: 8GiB, 16GB, 500MiB ... (RAM on CPU, GPU memory on cuda).
@@ -336,6 +343,11 @@ impl Run<'_> {
         4.0 * b * t * t + 10.0 * n * s.c * self.e + (12.0 * b * s.h * t * t).max(2.0 * n * s.f * self.e)
     }
 
+    /// The LM head's no-grad log-probs of `labels` rows, `train.loss_chunk` rows at a time.
+    fn head_infer(&self, labels: f64) -> f64 {
+        12.0 * (self.cfg.train.loss_chunk as f64).min(labels) * self.s.v
+    }
+
     /// The peak phase's components (bytes; they sum to the peak), the phase, and the load peak.
     fn phases(&self) -> (Vec<(String, f64)>, &'static str, f64) {
         let (s, cfg, e) = (self.s, self.cfg, self.e);
@@ -368,6 +380,50 @@ impl Run<'_> {
                     (adapters, vec![(what.into(), roll)], "rollout")
                 } else {
                     (adapters, vec![(format!("minibatch step: activations + peak op ({what})"), step), ("allocator slack".into(), slack)], "train step")
+                }
+            }
+            "dpo" => {
+                // One pair (chosen + rejected, 2 sequences) per forward/backward, the gradients
+                // accumulated; the reference and eval passes have no graph.
+                let pairs = self.data.pairs().map_or(bs, |n| bs.min(n)) as f64;
+                let with_ref = crate::train::dpo_math::LossType::parse(&cfg.dpo.loss).map_or(true, |l| l.needs_reference());
+                let labels = self.data.learned(1).map_or(2.0 * (t - 1.0), |l| l as f64);
+                let (step, slack, what) = self.pass(&Pass { b: 2.0, t, labels, dropout: cfg.lora.lora_dropout > 0.0, active: 1.0, at_loss: 0.0 });
+                // Training's reference pass goes one pair at a time (as the policy's); the eval
+                // pass, when there is held-out data, `batch_size` pairs at a time.
+                let eval = cfg.data.eval_fraction > 0.0 || !cfg.data.eval_path.is_empty();
+                let per = if eval { pairs } else { 1.0 };
+                let ref_labels = self.data.learned(if eval { bs } else { 1 }).map_or(2.0 * per * (t - 1.0), |l| l as f64);
+                let reference = if with_ref || eval { self.infer(2.0 * per, t) + self.head_infer(ref_labels) } else { 0.0 };
+                let stacked = with_ref && !cfg.dpo.sft_adapter.is_empty();
+                let adapters = 16.0 * lp + if stacked { 4.0 * lp } else { 0.0 };
+                if reference > step + slack {
+                    let what = if eval { "no-grad eval pass of a batch of pairs" } else { "no-grad reference pass of a pair" };
+                    (adapters, vec![(what.into(), reference)], "reference")
+                } else {
+                    (adapters, vec![(format!("one pair's forward/backward: activations + peak op ({what})"), step), ("allocator slack".into(), slack)], "train step")
+                }
+            }
+            "grpo" => {
+                let g = &cfg.grpo;
+                let tp = self.data.longest().map_or(g.max_prompt_len, |l| l.min(g.max_prompt_len)) as f64;
+                let (new, group) = (g.max_new_tokens as f64, g.group_size as f64);
+                // Generation: every prompt group_size times in one batch, KV-cached, with the
+                // sampler's logits per step; then reference and reward passes per group, no graph.
+                let nb = b * group;
+                let kv = |t: f64| nb * s.l * 2.0 * s.k * t * e;
+                let gen = (kv(tp + new) + 2.0 * kv(tp + new) / s.l).max(kv(tp) + self.infer(nb, tp)) + 16.0 * nb * s.v;
+                let scoring = self.infer(group, tp + new + 1.0) + self.head_infer(group * new);
+                let roll = gen.max(scoring);
+                let (step, slack, what) = self.pass(&Pass { b: group, t: tp + new, labels: group * new, dropout: false, active: 1.0, at_loss: 0.0 });
+                let models = g.rewards.iter().filter(|r| r.kind == "model").count() as f64;
+                let stacked = g.beta > 0.0 && !g.sft_adapter.is_empty();
+                let adapters = 16.0 * lp + if stacked { 4.0 * lp } else { 0.0 } + models * (4.0 * lp + 4.0 * s.c);
+                if roll > step + slack {
+                    let what = if gen >= scoring { "KV cache of the groups + generation" } else { "no-grad reference / reward pass of a group" };
+                    (adapters, vec![(what.into(), roll)], "rollout")
+                } else {
+                    (adapters, vec![(format!("one group's forward/backward: activations + peak op ({what})"), step), ("allocator slack".into(), slack)], "train step")
                 }
             }
             stage => {
@@ -435,6 +491,9 @@ impl<'a> Run<'a> {
         let dtype = if e == 4.0 { "f32".into() } else if cfg.model.dtype == "auto" { "bf16".into() } else { cfg.model.dtype.clone() };
         let lora = crate::train::sft::lora_config(cfg, &base.arch);
         lora.check_values("lora.")?;
+        if stage == "dpo" {
+            crate::train::dpo_math::LossType::parse(&cfg.dpo.loss)?;
+        }
         Ok(Run { s: &base.shape, cfg, lora, stage, gpu, e, dtype, nf4, data })
     }
 }
@@ -477,7 +536,7 @@ fn plan_config(base: &Base, cfg: &TrainConfig, stage: &str, data: &data::Measure
 }
 
 fn check_stage(stage: &str) -> Result<()> {
-    anyhow::ensure!(matches!(stage, "sft" | "rm" | "ppo"), "--stage {stage}: expected sft, rm or ppo");
+    anyhow::ensure!(matches!(stage, "sft" | "rm" | "ppo" | "dpo" | "grpo"), "--stage {stage}: expected sft, rm, ppo, dpo or grpo");
     Ok(())
 }
 
@@ -506,26 +565,43 @@ pub fn run(a: PlanArgs) -> Result<()> {
     }
     let flags = [("model.name", &a.model), ("model.device", &a.device), ("model.dtype", &a.dtype), ("model.quantize", &a.quantize)];
     let quote = |v: &str| toml::Value::String(v.to_string()).to_string();
-    let pipeline = match &a.config {
-        Some(p) => crate::train::config::read_table(Some(p))?.contains_key("stages"),
-        None => false,
+    let table = match &a.config {
+        Some(p) => Some(crate::train::config::read_table(Some(p))?),
+        None => None,
     };
+    let pipeline = table.as_ref().is_some_and(|t| t.contains_key("stages"));
+    // The stages of a pipeline: sft -> dpo, sft -> grpo, or sft -> rm -> ppo.
+    let stages_of = |k: &str| table.as_ref().and_then(|t| t.get("stages")).and_then(|s| s.get(k)).is_some();
+    let names: &[&str] = if stages_of("dpo") { &["sft", "dpo"] } else if stages_of("grpo") { &["sft", "grpo"] } else { &["sft", "rm", "ppo"] };
+    // A single config with a [dpo] or [grpo] table is planned as that method unless --stage says.
+    let has = |k: &str| table.as_ref().is_some_and(|t| t.contains_key(k));
+    let single = if has("dpo") { "dpo" } else if has("grpo") { "grpo" } else { "sft" };
     let plans = if pipeline {
         let file = a.config.as_deref().expect("a pipeline has a config");
         // The flags win over the stages' own tables, as in `lorafit pipeline`.
         let mut sets = a.set.clone();
         for (key, v) in flags {
             if let Some(v) = v {
-                sets.extend(["sft", "rm", "ppo"].map(|s| format!("stages.{s}.{key}={}", quote(v))));
+                sets.extend(names.iter().map(|s| format!("stages.{s}.{key}={}", quote(v))));
             }
         }
         if let Some(d) = &a.data {
             let stage = a.stage.as_deref().context("--data with a pipeline config: say which stage reads it with --stage (or --set stages.<stage>.data.path=...)")?;
             sets.push(format!("stages.{stage}.data.path={}", quote(d)));
         }
-        let cfgs = crate::train::pipeline::stage_configs(file, &sets)?;
+        let cfgs: Vec<TrainConfig> = match names[1] {
+            "dpo" => crate::train::pipeline::resolve_sft_dpo(file, &sets)?.context("a pipeline with [stages.dpo]")?.1.into(),
+            "grpo" => {
+                let (_, sft, grpo) = crate::train::pipeline::grpo_stages(file, &sets)?.context("a pipeline with [stages.grpo]")?;
+                vec![sft, grpo]
+            }
+            _ => crate::train::pipeline::stage_configs(file, &sets)?.into(),
+        };
+        if let Some(s) = &a.stage {
+            anyhow::ensure!(names.contains(&s.as_str()), "--stage {s}: {} has the stages {}", file.display(), names.join(", "));
+        }
         let mut plans = vec![];
-        for (stage, cfg) in ["sft", "rm", "ppo"].into_iter().zip(&cfgs) {
+        for (&stage, cfg) in names.iter().zip(&cfgs) {
             if a.stage.as_deref().is_none_or(|s| s == stage) {
                 plans.push(plan_stage(cfg, stage, budget, &format!("stages.{stage}.")).with_context(|| format!("{}: stage {stage}", file.display()))?);
             }
@@ -539,7 +615,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
             }
         }
         let cfg = TrainConfig::load(a.config.as_deref(), &sets)?;
-        vec![plan_stage(&cfg, a.stage.as_deref().unwrap_or("sft"), budget, "")?]
+        let stage = a.stage.as_deref().unwrap_or(single);
+        vec![plan_stage(&cfg, stage, budget, "")?]
     };
     if a.json {
         let out = if pipeline {

@@ -759,6 +759,29 @@ impl Renderer<'_> {
         Ok(out)
     }
 
+    /// A ranked row as the pairwise methods (`dpo`) learn it: [`Self::encode_example`]'s
+    /// sequences when they fit `max_len`; else cut as [`Self::encode_reward`] cuts them
+    /// (earlier exchanges first, then prompt tokens from the left), so that each completion and
+    /// its end token stay whole when they fit (the sequences of one pair may then keep
+    /// different amounts of prompt). Text completions lose a leading quote as in `encode_example`.
+    pub fn encode_pair(&self, ex: &Example) -> Result<Vec<Encoded>> {
+        let enc = self.encode_example(ex)?;
+        if !enc.iter().any(Encoded::truncated) {
+            return Ok(enc);
+        }
+        let mut ex = ex.clone();
+        if let (true, Example::Ranked { completions, .. }) = (self.cfg.strip_leading_quote, &mut ex) {
+            for c in completions {
+                if let crate::data::Completion::Text(t) = c {
+                    if let Some(rest) = t.strip_prefix('\'') {
+                        *t = rest.to_string();
+                    }
+                }
+            }
+        }
+        self.encode_reward(&ex)
+    }
+
     /// A conversation as the reward model scores it (`lorafit score`): its last assistant turn
     /// learned, the sequence ending at that turn's last token (see [`Self::encode_reward`]).
     pub fn encode_reward_chat(&self, msgs: &[Message]) -> Result<Encoded> {
@@ -985,10 +1008,11 @@ pub fn run_render(a: RenderArgs) -> Result<()> {
             return Ok(());
         }
         shown += 1;
-        // What the stage trains on: the reward model scores each completion up to its end;
-        // PPO generates after the prompt (cut to ppo.max_prompt_len).
+        // What the stage trains on: the reward model scores each completion up to its end (DPO
+        // too when a row is too long); PPO generates after the prompt (cut to ppo.max_prompt_len).
         let seqs = match (a.stage.as_str(), &ex) {
             ("rm", Example::Ranked { .. }) => r.encode_reward(&ex),
+            ("dpo", Example::Ranked { .. }) => r.encode_pair(&ex),
             ("ppo" | "grpo", Example::Prompt(p)) => r.encode_prompt_fit(p, cfg.ppo.max_prompt_len).map(|e| vec![e]),
             _ => r.encode_example(&ex),
         }

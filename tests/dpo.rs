@@ -125,9 +125,9 @@ fn first_step_loss_is_ln2_with_a_fresh_adapter_or_an_sft_copy() {
         assert_eq!(s.first_loss, Some(ln2), "sft adapter {sft:?}: the policy equals the reference at step 1");
         assert!(s.final_loss.unwrap() < ln2, "the second step learned: {:?}", s.final_loss);
         // Bad input of the fixture file: its identical pair is skipped and counted; its
-        // conversation, rendered through the built-in chat template, is cut by the 64-token
-        // window before its answers differ: skipped and counted too.
-        assert_eq!((s.data.rows, s.data.identical, s.data.dropped, s.data.pairs), (8, 1, 1, 8));
+        // conversation, rendered through the built-in chat template, is longer than the
+        // 64-token window: cut on the prompt side as `rm` cuts it (counted), both answers kept.
+        assert_eq!((s.data.rows, s.data.identical, s.data.dropped, s.data.prompt_cut, s.data.pairs), (8, 1, 0, 1, 9));
     }
 }
 

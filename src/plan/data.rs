@@ -1,7 +1,8 @@
 //! What `lorafit plan` reads from the data: the rows as the stage would tokenize them
-//! (`train::sft::prepare`, `train::rm::prepare`, PPO's prompt cut), so the plan sizes the
-//! largest micro-batch the run will build (its longest rows, padded to the longest) and an RM
-//! batch by its real completions per prompt. Without a data file, or without the tokenizer,
+//! (`train::sft::prepare`, `train::rm::prepare`, DPO's `train::pairs::read_pairs`, the PPO /
+//! GRPO prompt cut), so the plan sizes the largest micro-batch the run will build (its longest
+//! rows, padded to the longest), an RM batch by its real completions per prompt and a DPO pass
+//! by its longest pair. Without a data file, or without the tokenizer,
 //! the plan says what it assumed instead.
 use std::path::Path;
 
@@ -22,6 +23,8 @@ pub struct DataStats {
     pub longest_tokens: Option<usize>,
     /// RM: the most completions one prompt has.
     pub max_completions: Option<usize>,
+    /// DPO: the preference pairs the rows give (rankings expand to several; None: not tokenized).
+    pub pairs: Option<usize>,
 }
 
 impl DataStats {
@@ -32,6 +35,9 @@ impl DataStats {
         }
         if let Some(k) = self.max_completions {
             s += &format!(", up to {k} completions per prompt");
+        }
+        if let Some(p) = self.pairs {
+            s += &format!(", {p} pairs");
         }
         s
     }
@@ -45,6 +51,8 @@ pub(super) struct Measured {
     lens: Option<Vec<(usize, usize)>>,
     /// RM: completions of each prompt, most first.
     ks: Option<Vec<usize>>,
+    /// DPO: the pairs read (the unit of a micro-batch).
+    pairs: Option<usize>,
     /// Why nothing (or nothing tokenized) was read.
     why: Option<String>,
 }
@@ -88,11 +96,23 @@ impl Measured {
                 }
                 read.rows.len()
             }
-            "ppo" => {
+            "dpo" => match &renderer {
+                // The pairs as `dpo` renders them (`train::pairs`): (longer sequence, learned
+                // tokens of both); the rows without the tokenizer.
+                Some(r) => {
+                    let (pairs, stats) = crate::train::pairs::read_pairs(path, r, d.skip_bad_rows)?;
+                    m.lens = Some(pairs.iter().map(|p| (p.len(), p.chosen.n_targets() + p.rejected.n_targets())).collect());
+                    m.pairs = Some(pairs.len());
+                    stats.rows
+                }
+                None => crate::data::open_records(path)?.filter(|r| matches!(r, Ok(crate::data::Record::Value(..)))).count(),
+            },
+            "ppo" | "grpo" => {
                 let read = crate::data::read_stage(path, crate::data::Stage::Prompts, d.skip_bad_rows)?;
                 let prompts: Vec<&crate::data::Prompt> = read.rows.iter().filter_map(|(_, e)| if let crate::data::Example::Prompt(p) = e { Some(p) } else { None }).collect();
                 if let Some(r) = &renderer {
-                    let (ids, _) = crate::train::batch::tokenize_prompt_examples(prompts.iter().copied(), r, cfg.ppo.max_prompt_len)?;
+                    let max_prompt = if stage == "grpo" { cfg.grpo.max_prompt_len } else { cfg.ppo.max_prompt_len };
+                    let (ids, _) = crate::train::batch::tokenize_prompt_examples(prompts.iter().copied(), r, max_prompt)?;
                     m.lens = Some(ids.iter().map(|p| (p.len(), 0)).collect());
                 }
                 prompts.len()
@@ -113,13 +133,18 @@ impl Measured {
             m.why = Some(format!("the rows were not tokenized: no tokenizer.json next to {}", config_json.display()));
         }
         let longest = m.lens.as_ref().and_then(|l| l.first()).map(|x| x.0);
-        m.stats = Some(DataStats { path: d.path.clone(), rows, longest_tokens: longest, max_completions: m.ks.as_ref().and_then(|k| k.first().copied()) });
+        m.stats = Some(DataStats { path: d.path.clone(), rows, longest_tokens: longest, max_completions: m.ks.as_ref().and_then(|k| k.first().copied()), pairs: m.pairs });
         Ok(m)
     }
 
     /// Rows read (None: not read).
     pub fn rows(&self) -> Option<usize> {
         self.stats.as_ref().map(|s| s.rows)
+    }
+
+    /// DPO: pairs read (None: not tokenized).
+    pub fn pairs(&self) -> Option<usize> {
+        self.pairs
     }
 
     /// Tokens of the longest row (None: not tokenized).
@@ -144,6 +169,8 @@ impl Measured {
         if self.lens.is_none() {
             out.push(match stage {
                 "ppo" => format!("every prompt fills ppo.max_prompt_len = {} tokens ({why})", cfg.ppo.max_prompt_len),
+                "grpo" => format!("every prompt fills grpo.max_prompt_len = {} tokens ({why})", cfg.grpo.max_prompt_len),
+                "dpo" => format!("every pair's sequences fill data.max_len = {} tokens, all of them learned but the first ({why})", cfg.data.max_len),
                 _ => format!("every row fills data.max_len = {} tokens ({why})", cfg.data.max_len),
             });
         }

@@ -9,9 +9,10 @@
 //!    (no graph, no dropout); with `dpo.precompute_ref` computed once for the whole data before
 //!    the first step and kept in the checkpoints (a resumed run does not recompute them);
 //!    orpo and simpo skip it;
-//! 2. `update`: chosen and rejected of each pair in ONE batch through the policy, the summed
-//!    log-prob of each completion's tokens, the pair losses, their mean over the step's pairs
-//!    (ORPO adds the mean NLL of the chosen completions' tokens), one AdamW update.
+//! 2. `update`: chosen and rejected of each pair in ONE batch through the policy (one pair per
+//!    forward/backward, the gradients accumulated: the peak keeps one pair's activations), the
+//!    summed log-prob of each completion's tokens, the pair losses, their mean over the step's
+//!    pairs (ORPO adds the mean NLL of the chosen completions' tokens), one AdamW update.
 //! Every pair counts once, as in TRL (a K-way ranking's C(K,2) pairs are K(K-1)/2 items; `rm`'s
 //! 1/(pairs of the prompt) weighting is not applied), and the held-out split is by row.
 //! With a fresh adapter the policy equals the reference, so the first `sigmoid` loss is ln 2.
@@ -106,13 +107,15 @@ impl Dpo<'_> {
         }
     }
 
-    /// Reference log-probs of `items` of `pairs`: from `cache`, or a pass per batch.
-    fn reference(&self, pairs: &[Pair], items: &[usize], cache: Option<&RefLogps>) -> Result<RefLogps> {
+    /// Reference log-probs of `items` of `pairs`: from `cache`, or a pass per `per` pairs (the
+    /// policy's batching: training passes one pair at a time, so that with a fresh adapter the
+    /// policy's log-probs equal the reference's bit for bit).
+    fn reference(&self, pairs: &[Pair], items: &[usize], cache: Option<&RefLogps>, per: usize) -> Result<RefLogps> {
         if let Some(c) = cache {
             return Ok(items.iter().map(|&i| c[i]).collect());
         }
         let mut out = Vec::with_capacity(items.len());
-        for chunk in items.chunks(self.cfg.train.batch_size) {
+        for chunk in items.chunks(per) {
             let pb = self.batch(&chunk.iter().map(|&i| &pairs[i]).collect::<Vec<_>>())?;
             let v: Vec<f32> = self.reference_pass(&pb)?.to_vec1()?;
             out.extend((0..pb.n).map(|k| [v[k], v[pb.n + k]]));
@@ -178,7 +181,7 @@ impl Dpo<'_> {
         }
         let t0 = std::time::Instant::now();
         let all: Vec<usize> = (0..self.train.len()).collect();
-        self.ref_train = Some(self.reference(self.train, &all, None)?);
+        self.ref_train = Some(self.reference(self.train, &all, None, 1)?);
         let s = t0.elapsed().as_secs_f64();
         tracing::info!("reference log-probs of {} pairs precomputed in {s:.1} s", self.train.len());
         Ok(Some(s))
@@ -189,11 +192,11 @@ impl Dpo<'_> {
         let all: Vec<usize> = (0..self.eval.len()).collect();
         let with_ref = self.p.loss.needs_reference();
         if with_ref && self.cfg.dpo.precompute_ref && self.ref_eval.borrow().is_none() {
-            *self.ref_eval.borrow_mut() = Some(self.reference(self.eval, &all, None)?);
+            *self.ref_eval.borrow_mut() = Some(self.reference(self.eval, &all, None, self.cfg.train.batch_size)?);
         }
         let (mut loss, mut nll, mut tokens, mut sums) = (0.0, 0.0, 0.0, vec![0.0; SUMS.len()]);
         for chunk in all.chunks(self.cfg.train.batch_size) {
-            let refs = if with_ref { self.reference(self.eval, chunk, self.ref_eval.borrow().as_ref())? } else { vec![[0.0; 2]; chunk.len()] };
+            let refs = if with_ref { self.reference(self.eval, chunk, self.ref_eval.borrow().as_ref(), self.cfg.train.batch_size)? } else { vec![[0.0; 2]; chunk.len()] };
             let pb = self.batch(&chunk.iter().map(|&i| &self.eval[i]).collect::<Vec<_>>())?;
             let h = self.model.hidden(&pb.b.ids, &pb.b.pos, &pb.b.mask, None)?;
             let lp = sequence_logps(self.model, &h, &pb.b, &pb.sums, self.cfg.train.loss_chunk)?;
@@ -228,25 +231,29 @@ impl Method for Dpo<'_> {
     }
 
     fn step(&mut self, tr: &mut Trainer, batches: &[Vec<usize>]) -> Result<StepOut> {
-        // 1. Reference log-probs of the step's pairs (precomputed, or one pass per batch).
+        // 1. Reference log-probs of the step's pairs (precomputed, or one pass per pair).
         let precomputed = self.precompute()?;
         let mut phases = PhaseTimes::start();
         let refs: Vec<RefLogps> = if self.p.loss.needs_reference() {
-            batches.iter().map(|b| self.reference(self.train, b, self.ref_train.as_ref())).collect::<Result<_>>()?
+            batches.iter().map(|b| self.reference(self.train, b, self.ref_train.as_ref(), 1)).collect::<Result<_>>()?
         } else {
             batches.iter().map(|b| vec![[0.0; 2]; b.len()]).collect()
         };
         phases.lap("reference");
 
-        // 2. Policy forward/backward of each batch (chosen and rejected together), one update;
-        //    the loss is the mean over the step's pairs.
+        // 2. Policy forward/backward of each pair (its chosen and rejected together), the
+        //    gradients accumulated, one update; the loss is the mean over the step's pairs. One
+        //    pair at a time: the pair losses are independent, so the gradient is the batch's (up
+        //    to summation order) while only one pair's activations are kept (docs/BENCHMARKS.md, DPO).
         let items = batches.iter().flatten();
         let chosen_tokens: usize = items.clone().map(|&i| self.train[i].chosen.n_targets()).sum();
         self.step_size.set((items.count() as f64, chosen_tokens as f64));
+        let pairs: Vec<Vec<usize>> = batches.iter().flatten().map(|&i| vec![i]).collect();
+        let pair_refs: Vec<[f32; 2]> = refs.into_iter().flatten().collect();
         let mut k = 0;
-        let a = tr.accumulate(batches, |b| b.len() as f64, |b, denom, vars, acc| {
+        let a = tr.accumulate(&pairs, |b| b.len() as f64, |b, denom, vars, acc| {
             k += 1;
-            self.micro_step(b, &refs[k - 1], denom, vars, acc)
+            self.micro_step(b, &pair_refs[k - 1..k], denom, vars, acc)
         })?;
         phases.lap("update");
 
@@ -347,8 +354,8 @@ pub fn run(cfg: &TrainConfig, start: Start) -> Result<DpoSummary> {
     let renderer = Renderer::new(tok, &setup.files.dir, rc)?;
     let (train, eval, stats) = load_pairs(&cfg.data, cfg.train.seed, &renderer)?;
     tracing::info!(
-        "data: {} rows -> {} pairs -> {} train / {} eval; {} identical skipped, {} prompts longer than max_len, {} truncated, {} bad rows skipped",
-        stats.rows, stats.pairs, train.len(), eval.len(), stats.identical, stats.prompt_too_long, stats.truncated, stats.skipped_bad
+        "data: {} rows -> {} pairs -> {} train / {} eval; {} identical skipped, {} prompts longer than max_len, {} truncated ({} rows cut on the prompt side), {} bad rows skipped",
+        stats.rows, stats.pairs, train.len(), eval.len(), stats.identical, stats.prompt_too_long, stats.truncated, stats.prompt_cut, stats.skipped_bad
     );
 
     // 3. The model: [reference = the SFT adapter, frozen] + the policy (a trainable copy of the

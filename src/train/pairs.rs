@@ -6,8 +6,9 @@
 //! appended; the completion learned), and the summed log-prob of each sequence's learned
 //! tokens.
 //!
-//! Bad input: a pair whose chosen equals its rejected is skipped and counted; a prompt longer
-//! than `max_len` is counted (the sequence keeps its end, as in `sft`); a ranking of ties only
+//! Bad input: a pair whose chosen equals its rejected is skipped and counted; a row longer than
+//! `max_len` is cut on its prompt side as `rm` cuts it (counted; a prompt longer than `max_len`
+//! too), keeping the answers whole when they fit; a ranking of ties only
 //! and malformed rows are errors naming the file, row and field (or counted with
 //! `skip_bad_rows`).
 use std::path::Path;
@@ -52,6 +53,10 @@ pub struct PairStats {
     pub truncated: usize,
     /// Pairs that `max_len` cut to no completion token or to no difference (skipped).
     pub dropped: usize,
+    /// Rows too long for `max_len` whose sequences were cut on the prompt side (earlier
+    /// exchanges, then prompt tokens from the left) to keep the answers whole.
+    #[serde(default)]
+    pub prompt_cut: usize,
     pub skipped_bad: usize,
 }
 
@@ -60,7 +65,9 @@ fn identical_pair(v: &Value) -> bool {
     matches!((v.get("chosen"), v.get("rejected")), (Some(a), Some(b)) if a == b)
 }
 
-/// Reads and renders the pairs of a data file.
+/// Reads and renders the pairs of a data file ([`Renderer::encode_pair`]: a row too long for
+/// `max_len` loses its prompt side first, each completion and its end token kept whole when
+/// they fit).
 pub fn read_pairs(path: &Path, r: &Renderer, skip_bad_rows: bool) -> Result<(Vec<Pair>, PairStats)> {
     let mut stats = PairStats::default();
     let mut out = vec![];
@@ -92,8 +99,9 @@ pub fn read_pairs(path: &Path, r: &Renderer, skip_bad_rows: bool) -> Result<(Vec
         };
         stats.rows += 1;
         let Example::Ranked { prompt, pairs, .. } = &ex else { unreachable!("Stage::Preference gives ranked rows") };
-        let enc = r.encode_example(&ex).with_context(|| format!("{loc}"))?;
+        let enc = r.encode_pair(&ex).with_context(|| format!("{loc}"))?;
         let too_long = enc.iter().any(|e| e.truncated()) && r.encode_prompt(prompt)?.ids.len() > r.cfg.max_len;
+        stats.prompt_cut += usize::from(enc.iter().any(|e| e.truncated()));
         for &(c, j) in pairs {
             let (ec, ej) = (&enc[c], &enc[j]);
             let cut = ec.truncated() || ej.truncated();
@@ -119,6 +127,9 @@ pub fn read_pairs(path: &Path, r: &Renderer, skip_bad_rows: bool) -> Result<(Vec
     }
     if stats.dropped > 0 {
         tracing::warn!("{}: {} pairs skipped: data.max_len = {} cuts them to no completion token or to no difference", path.display(), stats.dropped, r.cfg.max_len);
+    }
+    if stats.prompt_cut > 0 {
+        tracing::info!("{}: {} rows longer than data.max_len = {} were cut on the prompt side (earlier exchanges, then prompt tokens from the left) to keep their answers", path.display(), stats.prompt_cut, r.cfg.max_len);
     }
     if stats.prompt_too_long > 0 {
         tracing::warn!("{}: {} pairs have a prompt longer than data.max_len = {} tokens (cut from the left)", path.display(), stats.prompt_too_long, r.cfg.max_len);
