@@ -98,7 +98,7 @@ pub fn read_pairs(path: &Path, r: &Renderer, skip_bad_rows: bool) -> Result<(Vec
             Err(e) => return Err(e),
         };
         stats.rows += 1;
-        let Example::Ranked { prompt, pairs, .. } = &ex else { unreachable!("Stage::Preference gives ranked rows") };
+        let Example::Ranked { prompt, pairs, .. } = &ex else { anyhow::bail!("{path:?}: row {}: not a ranked/pair row", stats.rows) };
         let enc = r.encode_pair(&ex).with_context(|| format!("{loc}"))?;
         let too_long = enc.iter().any(|e| e.truncated()) && r.encode_prompt(prompt)?.ids.len() > r.cfg.max_len;
         stats.prompt_cut += usize::from(enc.iter().any(|e| e.truncated()));

@@ -61,7 +61,7 @@ pub fn prepare_examples<'e>(exs: impl Iterator<Item = (Option<&'e Loc>, &'e Exam
     for (loc, ex) in exs {
         let seqs = r.encode_reward(ex).with_context(|| loc.map(|l| l.to_string()).unwrap_or_default())?;
         truncated += seqs.iter().filter(|e| e.truncated()).count();
-        let Example::Ranked { pairs, .. } = ex else { unreachable!("encode_reward takes ranked rows only") };
+        let Example::Ranked { pairs, .. } = ex else { anyhow::bail!("{}: not a ranked/pair row", loc.map(|l| l.to_string()).unwrap_or_default()) };
         out.push(RankedExample { seqs: seqs.into_iter().map(|e| e.ids).collect(), pairs: pairs.clone() });
     }
     Ok((out, truncated))
