@@ -126,3 +126,43 @@ fn merged_reward_model_is_the_folder_transformers_loaded() {
         }
     }
 }
+
+/// EXAONE 3.5 as transformers 5 saves it (`rope_parameters` holding the base, `num_hidden_layers`,
+/// no `rope_theta` nor epsilon key: ExaoneConfig's defaults, which differ from LlamaConfig's)
+/// merges to a LLaMA config that states them.
+#[test]
+fn exaone_in_transformers_5_form_merges_with_its_defaults_written_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("exaone5");
+    std::fs::create_dir(&base).unwrap();
+    let mut cfg = json(&dir("exaone").join("config.json"));
+    let o = cfg.as_object_mut().unwrap();
+    let mut rope = o.remove("rope_scaling").unwrap();
+    o.remove("rope_theta");
+    rope["rope_theta"] = 1e6.into();
+    o.insert("rope_parameters".into(), rope);
+    let layers = o.remove("num_layers").unwrap();
+    o.insert("num_hidden_layers".into(), layers);
+    o.remove("layer_norm_epsilon");
+    std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(dir("exaone").join(f), base.join(f)).unwrap();
+    }
+    let out = tmp.path().join("merged");
+    let o = lorafit::merge::MergeOptions {
+        model: base.display().to_string(),
+        adapters: vec![(dir("exaone").join("rm"), 1.0)],
+        out: out.clone(),
+        dtype: None,
+        force: false,
+        max_shard_size: 2_000_000_000,
+    };
+    lorafit::merge::merge(&o).unwrap();
+    let m = json(&out.join("config.json"));
+    assert_eq!((m["model_type"].as_str(), m["architectures"][0].as_str()), (Some("llama"), Some("LlamaForSequenceClassification")));
+    assert_eq!(m["rope_parameters"]["rope_theta"].as_f64(), Some(1e6));
+    assert_eq!(m["rope_parameters"]["rope_type"], "llama3");
+    assert!(m.get("rope_theta").is_none(), "{m}");
+    // ExaoneConfig's epsilon (LlamaConfig's default is 1e-6) and token ids, written out.
+    assert_eq!((m["rms_norm_eps"].as_f64(), m["num_hidden_layers"].as_u64(), m["pad_token_id"].as_u64()), (Some(1e-5), Some(2), Some(1)));
+}
