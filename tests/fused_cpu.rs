@@ -148,3 +148,19 @@ fn attention_softmax_kernels_equal_the_tensor_ops() {
         assert_eq!(max_rel(&softmax_backward_(dp.copy().unwrap(), &p, scale).unwrap(), &want), 0.0, "softmax backward");
     }
 }
+
+/// The kernels skip expf's underflow path for masked scores: the same bits as expf everywhere.
+#[test]
+fn expf_underflows_to_plus_zero_below_minus_104() {
+    let mut x = -104.0f32;
+    while x > -200.0 {
+        assert_eq!(x.exp().to_bits(), 0f32.to_bits(), "exp({x})");
+        x = f32::from_bits(x.to_bits() + 1); // the next f32 below
+        if x < -104.01 {
+            x *= 1.01;
+        }
+    }
+    assert_eq!((-1e9f32).exp().to_bits(), 0);
+    assert_eq!(f32::NEG_INFINITY.exp().to_bits(), 0);
+    assert!((-103.9f32).exp() > 0.0);
+}

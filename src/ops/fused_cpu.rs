@@ -203,6 +203,18 @@ fn vsum(v: &[f32]) -> f32 {
     r
 }
 
+/// `x.exp()`, with the masked entries (x far below -104, where expf underflows to +0) set to
+/// +0 directly: libm's underflow path (`__math_uflowf`, errno) cost 5% of an SFT step's CPU
+/// time in attention's causal softmax. Same bits as `exp` for every x.
+#[inline(always)]
+fn exp_or_zero(x: f32) -> f32 {
+    if x < -104.0 {
+        0.0
+    } else {
+        x.exp()
+    }
+}
+
 /// One row's dx, with the operations and roundings of the composed tensor formulas in
 /// `ops::layer_norm_pre` / `ops::rms_norm_pre` (candle's mean is `sum · (1/n) + 0`, a scalar add
 /// is `v · 1 + eps`), so both give the same bits. `t1`, `t2`: scratch rows.
@@ -287,7 +299,7 @@ impl CustomOp2 for SoftmaxXent {
             }
             let (zt, max) = (e[t], e.iter().copied().fold(f32::NEG_INFINITY, f32::max));
             for e in e.iter_mut() {
-                *e = (*e - max).exp();
+                *e = exp_or_zero(*e - max);
             }
             let sum = vsum(e);
             let nll = (sum.ln() + max) - zt;
@@ -361,7 +373,7 @@ impl InplaceOp2 for ScaledMaskedSoftmax {
             // SAFETY: reads tk values of row, writes one f32.
             unsafe { <f32 as VecOps>::vec_reduce_max(row.as_ptr(), &mut max, tk) };
             for x in row.iter_mut() {
-                *x = (*x - max).exp();
+                *x = exp_or_zero(*x - max);
             }
             let sum = vsum(row);
             for x in row.iter_mut() {
