@@ -43,7 +43,14 @@ fn sdpa_fwd(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64, cap: 
     let (h_kv, tk) = (k.dim(1)?, k.dim(2)?);
     let rep = h / h_kv;
     let q2 = q.reshape((b, h_kv, rep * t, d))?;
-    let mut s = (matmul(&q2, &k.t()?)? * scale)?.reshape((b, h, t, tk))?; // (B, H, T, Tk)
+    let raw = matmul(&q2, &k.t()?)?.reshape((b, h, t, tk))?; // (B, H, T, Tk)
+    if cap.is_none() && super::fused_cpu::usable(&[&raw, mask]) {
+        // scale, mask and softmax in one pass in the scores' buffer (ops/fused_cpu.rs)
+        let p = super::fused_cpu::scaled_masked_softmax_(raw, mask, scale)?.reshape((b, h_kv, rep * t, tk))?;
+        let y = matmul(&p, v)?.reshape((b, h, t, d))?;
+        return Ok((y, p));
+    }
+    let mut s = (raw * scale)?;
     if let Some(c) = cap {
         s = ((s / c)?.tanh()? * c)?;
     }
@@ -63,6 +70,12 @@ fn sdpa_bwd(q: &Tensor, k: &Tensor, v: &Tensor, p: &Tensor, g: &Tensor, scale: f
     let g = g.contiguous()?.reshape((b, h_kv, rep * t, d))?;
     let dv = matmul(&p.t()?, &g)?; // (B, H_kv, Tk, D)
     let dp = matmul(&g, &v.t()?)?.to_dtype(DType::F32)?; // (B, H_kv, rep·T, Tk)
+    if cap.is_none() && super::fused_cpu::usable(&[&dp, p]) {
+        let ds = super::fused_cpu::softmax_backward_(dp, p, scale)?; // one pass in dP's buffer
+        let dq = matmul(&ds, k)?.reshape((b, h, t, d))?;
+        let dk = matmul(&ds.t()?, &q.reshape((b, h_kv, rep * t, d))?)?;
+        return Ok((dq, dk, dv));
+    }
     let p32 = p.to_dtype(DType::F32)?;
     let dot = (&dp * &p32)?.sum_keepdim(D::Minus1)?;
     let mut ds = (p32 * dp.broadcast_sub(&dot)?)?; // dL/d(capped scores)

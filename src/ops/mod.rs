@@ -43,6 +43,7 @@
 //! | where (file, what)                          | device-specific branch                        | generic twin (what CUDA runs)                  |
 //! |---------------------------------------------|-----------------------------------------------|------------------------------------------------|
 //! | `src/ops/act.rs` (fast_cpu) `act`, `act_fwd`, `act_bwd` | one-pass f32 GELU / SiLU ops (`Act`, `ActGrad`) | `Pre` of candle's `gelu`/`silu` + the derivative as tensor ops |
+//! | `src/ops/fused_cpu.rs` (fast_cpu) `usable`: `linear.rs` dropout, LoRA update, dx; `layer_norm_pre` / `rms_norm_pre` backward; `lm_head_cross_entropy`'s softmax | one-pass f32 kernels (`drop_mul`, `add_dropped`, `norm_backward`) (`add_matmul`: candle's GEMM, then one pass), `softmax_xent` | the same formulas as tensor ops (`mask.to_dtype * keep * x`, `matmul * s + y`, the norms' composed backward, max/exp/sum/div/scatter_add) |
 //! | `src/ops/gemv.rs` (fast_cpu) `gemv`                    | AVX2 + FMA one-row f32 matrix-vector product  | `matmul_rows`' GEMM                             |
 //! | `src/ops/mod.rs` `matmul` (every GEMM in `ops/`)       | none; in generic mode it first checks cuBLAS's layout rule | candle's `matmul` (cuBLAS strided batched GEMM) |
 //! | `src/ops/mod.rs` `Precomputed::cpu` / `::cuda`         | candle's backend dispatch (`cpu_fwd` / `cuda_fwd`): not a fast path, one body (`Precomputed::storage`), the backend only picks the storage variant | the `cuda` arm, compiled by `scripts/check-cuda.sh` only |
@@ -56,6 +57,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub mod act;
 pub mod attention;
 pub mod family;
+pub mod fused_cpu;
 mod gemv;
 pub mod linear;
 
@@ -337,6 +339,9 @@ pub fn layer_norm_pre(gamma: &Tensor, beta: &Tensor, eps: f64) -> candle_core::R
             candle_nn::ops::layer_norm(&x32, &g32, &b32, eps as f32)?.to_dtype(dt)
         }),
         bwd: Arc::new(move |x, g| {
+            if fused_cpu::usable(&[x, g]) {
+                return fused_cpu::norm_backward(fused_cpu::Norm::Layer, x, g, &gamma_bwd, eps);
+            }
             let dt = x.dtype();
             let x = x.to_dtype(DType::F32)?;
             let g = g.to_dtype(DType::F32)?;
@@ -370,6 +375,9 @@ pub fn rms_norm_pre(gamma: &Tensor, eps: f64) -> candle_core::Result<Pre> {
             candle_nn::ops::rms_norm(&x32, &g32, eps as f32)?.to_dtype(dt)
         }),
         bwd: Arc::new(move |x, g| {
+            if fused_cpu::usable(&[x, g]) {
+                return fused_cpu::norm_backward(fused_cpu::Norm::Rms, x, g, &gamma_bwd, eps);
+            }
             let dt = x.dtype();
             let x = x.to_dtype(DType::F32)?;
             let gh = g.to_dtype(DType::F32)?.broadcast_mul(&gamma_bwd)?;
@@ -487,6 +495,17 @@ pub fn lm_head_cross_entropy_capped(h: &Tensor, w: &Tensor, targets: &Tensor, ch
                 let n = chunk.min(rows - s);
                 let hc = h.narrow(0, s, n)?;
                 let mut z = matmul(&hc, &w)?.to_dtype(DType::F32)?; // (n, V)
+                let t = targets.narrow(0, s, n)?; // (n,)
+                if cap.is_none() && fused_cpu::usable(&[&z]) {
+                    // One pass per row (ops/fused_cpu.rs), the same numbers as below.
+                    let (l, p) = fused_cpu::softmax_xent(&z, &t, scale, want_grad)?;
+                    drop(z);
+                    nll.push(l);
+                    if let Some(p) = p {
+                        dh.push(matmul(&p.to_dtype(dt)?, &w.t()?)?);
+                    }
+                    continue;
+                }
                 // Soft-capping: keep tanh for the gradient's (1 - tanh²).
                 let mut tanh = None;
                 if let Some(c) = cap {
@@ -497,7 +516,7 @@ pub fn lm_head_cross_entropy_capped(h: &Tensor, w: &Tensor, targets: &Tensor, ch
                 if scale != 1.0 {
                     z = (z * scale)?;
                 }
-                let t = targets.narrow(0, s, n)?.unsqueeze(1)?; // (n, 1)
+                let t = t.unsqueeze(1)?; // (n, 1)
                 let max = z.max_keepdim(D::Minus1)?;
                 let e = z.broadcast_sub(&max)?.exp()?;
                 let sum = e.sum_keepdim(D::Minus1)?;
