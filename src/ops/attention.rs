@@ -101,15 +101,18 @@ pub fn self_attention_capped(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, 
     if h_kv == 0 || h % h_kv != 0 {
         candle_core::bail!("attention: {h} query heads are not a multiple of {h_kv} kv heads")
     }
+    let attn = crate::prof::scope(crate::prof::Cat::Attention);
     let (qd, kd, vd) = (q.detach().contiguous()?, k.detach().contiguous()?, v.detach().contiguous()?);
     let (y, p) = sdpa_fwd(&qd, &kd, &vd, mask, scale, cap)?;
     let y = merge_heads(&y)?;
+    drop(attn);
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(y);
     }
     let need = [q.track_op(), k.track_op(), v.track_op()];
     let p = Mutex::new(Some(p));
     super::grad3_op("self_attention", (q, k, v), y, move |q, k, v, g| {
+        let _p = crate::prof::scope(crate::prof::Cat::Attention);
         let p = p.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("self_attention: backward run twice".into()))?;
         let (b, t, _) = g.dims3()?;
         let (h, d) = (q.dim(1)?, q.dim(3)?);
@@ -134,12 +137,14 @@ pub fn packed_self_attention(qkv: &Tensor, n_head: usize, mask: &Tensor, scale: 
         "self_attention",
         qkv,
         move |qkv| {
+            let _p = crate::prof::scope(crate::prof::Cat::Attention);
             let (q, k, v) = split_heads(qkv, n_head)?;
             let (y, p) = sdpa_fwd(&q, &k, &v, &mask, scale, None)?;
             *saved.lock().unwrap() = Some(p);
             merge_heads(&y) // (B, T, C)
         },
         move |qkv, _y, g| {
+            let _p = crate::prof::scope(crate::prof::Cat::Attention);
             let p = saved_b.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("self_attention: backward run twice".into()))?;
             let (q, k, v) = split_heads(qkv, n_head)?;
             let (b, h, t, d) = q.dims4()?;

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Tensor};
 
 use super::{fused_cpu, grad3_op, input_grad_op, matmul, matmul_rows, Pre};
+use crate::prof::{self, Cat};
 
 /// The frozen weight as (in, out) in a given dtype: a view for a dense layer, a dequantized
 /// copy for NF4 (made per pass, never kept).
@@ -64,13 +65,16 @@ impl Fused {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let a = self.pre_of(x)?;
         let x = &a;
+        let frozen = prof::scope(Cat::FrozenGemm);
         let mut y = matmul_rows(x, &(self.w)(x.dtype())?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
+        drop(frozen);
         if self.terms.is_empty() {
             return Ok(y);
         }
+        let _lora = prof::scope(Cat::Lora);
         let h = x.to_dtype(DType::F32)?; // the LoRA path runs in f32
         for (i, t) in self.terms.iter().enumerate() {
             let z = matmul_rows(&t.drop(&h)?, &t.a.t()?)?; // (..., in) -> (..., r)
@@ -109,12 +113,16 @@ impl Fused {
 
     /// The linear part's gradients, with `x` the linear's own input (after `pre`).
     fn backward_linear(&self, x: &Tensor, g: &Tensor, need_dx: bool) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _lora = prof::scope(Cat::Lora);
         let g32 = g.to_dtype(DType::F32)?;
         let mut dx_lora: Option<Tensor> = None;
         let (mut da, mut db) = (None, None);
         // One adapter on the CPU in f32: its m ⊙ (gz A) is added straight into the buffer of
         // g Wᵀ (ops/fused_cpu.rs: the same roundings as the sum below).
-        let frozen = || -> candle_core::Result<Tensor> { matmul_rows(g, &(self.w)(g.dtype())?.t()?) };
+        let frozen = || -> candle_core::Result<Tensor> {
+            let _frozen = prof::scope(Cat::FrozenGemm);
+            matmul_rows(g, &(self.w)(g.dtype())?.t()?)
+        };
         let mut dx_fused = None;
         for (i, t) in self.terms.iter().enumerate() {
             let gz = (matmul_rows(&g32, &t.b)? * t.scale)?; // (..., out) -> (..., r)

@@ -93,6 +93,10 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     if generic_ops() {
         cublas_layout_ok(a, b)?;
     }
+    if crate::prof::enabled() {
+        // 2·m·k·n per matrix: every row of a (batch · m of them) dots k values into n outputs.
+        crate::prof::flops(2 * a.elem_count() as u64 * b.dim(D::Minus1)? as u64);
+    }
     a.matmul(b)
 }
 
@@ -334,11 +338,13 @@ pub fn layer_norm_pre(gamma: &Tensor, beta: &Tensor, eps: f64) -> candle_core::R
     let gamma_bwd = g32.clone();
     Ok(Pre {
         fwd: Arc::new(move |x| {
+            let _p = crate::prof::scope(crate::prof::Cat::NormAct);
             let dt = x.dtype();
             let x32 = x.to_dtype(DType::F32)?.contiguous()?;
             candle_nn::ops::layer_norm(&x32, &g32, &b32, eps as f32)?.to_dtype(dt)
         }),
         bwd: Arc::new(move |x, g| {
+            let _p = crate::prof::scope(crate::prof::Cat::NormAct);
             if fused_cpu::usable(&[x, g]) {
                 return fused_cpu::norm_backward(fused_cpu::Norm::Layer, x, g, &gamma_bwd, eps);
             }
@@ -370,11 +376,13 @@ pub fn rms_norm_pre(gamma: &Tensor, eps: f64) -> candle_core::Result<Pre> {
     let gamma_bwd = g32.clone();
     Ok(Pre {
         fwd: Arc::new(move |x| {
+            let _p = crate::prof::scope(crate::prof::Cat::NormAct);
             let dt = x.dtype();
             let x32 = x.to_dtype(DType::F32)?.contiguous()?;
             candle_nn::ops::rms_norm(&x32, &g32, eps as f32)?.to_dtype(dt)
         }),
         bwd: Arc::new(move |x, g| {
+            let _p = crate::prof::scope(crate::prof::Cat::NormAct);
             if fused_cpu::usable(&[x, g]) {
                 return fused_cpu::norm_backward(fused_cpu::Norm::Rms, x, g, &gamma_bwd, eps);
             }
@@ -446,6 +454,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<T
         "cross_entropy",
         logits,
         move |z| {
+            let _p = crate::prof::scope(crate::prof::Cat::LossHead);
             let z = z.to_dtype(DType::F32)?;
             let max = z.max_keepdim(D::Minus1)?;
             let lse = (z.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
@@ -453,6 +462,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<T
             (lse - picked)?.squeeze(1)
         },
         move |z, _y, g| {
+            let _p = crate::prof::scope(crate::prof::Cat::LossHead);
             let dt = z.dtype();
             let p = candle_nn::ops::softmax_last_dim(&z.to_dtype(DType::F32)?)?;
             let onehot = p.zeros_like()?.scatter_add(&t_bwd, &t_bwd.ones_like()?.to_dtype(DType::F32)?, D::Minus1)?;
@@ -489,6 +499,7 @@ pub fn lm_head_cross_entropy_capped(h: &Tensor, w: &Tensor, targets: &Tensor, ch
         "lm_head_cross_entropy",
         h,
         move |h| {
+            let _p = crate::prof::scope(crate::prof::Cat::LossHead);
             let dt = h.dtype();
             let (mut nll, mut dh) = (Vec::new(), Vec::new());
             for s in (0..rows).step_by(chunk) {
@@ -541,6 +552,7 @@ pub fn lm_head_cross_entropy_capped(h: &Tensor, w: &Tensor, targets: &Tensor, ch
             Tensor::cat(&nll, 0)
         },
         move |h, _y, g| {
+            let _p = crate::prof::scope(crate::prof::Cat::LossHead);
             let dh = dh_saved.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("lm_head_cross_entropy: backward run twice".into()))?;
             dh.broadcast_mul(&g.to_dtype(h.dtype())?.unsqueeze(1)?)
         },
