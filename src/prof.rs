@@ -148,7 +148,7 @@ fn usage() -> Usage {
 
 /// Clears every accumulator and turns profiling on.
 pub fn start() {
-    let mut s = STATE.lock().unwrap();
+    let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
     s.cur = None;
     s.phases = Default::default();
     s.cats = Default::default();
@@ -170,7 +170,7 @@ pub fn phase(p: Phase) {
     if !enabled() {
         return;
     }
-    let mut s = STATE.lock().unwrap();
+    let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
     close_phase(&mut s);
     s.cur = Some((p, Instant::now(), usage()));
 }
@@ -178,7 +178,7 @@ pub fn phase(p: Phase) {
 /// Ends the open phase, turns profiling off and returns what was recorded.
 pub fn stop() -> Report {
     ENABLED.store(false, Ordering::Relaxed);
-    let mut s = STATE.lock().unwrap();
+    let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
     close_phase(&mut s);
     let phases = Phase::ALL
         .iter()
@@ -225,7 +225,7 @@ impl Drop for Scope {
                 parent.child_ns += total;
             }
         });
-        let mut s = STATE.lock().unwrap();
+        let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
         let Some((p, _, _)) = s.cur else { return };
         let a = &mut s.cats[p as usize][f.cat.idx()];
         a.ns += total.saturating_sub(f.child_ns);
@@ -248,7 +248,7 @@ pub fn flops(n: u64) {
         None => false,
     });
     if !claimed {
-        let mut s = STATE.lock().unwrap();
+        let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((p, _, _)) = s.cur {
             s.cats[p as usize][Cat::Other.idx()].flops += n;
         }

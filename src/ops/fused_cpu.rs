@@ -325,7 +325,7 @@ impl CustomOp2 for SoftmaxXent {
                 *l = row(z, t as usize, e);
             });
         }
-        *self.nll.lock().unwrap() = nll;
+        *self.nll.lock().map_err(|_| candle_core::Error::Msg("softmax_xent: a kernel thread panicked".into()))? = nll;
         let shape = if grad { l1.shape().clone() } else { Shape::from_dims(&[0]) };
         Ok((CpuStorage::F32(out), shape))
     }
@@ -337,7 +337,7 @@ impl CustomOp2 for SoftmaxXent {
 pub fn softmax_xent(z: &Tensor, targets: &Tensor, scale: f64, grad: bool) -> candle_core::Result<(Tensor, Option<Tensor>)> {
     let op = SoftmaxXent { scale: scale as f32, grad, nll: std::sync::Mutex::new(vec![]) };
     let p = z.contiguous()?.apply_op2_no_bwd(&targets.contiguous()?, &op)?;
-    let nll = std::mem::take(&mut *op.nll.lock().unwrap());
+    let nll = std::mem::take(&mut *op.nll.lock().map_err(|_| candle_core::Error::Msg("softmax_xent: a kernel thread panicked".into()))?);
     let n = nll.len();
     Ok((Tensor::from_vec(nll, n, z.device())?, grad.then_some(p)))
 }
