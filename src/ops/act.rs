@@ -66,13 +66,7 @@ fn silu_df(x: f32) -> f32 {
 
 const CHUNK: usize = 1 << 14;
 
-fn slice<'a>(name: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { candle_core::bail!("{name}: expected f32") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{name}: expected a contiguous tensor"),
-    }
-}
+use super::fused_cpu::f32s as slice;
 
 /// `out[i] = f(x[i])`, in chunks over rayon's threads (generic, so `f` inlines and vectorises).
 fn map1<F: Fn(f32) -> f32 + Sync>(x: &[f32], f: F) -> Vec<f32> {

@@ -27,7 +27,8 @@ use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
 
-fn f32s<'a>(name: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+/// The f32 values of a contiguous CPU tensor (`name` for the error).
+pub(crate) fn f32s<'a>(name: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else { candle_core::bail!("{name}: expected f32") };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
