@@ -137,9 +137,11 @@ impl Fused {
             let frozen = prof::scope(Cat::FrozenGemm);
             let dx = matmul_rows(g, &(self.w)(g.dtype())?.t()?)?;
             drop(frozen);
-            let _lora = prof::scope(Cat::Lora);
             Some(match dx_lora {
-                Some(d) => (dx + d.to_dtype(g.dtype())?)?,
+                Some(d) => {
+                    let _lora = prof::scope(Cat::Lora);
+                    (dx + d.to_dtype(g.dtype())?)?
+                }
                 None => dx,
             })
         } else {
