@@ -113,7 +113,7 @@ impl Fused {
 
     /// The linear part's gradients, with `x` the linear's own input (after `pre`).
     fn backward_linear(&self, x: &Tensor, g: &Tensor, need_dx: bool) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let _lora = prof::scope(Cat::Lora);
+        let _lora = (!self.terms.is_empty()).then(|| prof::scope(Cat::Lora)); // a plain frozen layer is all FrozenGemm
         let g32 = g.to_dtype(DType::F32)?;
         let mut dx_lora: Option<Tensor> = None;
         let (mut da, mut db) = (None, None);
@@ -156,7 +156,7 @@ impl Fused {
         let dx = if need_dx {
             let dx = frozen()?;
             Some(match dx_lora {
-                Some(d) => (dx + d.to_dtype(g.dtype())?)?,
+                Some(d) => (dx + d.to_dtype(g.dtype())?)?, // still inside the LoRA scope
                 None => dx,
             })
         } else {
