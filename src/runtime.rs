@@ -59,6 +59,41 @@ pub fn tune_allocator() {
     }
 }
 
+/// Sizes the thread pools from the cores this process may actually use, and keeps them from
+/// spinning against each other or against other programs. Call first in `main`, before any thread.
+///
+/// Why (docs/BENCHMARKS.md, "Steady under load"): besides rayon's pool (GEMM, lorafit's fused
+/// ops), candle 0.11 runs its large element-wise ops on a second pool, a barrier pool whose
+/// caller *spins* until every worker has checked in, and whose workers spin before parking.
+/// On an idle machine that rendezvous is cheap; with one other busy process on a 2-core box the
+/// worker waits for a time slice while the caller burns its own, once per op: a step took 5x
+/// its idle time while PyTorch's took 1.3x. So, unless the user set them:
+/// - `CANDLE_NUM_THREADS=1`: candle's element-wise ops run on the calling thread (no barrier
+///   pool workers, nothing spins); the parallel work (GEMM, attention, the fused linear and
+///   activation ops) stays on rayon, whose idle workers yield briefly and then sleep, and whose
+///   caller blocks instead of spinning.
+/// - `RAYON_NUM_THREADS` = the cores this process may use: `available_parallelism` (CPU affinity
+///   mask, cgroup CPU quota), at most the physical cores (candle's own default, which ignores
+///   the affinity mask and the quota). candle sizes its GEMM partition from the same variable,
+///   so the partition and rayon's pool agree.
+/// Both only change how work is split, never the arithmetic: results are bit-identical.
+pub fn tune_threads() {
+    // SAFETY (set_var): called at the top of `main`, before any other thread exists.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", default_threads().to_string());
+    }
+}
+
+/// The threads lorafit uses by default: the cores available to this process (affinity mask and
+/// cgroup quota), at most the machine's physical cores (SMT siblings add little to a GEMM).
+pub fn default_threads() -> usize {
+    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    available.min(num_cpus::get_physical().max(1)).max(1)
+}
+
 /// Peak resident memory of this process so far, in bytes (Linux `VmHWM`; None elsewhere).
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
