@@ -77,14 +77,28 @@ pub fn tune_allocator() {
 ///   the affinity mask and the quota). candle sizes its GEMM partition from the same variable,
 ///   so the partition and rayon's pool agree.
 /// Both only change how work is split, never the arithmetic: results are bit-identical.
+/// The variables are lorafit's own settings, so [`restore_env`] keeps them from the programs it starts.
 pub fn tune_threads() {
-    // SAFETY (set_var): called at the top of `main`, before any other thread exists.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    let mut set = Vec::new();
+    // Called at the top of `main`, before any other thread exists (set_var is not thread-safe).
+    for (var, value) in [("CANDLE_NUM_THREADS", 1), ("RAYON_NUM_THREADS", default_threads())] {
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, value.to_string());
+            set.push(var);
+        }
     }
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", default_threads().to_string());
+    let _ = SET_BY_TUNE_THREADS.set(set);
+}
+
+static SET_BY_TUNE_THREADS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+
+/// Removes from `cmd`'s environment the variables [`tune_threads`] set, so that a program lorafit
+/// starts (a GRPO reward command) sees the user's environment, not lorafit's thread settings.
+pub fn restore_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    for var in SET_BY_TUNE_THREADS.get().map_or(&[][..], |v| &v[..]) {
+        cmd.env_remove(var);
     }
+    cmd
 }
 
 /// The threads lorafit uses by default: the cores available to this process (affinity mask and
