@@ -4,8 +4,8 @@
 #
 #   scripts/bench/load_sft.sh          # ~6 minutes on a quiet 2-core box
 #
-# Per round, for each load in LOADS (0: idle; 1: one busy core) and each tool (order alternating
-# by round), one fresh process:
+# Per round, for each load in LOADS (0: idle; N: N busy cores) and each tool (the order alternating
+# from one load to the next), one fresh process:
 #   lorafit: lorafit bench sft --model builtin:kogpt2-shape --batch 4 --seq 128 --targets c_attn
 #            --steps STEPS --json                                   (RAYON_NUM_THREADS=2)
 #   PEFT:    scripts/bench/peft_sft.py --model <the same folder> --batch 4 --seq 128 --targets c_attn
