@@ -550,6 +550,10 @@ pub struct BenchArgs {
     /// sft, rm: recompute blocks in backward.
     #[arg(long)]
     pub grad_checkpointing: bool,
+    /// sft: after the timed steps, measure the GEMM peak and print where one more step's time
+    /// goes, per phase (wall, CPU, minor faults) and per op kind (ms, GFLOP/s, % of the peak).
+    #[arg(long)]
+    pub profile: bool,
     /// gemm: the shape M x K x N.
     #[arg(long, default_value = "2048x768x3072")]
     pub gemm: String,
@@ -933,7 +937,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             r: a.r,
             targets: vec![],
             grad_checkpointing: a.grad_checkpointing,
+            profile: a.profile,
         };
+        anyhow::ensure!(!a.profile || a.what == "sft", "bench {} --profile: --profile applies to bench sft only", a.what);
         b.check(&a.what, a.targets.as_deref())?;
         if a.what == "sft" {
             let r = bench::bench_sft(&b)?;
@@ -944,6 +950,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                     "sft step {:.3} s (median of {}), {:.0} tokens/s, peak RSS {}",
                     r.step_s_median, a.steps, r.tokens_per_s, r.peak_rss_bytes.map(fmt_bytes).unwrap_or_default()
                 );
+                if let Some(p) = &r.profile {
+                    print!("\n{}", bench::profile_table(p));
+                }
             }
         } else {
             let r = bench::bench_rm(&b)?;

@@ -244,8 +244,8 @@ fn decode(
     let mut rng = SeededRng::new(cfg.seed);
 
     // 1. Left-pad: row b = [pad]*(len - n_b) ++ prompt_b; positions count real tokens only.
-    let mut ids = Vec::with_capacity(b * len);
-    let mut pos = Vec::with_capacity(b * len);
+    let mut ids: Vec<u32> = Vec::with_capacity(b * len);
+    let mut pos: Vec<u32> = Vec::with_capacity(b * len);
     let mut valid: Vec<Vec<bool>> = Vec::with_capacity(b);
     for p in prompts {
         let pad = len - p.len();
@@ -255,11 +255,12 @@ fn decode(
     }
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
     let mut seen: Vec<Vec<u32>> = prompts.to_vec();
+    let longrope = model.arch.longrope_original();
 
     // 2. Prefill: one pass over the prompts fills the cache; logits at the last column.
     let mut cache = KvCache::new(model.num_layers());
-    let x = Tensor::from_vec(ids, (b, len), dev)?;
-    let p = Tensor::from_vec(pos, (b, len), dev)?;
+    let x = Tensor::from_vec(ids.clone(), (b, len), dev)?;
+    let p = Tensor::from_vec(pos.clone(), (b, len), dev)?;
     let mask = causal_mask(&valid, len, 0, dev)?;
     let h = model.hidden(&x, &p, &mask, Some(&mut cache))?.narrow(1, len - 1, 1)?.contiguous()?; // (B, 1, C)
     let mut logits = model.lm_head(&h)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?; // (B, V)
@@ -293,6 +294,22 @@ fn decode(
         let past = cache.len();
         // Rows that are done keep being fed (their outputs are dropped): one batch shape throughout.
         valid.iter_mut().for_each(|v| v.push(true));
+        if longrope.is_some() {
+            (ids, pos) = (append_column(&ids, &next, b), append_column(&pos, &next_pos, b));
+        }
+        let total = valid[0].len();
+        if longrope.is_some_and(|orig| total > orig && past <= orig) {
+            // Phi-3 longrope crossing its original context: the cached keys carry the short
+            // factors; re-read the whole sequence (pass max position >= orig: long factors).
+            cache = KvCache::new(model.num_layers());
+            next_pos.iter_mut().for_each(|p| *p += 1);
+            let x = Tensor::from_vec(ids.clone(), (b, total), dev)?;
+            let p = Tensor::from_vec(pos.clone(), (b, total), dev)?;
+            let mask = causal_mask(&valid, total, 0, dev)?;
+            let h = model.hidden(&x, &p, &mask, Some(&mut cache))?.narrow(1, total - 1, 1)?.contiguous()?; // (B, 1, C)
+            logits = model.lm_head(&h)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            continue;
+        }
         let x = Tensor::from_vec(next, (b, 1), dev)?;
         let p = Tensor::from_vec(next_pos.clone(), (b, 1), dev)?;
         next_pos.iter_mut().for_each(|p| *p += 1);
@@ -301,4 +318,10 @@ fn decode(
         logits = model.lm_head(&h)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     }
     Ok(out)
+}
+
+/// A (B, T) row-major matrix with one more column: (B, T + 1).
+fn append_column(m: &[u32], col: &[u32], b: usize) -> Vec<u32> {
+    let t = m.len() / b;
+    m.chunks(t).zip(col).flat_map(|(row, &c)| row.iter().copied().chain(std::iter::once(c))).collect()
 }

@@ -43,6 +43,7 @@ pub mod outdir;
 pub mod ops;
 pub mod peft;
 pub mod plan;
+pub mod prof;
 pub mod progress;
 pub mod pth;
 pub mod quant;

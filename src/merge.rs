@@ -19,7 +19,12 @@
 //! shapes). Tensors are then processed one at a time (read, merge, cast, write), so the peak
 //! memory is about twice the largest tensor (its raw bytes and the tensor briefly coexist), not the model. The output keeps the base's own key
 //! names; a reward adapter (`lorafit rm`) gives a sequence-classification checkpoint
-//! (`score.weight`, as transformers' `*ForSequenceClassification`).
+//! (`score.weight`, as transformers' `*ForSequenceClassification`). One exception: transformers
+//! has no sequence classifier for EXAONE 3.5 (`model_type: "exaone"` is LLaMA under other names,
+//! and `AutoModelForSequenceClassification` refuses its config), so an EXAONE 3.5 reward model is
+//! written as the LLaMA checkpoint it is: LLaMA's key and config names ([`exaone_as_llama`]),
+//! loaded by `AutoModelForSequenceClassification` as `LlamaForSequenceClassification`
+//! (scripts/fixtures/family_rm_checks.py measures it against PEFT, tests/families_rm.rs).
 //!
 //! `--out` is claimed first ([`crate::outdir`]): it must not be, or hold, an input; it is locked
 //! for the whole merge (a second merge into it fails at once, naming the first); a folder without
@@ -480,13 +485,20 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     let dtype = o.dtype.or(base_dtype.filter(|d| matches!(d, DType::F16 | DType::BF16))).unwrap_or(DType::F32);
     let seq_cls = head.is_some();
     let prefixless = gpt2 && !shapes.contains_key("transformer.wte.weight");
+    let exaone = matches!(arch, Arch::Decoder(c) if c.family == crate::model::family::Family::Exaone);
     let mut items = vec![];
     for (name, (dt, shape)) in shapes {
         if seq_cls && *name == format!("{}.weight", arch.lm_head_name()) {
             ensure!(!deltas.contains_key(name), "an adapter targets lm_head, which a sequence-classification checkpoint does not have");
             continue;
         }
-        let out = if seq_cls && prefixless { format!("transformer.{name}") } else { name.clone() };
+        let out = if seq_cls && prefixless {
+            format!("transformer.{name}")
+        } else if seq_cls && exaone {
+            exaone_llama_key(name)
+        } else {
+            name.clone()
+        };
         items.push(Item { out, src: Some(name.clone()), dtype: if dt.is_float() { dtype } else { *dt }, shape: shape.clone() });
     }
     let head = head.map(|h| crate::reward::RewardHead::from_tensor(h, false, arch.hidden_size(), &Device::Cpu)).transpose()?.map(|h| h.weight);
@@ -530,6 +542,11 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
         obj.insert("num_labels".into(), json!(1));
         obj.insert("id2label".into(), json!({"0": "LABEL_0"}));
         obj.insert("label2id".into(), json!({"LABEL_0": 0}));
+        if let Arch::Decoder(c) = arch {
+            if exaone {
+                exaone_as_llama(obj, c);
+            }
+        }
     }
     obj.insert("lorafit_merge".into(), json!({"base_model": files.name, "adapters": record, "dtype": hf_name(dtype), "lorafit_version": env!("CARGO_PKG_VERSION")}));
     let cfg = serde_json::to_string_pretty(&cfg)?;
@@ -709,5 +726,47 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A merged EXAONE 3.5 reward model's key: LLaMA's name (`transformer.h.0.attn.attention.q_proj.weight`
+/// -> `model.layers.0.self_attn.q_proj.weight`); a key already in LLaMA's names stays.
+fn exaone_llama_key(name: &str) -> String {
+    crate::model::decoder::EXAONE_NAMES.iter().fold(name.to_string(), |n, (llama, exaone)| n.replacen(exaone, llama, 1))
+}
+
+/// An EXAONE 3.5 config.json rewritten as the LLaMA config it is, for a merged reward model:
+/// transformers 5.24 maps `exaone` to `LlamaForCausalLM` (models/auto `"exaone": "LlamaModel"`,
+/// key renames in conversion_mapping.py) but has no `exaone` sequence classifier, so
+/// `AutoModelForSequenceClassification` refuses an `exaone` config; as `model_type: "llama"`
+/// it loads `LlamaForSequenceClassification`, the same math. EXAONE's aliases
+/// (`num_layers`, `layer_norm_epsilon`, `activation_function`) become LLaMA's names, and every
+/// value whose default differs between ExaoneConfig and LlamaConfig (rope base, epsilon, context,
+/// kv heads, token ids) is written out as lorafit read it. `auto_map` (EXAONE's remote code,
+/// made for the original names) is dropped.
+fn exaone_as_llama(obj: &mut serde_json::Map<String, serde_json::Value>, c: &crate::model::family::Config) {
+    for k in ["num_layers", "layer_norm_epsilon", "activation_function", "auto_map"] {
+        obj.remove(k);
+    }
+    obj.insert("model_type".into(), json!("llama"));
+    obj.insert("num_hidden_layers".into(), json!(c.num_hidden_layers));
+    obj.insert("num_key_value_heads".into(), json!(c.num_key_value_heads));
+    obj.insert("head_dim".into(), json!(c.head_dim));
+    obj.insert("rms_norm_eps".into(), json!(c.rms_norm_eps));
+    obj.insert("hidden_act".into(), json!("silu"));
+    obj.insert("max_position_embeddings".into(), json!(c.max_position_embeddings));
+    obj.insert("tie_word_embeddings".into(), json!(c.tie_word_embeddings));
+    // ExaoneConfig's token defaults (pad 0 decides where transformers pools a padded batch).
+    for (k, v) in [("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 361)] {
+        obj.entry(k).or_insert(json!(v));
+    }
+    // The rope base: inside `rope_parameters` (transformers 5 configs), else top-level.
+    match obj.get_mut("rope_parameters").and_then(|p| p.as_object_mut()) {
+        Some(p) => {
+            p.entry("rope_theta").or_insert(json!(c.rope.theta));
+        }
+        None => {
+            obj.insert("rope_theta".into(), json!(c.rope.theta));
+        }
     }
 }

@@ -31,7 +31,9 @@
 //!   ·N·F·e on f32 CPU tensors (`ops/act.rs`), 21.5 / 18 ·N·F·e where it falls back to composed
 //!   ops; attention (`ops/attention.rs`) S·16 (f32) or S·9e, + 8·N·C·e; forward softmax 2·S·4;
 //!   LM head (labelled rows only, `train.loss_chunk` rows × V at a time, its gradient computed
-//!   in the forward): 12 B (f32) or 12+e B per element, and the kept input gradient labels·C·e;
+//!   in the forward): 12 B (f32) or 12+e B per element, and the kept input gradient labels·C·e.
+//!   f32 on the CPU (`ops/fused_cpu.rs`, one pass in the GEMM outputs): attention S·4, forward
+//!   softmax 0, LM head 8 B per element (4 without a gradient), no-grad scores 4·S;
 //!   with a LoRA on the head, all labelled rows at once: forward 12 B, backward 16 B or 24+e B.
 //! - With activation checkpointing: the mask and L+1 block inputs, plus the largest of: one block's
 //!   graph in forward, the head's loss, or one recomputed block with its backward.
@@ -299,7 +301,11 @@ impl Run<'_> {
             (true, false) => 21.5,
             (false, false) => 18.0,
         };
-        let attn = sc * if e == 4.0 { 16.0 } else { 9.0 * e } + 8.0 * n * s.c * e;
+        // f32 on the CPU: attention's softmax backward runs in dP's buffer and the forward's in
+        // the scores' (ops/fused_cpu.rs); elsewhere the composed ops' temporaries.
+        let fused = self.fused_cpu();
+        let attn = sc * if fused { 4.0 } else if e == 4.0 { 16.0 } else { 9.0 * e } + 8.0 * n * s.c * e;
+        let softmax_fwd = if fused { 0.0 } else { 2.0 * sc * 4.0 };
         let head_lora = self.lora.targets(&s.head);
         let rows = if head_lora { p.labels } else { (self.cfg.train.loss_chunk as f64).min(p.labels) };
         // The fused head + loss (ops::lm_head_cross_entropy) does its backward work in the forward,
@@ -308,7 +314,7 @@ impl Run<'_> {
         let (head_f, head_b) = if head_lora {
             (12.0 * rows * s.v, rows * s.v * if e == 4.0 { 16.0 } else { 24.0 + e })
         } else {
-            (rows * s.v * if e == 4.0 { 12.0 } else { 12.0 + e }, 0.0)
+            (rows * s.v * if fused { 8.0 } else if e == 4.0 { 12.0 } else { 12.0 + e }, 0.0)
         };
         // candle has no bf16 GEMM on the CPU: it widens both operands to f32 (the whole weight,
         // 4 B per value) and the product too, per matmul. The LM head's is the largest.
@@ -323,12 +329,12 @@ impl Run<'_> {
         let bwd = act.max(attn);
         let (total, what) = if !ck {
             let kept = mask + n * s.c * e + s.l * blk + tail;
-            let cands = [(2.0 * sc * 4.0, "attention softmax (forward)"), (head_f.max(p.at_loss), "loss (forward)"), (head_b, "LM head (backward)"), (bwd, if act > attn { "MLP activation (backward)" } else { "attention (backward)" })];
+            let cands = [(softmax_fwd, "attention softmax (forward)"), (head_f.max(p.at_loss), "loss (forward)"), (head_b, "LM head (backward)"), (bwd, if act > attn { "MLP activation (backward)" } else { "attention (backward)" })];
             let (t, w) = cands.iter().fold((0.0, ""), |m, c| if c.0 > m.0 { *c } else { m });
             (kept + t, w)
         } else {
             let inputs = mask + (s.l + 1.0) * n * s.c * e;
-            let cands = [(blk + 2.0 * sc * 4.0, "one block (forward)"), (tail + head_f.max(head_b).max(p.at_loss), "loss"), (n * s.c * e + blk + bwd, "one block recomputed + its backward")];
+            let cands = [(blk + softmax_fwd, "one block (forward)"), (tail + head_f.max(head_b).max(p.at_loss), "loss"), (n * s.c * e + blk + bwd, "one block recomputed + its backward")];
             let (t, w) = cands.iter().fold((0.0, ""), |m, c| if c.0 > m.0 { *c } else { m });
             (inputs + t, w)
         };
@@ -342,12 +348,19 @@ impl Run<'_> {
     /// (12 B per score whatever e) or the MLP's two N·F tensors.
     fn infer(&self, b: f64, t: f64) -> f64 {
         let (s, n) = (self.s, b * t);
-        4.0 * b * t * t + 10.0 * n * s.c * self.e + (12.0 * b * s.h * t * t).max(2.0 * n * s.f * self.e)
+        let per_score = if self.fused_cpu() { 4.0 } else { 12.0 };
+        4.0 * b * t * t + 10.0 * n * s.c * self.e + (per_score * b * s.h * t * t).max(2.0 * n * s.f * self.e)
+    }
+
+    /// Whether the one-pass kernels of `ops/fused_cpu.rs` run: f32 on the CPU (their temporaries
+    /// are the GEMM outputs they work in).
+    fn fused_cpu(&self) -> bool {
+        self.e == 4.0 && !self.gpu && !crate::ops::generic_ops()
     }
 
     /// The LM head's no-grad log-probs of `labels` rows, `train.loss_chunk` rows at a time.
     fn head_infer(&self, labels: f64) -> f64 {
-        12.0 * (self.cfg.train.loss_chunk as f64).min(labels) * self.s.v
+        (if self.fused_cpu() { 4.0 } else { 12.0 }) * (self.cfg.train.loss_chunk as f64).min(labels) * self.s.v
     }
 
     /// The peak phase's components (bytes; they sum to the peak), the phase, and the load peak.

@@ -129,7 +129,7 @@ fn the_adapters_template_is_the_default_of_chat_and_generate() {
 }
 
 #[test]
-fn conversations_train_in_rm_and_ppo_through_the_same_template() {
+fn conversations_train_in_rm_ppo_and_grpo_through_the_same_template() {
     let tmp = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = dir().join("model").display().to_string();
@@ -161,6 +161,23 @@ fn conversations_train_in_rm_and_ppo_through_the_same_template() {
     let sample: serde_json::Value = serde_json::from_str(std::fs::read_to_string(ppo.join("samples.jsonl")).unwrap().lines().next().unwrap()).unwrap();
     assert!(sample["prompt"].as_str().unwrap().ends_with("<|im_start|>assistant\n"), "{sample}");
     assert_eq!(lorafit::render::TemplateRecord::read(&ppo).unwrap().unwrap().chat_template_origin, "model");
+    // grpo on the same messages prompts, scored by the same reward model: prompts rendered with
+    // the generation prompt, groups sampled and scored, the template recorded.
+    let grpo = tmp.path().join("grpo");
+    lorafit(&[
+        "grpo", "--model", &model, "--data", &chats, "--reward-adapter", rm.to_str().unwrap(), "--set", &set("out.dir", &grpo),
+        "--set", "train.max_steps=1", "--set", "grpo.max_new_tokens=6", "--set", "grpo.group_size=2", "--set", "train.batch_size=2",
+        "--set", "grpo.sample_every=1", "--set", "grpo.max_prompt_len=200",
+    ]);
+    // Samples keep the prompt as the row gave it: the conversation up to its last user turn.
+    let sample: serde_json::Value = serde_json::from_str(std::fs::read_to_string(grpo.join("samples.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(sample["prompt"].as_array().unwrap().last().unwrap()["role"], "user", "{sample}");
+    let m: serde_json::Value = serde_json::from_str(std::fs::read_to_string(grpo.join("metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert!(m["reward_mean"].as_f64().unwrap().is_finite() && m["reward_model"].as_f64().unwrap().is_finite(), "{m}");
+    // What the policy was prompted with: `render --stage grpo` ends each prompt with the generation prompt.
+    let shown: serde_json::Value = serde_json::from_str(lorafit(&["render", "--model", &model, "--data", &chats, "--stage", "grpo", "--json"]).lines().next().unwrap()).unwrap();
+    assert!(shown["text"].as_str().unwrap().ends_with("<|im_start|>assistant\n"), "{shown}");
+    assert_eq!(lorafit::render::TemplateRecord::read(&grpo).unwrap().unwrap().chat_template_origin, "model");
 }
 
 #[test]

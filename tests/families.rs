@@ -117,6 +117,28 @@ fn greedy_generation_past_the_window_matches_transformers() {
     }
 }
 
+/// Phi-3 longrope past its original context (16 here): transformers drops the KV cache once the
+/// sequence crosses it and re-reads everything with the long factors; lorafit does the same, batched
+/// (the padded length crosses) and unbatched (each row at its own length). A kept cache would give
+/// other ids (recorded by scripts/fixtures/phi3_longrope_generate.py, which checks that).
+#[test]
+fn phi3_longrope_generation_recomputes_the_cache_like_transformers() {
+    let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir("phi3").join("longrope-generate.json")).unwrap()).unwrap();
+    let prompts: Vec<Vec<u32>> = serde_json::from_value(g["prompts_ids"].clone()).unwrap();
+    let want = |k: &str| -> Vec<Vec<u32>> { serde_json::from_value(g[k].clone()).unwrap() };
+    let cfg = SamplingConfig { max_new_tokens: g["max_new_tokens"].as_u64().unwrap() as usize, ..Default::default() };
+    let pad = g["pad_id"].as_u64().unwrap() as u32;
+    let tmp = with_config("phi3", &dir("phi3").join("variant-longrope.json"));
+    let model = load_from(tmp.path(), AdapterSet::none());
+    assert_eq!(model.arch.longrope_original(), Some(16));
+    let batched = generate(&model, &prompts, pad, &cfg).unwrap();
+    assert_ne!(batched, want("greedy_if_the_cache_were_kept"));
+    assert_eq!(batched, want("greedy"), "batched");
+    for (p, w) in prompts.iter().zip(want("greedy_unbatched")) {
+        assert_eq!(generate(&model, std::slice::from_ref(p), pad, &cfg).unwrap()[0], w, "unbatched");
+    }
+}
+
 #[test]
 fn kv_cache_of_sliding_layers_is_bounded_by_the_window() {
     for name in ["mistral", "qwen2", "gemma3", "exaone4", "phi3", "gemma3-mm"] {

@@ -121,13 +121,15 @@ fn budget_verdict_and_suggestions_that_fit() {
     let sum: u64 = roomy["components"].as_array().unwrap().iter().map(|c| c["bytes"].as_u64().unwrap()).sum();
     assert_eq!(sum, roomy["peak_bytes"].as_u64().unwrap(), "the components add up to the peak");
 
-    let tight = plan("4GiB", &[]);
+    // 3 GiB: below this step's peak (3.7 GiB planned, 3.8 GiB measured since the one-pass
+    // attention kernels of ops/fused_cpu.rs; 4 GiB was below it before them).
+    let tight = plan("3GiB", &[]);
     assert_eq!(tight["fits"], false, "{tight:#}");
     let suggestions = tight["suggestions"].as_array().unwrap();
     assert!(!suggestions.is_empty(), "{tight:#}");
     for s in suggestions {
         let extra: Vec<String> = s["sets"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
-        let again = plan("4GiB", &extra);
+        let again = plan("3GiB", &extra);
         assert_eq!(again["fits"], true, "{} does not fit when re-planned: {again:#}", s["change"]);
         assert_eq!(again["peak_bytes"], s["peak_bytes"]);
     }

@@ -10,7 +10,9 @@
 #
 #   scripts/bench/families_sft.sh        # ~30 min on 2 cores; needs ~12 GB RAM and 8 GB of disk
 #
-# Environment: ROUNDS (2), STEPS (2), SHAPES ("llama-3.2-1b qwen3-0.6b"), FAMILY_DIR (where the
+# Environment: ROUNDS (2), STEPS (2), SHAPES ("llama-3.2-1b qwen3-0.6b"), MODES ("plain"; add
+# "checkpointing" for both tools with activation checkpointing: lorafit --grad-checkpointing, PEFT
+# gradient_checkpointing_enable), FAMILY_DIR (where the
 # model folders are written, default $OUT_DIR/family-models), and those of scripts/bench/common.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,6 +20,7 @@ BENCH=families
 ROUNDS=${ROUNDS:-2}
 STEPS=${STEPS:-2}
 SHAPES=${SHAPES:-"llama-3.2-1b qwen3-0.6b"}
+MODES=${MODES:-plain}
 MODEL=builtin:tiny-gpt2 # common.sh writes a builtin; the shapes below are folders of their own
 source scripts/bench/common.sh
 FAMILY_DIR=${FAMILY_DIR:-$OUT_DIR/family-models}
@@ -32,24 +35,30 @@ done
 n=0
 for round in $(seq 1 "$ROUNDS"); do
   for shape in $SHAPES; do
-    dir=$FAMILY_DIR/$shape
-    cfg=$(printf '{"kind": "sft", "shape": "%s", "targets": "%s", "batch": %d, "seq": %d, "r": %d}' "$shape" "$TARGETS" "$B" "$T" "$R")
-    if (( (round + n) % 2 == 0 )); then order="lorafit peft"; else order="peft lorafit"; fi
-    n=$((n + 1))
-    for tool in $order; do
-      if [[ $tool == lorafit ]]; then
-        record "$round" lorafit "$cfg" -- "$LORAFIT" bench sft --model "$dir" --batch "$B" --seq "$T" --steps "$STEPS" \
-          --targets "$TARGETS" --r "$R" --json
-      else
-        record "$round" peft "$cfg" -- "$PYTHON" scripts/bench/peft_sft_family.py --model "$dir" --batch "$B" --seq "$T" \
-          --steps "$STEPS" --targets "$TARGETS" --r "$R" --threads "$THREADS" --attn "$ATTN"
-      fi
+    for mode in $MODES; do
+      dir=$FAMILY_DIR/$shape
+      ckpt=(); ck=false
+      [[ $mode == checkpointing ]] && { ckpt=(--grad-checkpointing); ck=true; }
+      cfg=$(printf '{"kind": "sft", "shape": "%s", "targets": "%s", "batch": %d, "seq": %d, "r": %d, "grad_checkpointing": %s}' "$shape" "$TARGETS" "$B" "$T" "$R" "$ck")
+      if (( (round + n) % 2 == 0 )); then order="lorafit peft"; else order="peft lorafit"; fi
+      n=$((n + 1))
+      for tool in $order; do
+        if [[ $tool == lorafit ]]; then
+          record "$round" lorafit "$cfg" -- "$LORAFIT" bench sft --model "$dir" --batch "$B" --seq "$T" --steps "$STEPS" \
+            --targets "$TARGETS" --r "$R" "${ckpt[@]}" --json
+        else
+          record "$round" peft "$cfg" -- "$PYTHON" scripts/bench/peft_sft_family.py --model "$dir" --batch "$B" --seq "$T" \
+            --steps "$STEPS" --targets "$TARGETS" --r "$R" --threads "$THREADS" --attn "$ATTN" "${ckpt[@]}"
+        fi
+      done
     done
   done
 done
 
 CMD="scripts/bench/families_sft.sh"
 [[ $ROUNDS != 2 || $STEPS != 2 || $THREADS != 2 || $ATTN != sdpa ]] && CMD="ROUNDS=$ROUNDS STEPS=$STEPS THREADS=$THREADS ATTN=$ATTN $CMD"
+[[ $MODES != plain ]] && CMD="MODES=\"$MODES\" $CMD"
+[[ $SHAPES != "llama-3.2-1b qwen3-0.6b" ]] && CMD="SHAPES=\"$SHAPES\" $CMD"
 "$PYTHON" scripts/bench/summarize_families.py "$RAW" --command "$CMD" --threads "$THREADS" --attn "$ATTN" \
   --elapsed-s $(($(date +%s) - T_START)) --lorafit-version "$("$LORAFIT" --version)" --git "$GIT_DESC" \
   --rustc "$(rustc --version)" --candle "$(grep -A1 '^name = "candle-core"' Cargo.lock | sed -n 's/version = "\(.*\)"/\1/p')" | tee "$MD"

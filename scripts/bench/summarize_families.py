@@ -24,16 +24,25 @@ def main() -> None:
     n = next((len(r["result"]["step_s_all"]) for r in rows if r["result"]), "?")
     out = header(a, rows, f"1 warm-up + {n} timed steps per process")
     out += ["", "| shape | tool | step s | peak RSS MiB | step ratio | memory ratio |", "|---|---|---:|---:|---:|---:|"]
-    for shape in dict.fromkeys(r["config"]["shape"] for r in rows):
+    keys = dict.fromkeys((r["config"]["shape"], r["config"].get("grad_checkpointing", False)) for r in rows)
+    for shape, ck in keys:
         got = {}
         for tool in ("lorafit", "peft"):
-            ok = [r["result"] for r in rows if r["config"]["shape"] == shape and r["tool"] == tool and r["result"]]
+            ok = [r["result"] for r in rows if (r["config"]["shape"], r["config"].get("grad_checkpointing", False)) == (shape, ck)
+                  and r["tool"] == tool and r["result"]]
             got[tool] = ([s for x in ok for s in x["step_s_all"]], [x["peak_rss_bytes"] for x in ok if x.get("peak_rss_bytes")])
         (ls, lm), (ps, pm) = got["lorafit"], got["peft"]
         cfg = next(r["config"] for r in rows if r["config"]["shape"] == shape)
-        what = f"{shape} ({cfg['batch']} x {cfg['seq']}, LoRA r{cfg['r']} {cfg['targets']})"
+        what = f"{shape} ({cfg['batch']} x {cfg['seq']}, LoRA r{cfg['r']} {cfg['targets']}{', both with checkpointing' if ck else ''})"
         out.append(f"| {what} | lorafit | {cell(ls, lambda x: f'{x:.2f}')} | {cell(lm, mib)} | {ratio(ls, ps)} (target <= {TARGETS['step']}) | {ratio(lm, pm)} (target <= {TARGETS['memory']}) |")
         out.append(f"| | PyTorch + PEFT | {cell(ps, lambda x: f'{x:.2f}')} | {cell(pm, mib)} | | |")
+        if ck:
+            plain_p = [r["result"] for r in rows if r["config"]["shape"] == shape and not r["config"].get("grad_checkpointing", False)
+                       and r["tool"] == "peft" and r["result"]]
+            if plain_p:
+                ppm = [x["peak_rss_bytes"] for x in plain_p if x.get("peak_rss_bytes")]
+                out.append(f"| {shape}: lorafit **with** checkpointing vs PEFT **without** (not like with like) | | | "
+                           f"{cell(lm, mib)} vs {cell(ppm, mib)} | | {ratio(lm, ppm)} |")
     out += ["", "Step = forward + backward + AdamW update, f32, CPU. Step cells: median of all timed steps [min-max]; "
             "memory: median peak RSS over processes [min-max]; ratio = lorafit / PEFT of the medians."]
     out += failed_line(rows)

@@ -12,21 +12,18 @@ import json
 import time
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gemm", default="2048x768x3072")
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
+def measure(m: int, k: int, n: int, repeats: int, threads: int) -> list:
+    """One dict per layout (nn, nt) with the keys of `lorafit bench gemm --json` (also used by
+    torch_profile_sft.py for the GEMM peak of its run)."""
     import torch
 
-    torch.set_num_threads(a.threads)
-    m, k, n = (int(x) for x in a.gemm.split("x"))
+    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(m, k, generator=g)
+    out = []
     for layout, rhs in (("nn", torch.randn(k, n, generator=g)), ("nt", torch.randn(n, k, generator=g).t())):
         times = []
-        for i in range(max(1, a.repeats) + 2):
+        for i in range(max(1, repeats) + 2):
             t0 = time.perf_counter()
             c = x @ rhs
             dt = time.perf_counter() - t0
@@ -36,9 +33,21 @@ def main() -> None:
         times.sort()
         flop = 2.0 * m * k * n
         med, best = times[len(times) // 2], times[0]
-        print(json.dumps({"tool": "torch", "m": m, "k": k, "n": n, "layout": layout, "s_median": med, "s_min": best,
-                          "gflops_median": flop / med / 1e9, "gflops_best": flop / best / 1e9,
-                          "threads": a.threads, "torch": torch.__version__}))
+        out.append({"tool": "torch", "m": m, "k": k, "n": n, "layout": layout, "s_median": med, "s_min": best,
+                    "gflops_median": flop / med / 1e9, "gflops_best": flop / best / 1e9,
+                    "threads": threads, "torch": torch.__version__})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gemm", default="2048x768x3072")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    m, k, n = (int(x) for x in a.gemm.split("x"))
+    for r in measure(m, k, n, a.repeats, a.threads):
+        print(json.dumps(r))
 
 
 if __name__ == "__main__":

@@ -203,6 +203,22 @@ impl Layer {
     }
 }
 
+/// EXAONE 3.5's original key names: (LLaMA's, EXAONE's) parts, each replaced once, in this
+/// order (either way round: `merge` writes an EXAONE 3.5 reward model with LLaMA's names).
+/// transformers `conversion_mapping.py` ("exaone").
+pub const EXAONE_NAMES: [(&str, &str); 10] = [
+    ("model.embed_tokens.", "transformer.wte."),
+    ("model.layers.", "transformer.h."),
+    ("model.norm.", "transformer.ln_f."),
+    (".self_attn.o_proj.", ".attn.attention.out_proj."),
+    (".self_attn.", ".attn.attention."),
+    (".input_layernorm.", ".ln_1."),
+    (".post_attention_layernorm.", ".ln_2."),
+    (".mlp.gate_proj.", ".mlp.c_fc_0."),
+    (".mlp.up_proj.", ".mlp.c_fc_1."),
+    (".mlp.down_proj.", ".mlp.c_proj."),
+];
+
 /// The name a checkpoint stores the tensor `name` (a module path + `.weight`/`.bias`) under,
 /// when it is not the module path (`has` says what the checkpoint holds): EXAONE 3.5's original
 /// names, and gemma3's `language_model.model.` (as transformers 5 saves it).
@@ -211,21 +227,7 @@ pub fn checkpoint_name(family: Family, name: &str, has: &dyn Fn(&str) -> bool) -
         return name.to_string();
     }
     match family {
-        Family::Exaone => {
-            let mut n = name.replacen("model.embed_tokens.", "transformer.wte.", 1).replacen("model.layers.", "transformer.h.", 1).replacen("model.norm.", "transformer.ln_f.", 1);
-            for (a, b) in [
-                (".self_attn.o_proj.", ".attn.attention.out_proj."),
-                (".self_attn.", ".attn.attention."),
-                (".input_layernorm.", ".ln_1."),
-                (".post_attention_layernorm.", ".ln_2."),
-                (".mlp.gate_proj.", ".mlp.c_fc_0."),
-                (".mlp.up_proj.", ".mlp.c_fc_1."),
-                (".mlp.down_proj.", ".mlp.c_proj."),
-            ] {
-                n = n.replacen(a, b, 1);
-            }
-            n
-        }
+        Family::Exaone => EXAONE_NAMES.iter().fold(name.to_string(), |n, (llama, exaone)| n.replacen(llama, exaone, 1)),
         Family::Gemma3 if name.starts_with("model.language_model.") => name.replacen("model.language_model.", "language_model.model.", 1),
         Family::Gemma3 if name.starts_with("lm_head.") => format!("language_model.{name}"),
         _ => name.to_string(),

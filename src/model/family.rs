@@ -264,7 +264,14 @@ impl Config {
         if heads == 0 || hidden == 0 || layers_n == 0 {
             bail!("{at}hidden_size, num_attention_heads and num_hidden_layers must be positive")
         }
-        let kv = k.usize(&["num_key_value_heads"])?.unwrap_or(heads);
+        // Absent, transformers' per-family default (its config classes' keyword defaults), not
+        // always the number of heads.
+        let kv = k.usize(&["num_key_value_heads"])?.unwrap_or(match family {
+            Mistral | Exaone => 8,
+            Qwen2 | Qwen3 | Exaone4 => 32,
+            Gemma2 | Gemma3 => 4,
+            Llama | Phi3 => heads,
+        });
         if kv == 0 || heads % kv != 0 {
             bail!("{at}num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv}")
         }

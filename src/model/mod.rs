@@ -149,6 +149,16 @@ impl Arch {
         }
     }
 
+    /// Phi-3's longrope original context: keys cached before a sequence passes it were rotated
+    /// with the short factors, so generation re-reads the whole sequence once it does, as
+    /// transformers' `Phi3ForCausalLM.prepare_inputs_for_generation` drops its cache.
+    pub fn longrope_original(&self) -> Option<usize> {
+        match self {
+            Arch::Decoder(c) => c.rope.long_context_start(),
+            _ => None,
+        }
+    }
+
     /// The LM head's module path (`lm_head`, GPT-NeoX's `embed_out`) and checkpoint key.
     pub fn lm_head_name(&self) -> &'static str {
         match self {

@@ -203,6 +203,11 @@ impl Rope {
         Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
     }
 
+    /// longrope: the original context, past which a pass uses the long frequencies.
+    pub fn long_context_start(&self) -> Option<usize> {
+        self.long.as_ref().map(|(_, orig)| *orig)
+    }
+
     /// The inverse frequencies (for tests and `inspect`).
     pub fn inv_freq(&self) -> &[f32] {
         &self.inv_freq

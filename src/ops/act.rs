@@ -66,13 +66,7 @@ fn silu_df(x: f32) -> f32 {
 
 const CHUNK: usize = 1 << 14;
 
-fn slice<'a>(name: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { candle_core::bail!("{name}: expected f32") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{name}: expected a contiguous tensor"),
-    }
-}
+use super::fused_cpu::f32s as slice;
 
 /// `out[i] = f(x[i])`, in chunks over rayon's threads (generic, so `f` inlines and vectorises).
 fn map1<F: Fn(f32) -> f32 + Sync>(x: &[f32], f: F) -> Vec<f32> {
@@ -120,6 +114,7 @@ impl CustomOp1 for Act {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _p = crate::prof::scope(crate::prof::Cat::NormAct);
         let x = slice(self.0.name(), s, l)?;
         let y = match self.0 {
             Kind::Gelu => map1(x, gelu_f),
@@ -143,6 +138,7 @@ impl CustomOp2 for ActGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _p = crate::prof::scope(crate::prof::Cat::NormAct);
         let (x, g) = (slice(self.0.name(), s1, l1)?, slice(self.0.name(), s2, l2)?);
         if x.len() != g.len() {
             candle_core::bail!("{} backward: x has {} values, its gradient {}", self.0.name(), x.len(), g.len())
@@ -157,6 +153,7 @@ impl CustomOp2 for ActGrad {
 
 /// f(x) without a graph.
 fn act_fwd(x: &Tensor, kind: Kind) -> candle_core::Result<Tensor> {
+    let _p = crate::prof::scope(crate::prof::Cat::NormAct);
     if super::fast_cpu(x.device()) && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1_no_bwd(&Act(kind));
     }
@@ -168,6 +165,7 @@ fn act_fwd(x: &Tensor, kind: Kind) -> candle_core::Result<Tensor> {
 
 /// dx = g f'(x) without a graph.
 fn act_bwd(x: &Tensor, g: &Tensor, kind: Kind) -> candle_core::Result<Tensor> {
+    let _p = crate::prof::scope(crate::prof::Cat::NormAct);
     if super::fast_cpu(x.device()) && x.dtype() == DType::F32 && g.dtype() == DType::F32 {
         return x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &ActGrad(kind));
     }

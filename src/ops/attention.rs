@@ -43,7 +43,14 @@ fn sdpa_fwd(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64, cap: 
     let (h_kv, tk) = (k.dim(1)?, k.dim(2)?);
     let rep = h / h_kv;
     let q2 = q.reshape((b, h_kv, rep * t, d))?;
-    let mut s = (matmul(&q2, &k.t()?)? * scale)?.reshape((b, h, t, tk))?; // (B, H, T, Tk)
+    let raw = matmul(&q2, &k.t()?)?.reshape((b, h, t, tk))?; // (B, H, T, Tk)
+    if cap.is_none() && super::fused_cpu::usable(&[&raw, mask]) {
+        // scale, mask and softmax in one pass in the scores' buffer (ops/fused_cpu.rs)
+        let p = super::fused_cpu::scaled_masked_softmax_(raw, mask, scale)?.reshape((b, h_kv, rep * t, tk))?;
+        let y = matmul(&p, v)?.reshape((b, h, t, d))?;
+        return Ok((y, p));
+    }
+    let mut s = (raw * scale)?;
     if let Some(c) = cap {
         s = ((s / c)?.tanh()? * c)?;
     }
@@ -63,6 +70,12 @@ fn sdpa_bwd(q: &Tensor, k: &Tensor, v: &Tensor, p: &Tensor, g: &Tensor, scale: f
     let g = g.contiguous()?.reshape((b, h_kv, rep * t, d))?;
     let dv = matmul(&p.t()?, &g)?; // (B, H_kv, Tk, D)
     let dp = matmul(&g, &v.t()?)?.to_dtype(DType::F32)?; // (B, H_kv, rep·T, Tk)
+    if cap.is_none() && super::fused_cpu::usable(&[&dp, p]) {
+        let ds = super::fused_cpu::softmax_backward_(dp, p, scale)?; // one pass in dP's buffer
+        let dq = matmul(&ds, k)?.reshape((b, h, t, d))?;
+        let dk = matmul(&ds.t()?, &q.reshape((b, h_kv, rep * t, d))?)?;
+        return Ok((dq, dk, dv));
+    }
     let p32 = p.to_dtype(DType::F32)?;
     let dot = (&dp * &p32)?.sum_keepdim(D::Minus1)?;
     let mut ds = (p32 * dp.broadcast_sub(&dot)?)?; // dL/d(capped scores)
@@ -88,15 +101,18 @@ pub fn self_attention_capped(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, 
     if h_kv == 0 || h % h_kv != 0 {
         candle_core::bail!("attention: {h} query heads are not a multiple of {h_kv} kv heads")
     }
+    let attn = crate::prof::scope(crate::prof::Cat::Attention);
     let (qd, kd, vd) = (q.detach().contiguous()?, k.detach().contiguous()?, v.detach().contiguous()?);
     let (y, p) = sdpa_fwd(&qd, &kd, &vd, mask, scale, cap)?;
     let y = merge_heads(&y)?;
+    drop(attn);
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(y);
     }
     let need = [q.track_op(), k.track_op(), v.track_op()];
     let p = Mutex::new(Some(p));
     super::grad3_op("self_attention", (q, k, v), y, move |q, k, v, g| {
+        let _p = crate::prof::scope(crate::prof::Cat::Attention);
         let p = p.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("self_attention: backward run twice".into()))?;
         let (b, t, _) = g.dims3()?;
         let (h, d) = (q.dim(1)?, q.dim(3)?);
@@ -121,12 +137,14 @@ pub fn packed_self_attention(qkv: &Tensor, n_head: usize, mask: &Tensor, scale: 
         "self_attention",
         qkv,
         move |qkv| {
+            let _p = crate::prof::scope(crate::prof::Cat::Attention);
             let (q, k, v) = split_heads(qkv, n_head)?;
             let (y, p) = sdpa_fwd(&q, &k, &v, &mask, scale, None)?;
             *saved.lock().unwrap() = Some(p);
             merge_heads(&y) // (B, T, C)
         },
         move |qkv, _y, g| {
+            let _p = crate::prof::scope(crate::prof::Cat::Attention);
             let p = saved_b.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("self_attention: backward run twice".into()))?;
             let (q, k, v) = split_heads(qkv, n_head)?;
             let (b, h, t, d) = q.dims4()?;

@@ -28,10 +28,12 @@ pub fn softcap(x: &Tensor, c: f64) -> candle_core::Result<Tensor> {
         "softcap",
         x,
         move |x| {
+            let _p = crate::prof::scope(crate::prof::Cat::NormAct);
             let dt = x.dtype();
             ((x.to_dtype(DType::F32)? / c)?.tanh()? * c)?.to_dtype(dt)
         },
         move |x, _y, g| {
+            let _p = crate::prof::scope(crate::prof::Cat::NormAct);
             let dt = x.dtype();
             let t = (x.to_dtype(DType::F32)? / c)?.tanh()?;
             ((t.sqr()?.neg()? + 1.0)? * g.to_dtype(DType::F32)?)?.to_dtype(dt)
@@ -42,12 +44,14 @@ pub fn softcap(x: &Tensor, c: f64) -> candle_core::Result<Tensor> {
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 fn gelu_erf_fwd(x: &Tensor) -> candle_core::Result<Tensor> {
+    let _p = crate::prof::scope(crate::prof::Cat::NormAct);
     let dt = x.dtype();
     x.to_dtype(DType::F32)?.gelu_erf()?.to_dtype(dt)
 }
 
 /// `g (Φ(x) + x φ(x))`, Φ(x) = ½ (1 + erf(x / √2)), φ(x) = e^(-x²/2) / √(2π).
 fn gelu_erf_bwd(x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    let _p = crate::prof::scope(crate::prof::Cat::NormAct);
     let dt = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let cdf = (((&x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
@@ -78,6 +82,7 @@ pub fn heads(x: &Tensor, norm: Option<&Pre>, rope: Option<&(Tensor, Tensor)>) ->
         "heads",
         x,
         move |x| {
+            let _p = crate::prof::scope(crate::prof::Cat::Attention);
             let x = match &norm {
                 Some(n) => (n.fwd)(&x.contiguous()?)?,
                 None => x.clone(),
@@ -89,6 +94,7 @@ pub fn heads(x: &Tensor, norm: Option<&Pre>, rope: Option<&(Tensor, Tensor)>) ->
             }
         },
         move |x, _y, g| {
+            let _p = crate::prof::scope(crate::prof::Cat::Attention);
             let g = match &rope_b {
                 Some((c, _, neg_s)) => rope_rotate(g, c, neg_s)?, // the transpose of a rotation by θ
                 None => g.clone(),
@@ -122,6 +128,7 @@ impl CustomOp2 for Gated {
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::prof::scope(crate::prof::Cat::NormAct);
         let (gate, up) = (gate.detach(), up.detach());
         let d_up = (g * (self.act.fwd)(&gate.contiguous()?)?)?;
         let d_gate = (self.act.bwd)(&gate.contiguous()?, &(g * &up)?)?;
@@ -132,7 +139,9 @@ impl CustomOp2 for Gated {
 /// The gated MLP's `act(gate) · up` (Llama's SwiGLU with `ops::act::silu_pre`, Gemma's GeGLU
 /// with `ops::act::gelu_pre`); gate and up: same shape (views are fine).
 pub fn gated(gate: &Tensor, up: &Tensor, act: &Pre) -> candle_core::Result<Tensor> {
+    let scope = crate::prof::scope(crate::prof::Cat::NormAct);
     let y = ((act.fwd)(&gate.detach().contiguous()?)? * up.detach())?;
+    drop(scope);
     if !(gate.track_op() || up.track_op()) {
         return Ok(y);
     }

@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 
-use super::{grad3_op, input_grad_op, matmul, matmul_rows, Pre};
+use super::{fused_cpu, grad3_op, input_grad_op, matmul, matmul_rows, Pre};
+use crate::prof::{self, Cat};
 
 /// The frozen weight as (in, out) in a given dtype: a view for a dense layer, a dequantized
 /// copy for NF4 (made per pass, never kept).
@@ -39,6 +40,7 @@ impl Term {
     /// `m ⊙ h` for h: (..., in) f32.
     pub fn drop(&self, h: &Tensor) -> candle_core::Result<Tensor> {
         match &self.dropout {
+            Some((mask, keep)) if fused_cpu::usable(&[h]) && mask.dtype() == DType::U8 => fused_cpu::drop_mul(h, mask, *keep),
             Some((mask, keep)) => h * (mask.to_dtype(DType::F32)? * *keep as f64)?,
             None => Ok(h.clone()),
         }
@@ -63,19 +65,26 @@ impl Fused {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let a = self.pre_of(x)?;
         let x = &a;
+        let frozen = prof::scope(Cat::FrozenGemm);
         let mut y = matmul_rows(x, &(self.w)(x.dtype())?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
+        drop(frozen);
         if self.terms.is_empty() {
             return Ok(y);
         }
+        let _lora = prof::scope(Cat::Lora);
         let h = x.to_dtype(DType::F32)?; // the LoRA path runs in f32
         for (i, t) in self.terms.iter().enumerate() {
             let z = matmul_rows(&t.drop(&h)?, &t.a.t()?)?; // (..., in) -> (..., r)
-            let delta = (matmul_rows(&z, &t.b.t()?)? * t.scale)?; // (..., out)
-            let dt = y.dtype();
-            y = (y + delta.to_dtype(dt)?)?;
+            y = if fused_cpu::usable(&[&y, &z, &t.b]) {
+                fused_cpu::add_matmul(y, &z, &t.b.t()?, t.scale)? // y += s z Bᵀ inside the GEMM
+            } else {
+                let delta = (matmul_rows(&z, &t.b.t()?)? * t.scale)?; // (..., out)
+                let dt = y.dtype();
+                (y + delta.to_dtype(dt)?)?
+            };
             if Some(i) == self.trainable {
                 *self.z.lock().unwrap() = Some(z);
             }
@@ -104,12 +113,26 @@ impl Fused {
 
     /// The linear part's gradients, with `x` the linear's own input (after `pre`).
     fn backward_linear(&self, x: &Tensor, g: &Tensor, need_dx: bool) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _lora = prof::scope(Cat::Lora);
         let g32 = g.to_dtype(DType::F32)?;
         let mut dx_lora: Option<Tensor> = None;
         let (mut da, mut db) = (None, None);
+        // One adapter on the CPU in f32: its m ⊙ (gz A) is added straight into the buffer of
+        // g Wᵀ (ops/fused_cpu.rs: the same roundings as the sum below).
+        let frozen = || -> candle_core::Result<Tensor> {
+            let _frozen = prof::scope(Cat::FrozenGemm);
+            matmul_rows(g, &(self.w)(g.dtype())?.t()?)
+        };
+        let mut dx_fused = None;
         for (i, t) in self.terms.iter().enumerate() {
             let gz = (matmul_rows(&g32, &t.b)? * t.scale)?; // (..., out) -> (..., r)
-            if need_dx {
+            if need_dx && self.terms.len() == 1 && fused_cpu::usable(&[g, &gz, &t.a]) {
+                dx_fused = Some(match &t.dropout {
+                    None => fused_cpu::add_matmul(frozen()?, &gz, &t.a, 1.0)?,
+                    Some((mask, keep)) if mask.dtype() == DType::U8 => fused_cpu::add_dropped(frozen()?, &matmul_rows(&gz, &t.a)?, mask, *keep)?,
+                    Some(_) => candle_core::bail!("lora_linear: the dropout mask is not u8"),
+                });
+            } else if need_dx {
                 let d = t.drop(&matmul_rows(&gz, &t.a)?)?; // (..., in)
                 dx_lora = Some(match dx_lora {
                     Some(acc) => (acc + d)?,
@@ -127,8 +150,11 @@ impl Fused {
                 db = Some((matmul(&g2.t()?, &z.reshape((rows, r))?)? * t.scale)?); // (out, N) @ (N, r)
             }
         }
+        if dx_fused.is_some() {
+            return Ok((dx_fused, da, db));
+        }
         let dx = if need_dx {
-            let dx = matmul_rows(g, &(self.w)(g.dtype())?.t()?)?;
+            let dx = frozen()?;
             Some(match dx_lora {
                 Some(d) => (dx + d.to_dtype(g.dtype())?)?,
                 None => dx,

@@ -43,6 +43,7 @@
 //! | where (file, what)                          | device-specific branch                        | generic twin (what CUDA runs)                  |
 //! |---------------------------------------------|-----------------------------------------------|------------------------------------------------|
 //! | `src/ops/act.rs` (fast_cpu) `act`, `act_fwd`, `act_bwd` | one-pass f32 GELU / SiLU ops (`Act`, `ActGrad`) | `Pre` of candle's `gelu`/`silu` + the derivative as tensor ops |
+//! | `src/ops/fused_cpu.rs` (fast_cpu) `usable`: `linear.rs` dropout, LoRA update, dx; `layer_norm_pre` / `rms_norm_pre` backward; `lm_head_cross_entropy`'s softmax | one-pass f32 kernels (`drop_mul`, `add_dropped`, `norm_backward`) (`add_matmul`: candle's GEMM, then one pass), `softmax_xent` | the same formulas as tensor ops (`mask.to_dtype * keep * x`, `matmul * s + y`, the norms' composed backward, max/exp/sum/div/scatter_add) |
 //! | `src/ops/gemv.rs` (fast_cpu) `gemv`                    | AVX2 + FMA one-row f32 matrix-vector product  | `matmul_rows`' GEMM                             |
 //! | `src/ops/mod.rs` `matmul` (every GEMM in `ops/`)       | none; in generic mode it first checks cuBLAS's layout rule | candle's `matmul` (cuBLAS strided batched GEMM) |
 //! | `src/ops/mod.rs` `Precomputed::cpu` / `::cuda`         | candle's backend dispatch (`cpu_fwd` / `cuda_fwd`): not a fast path, one body (`Precomputed::storage`), the backend only picks the storage variant | the `cuda` arm, compiled by `scripts/check-cuda.sh` only |
@@ -56,6 +57,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub mod act;
 pub mod attention;
 pub mod family;
+pub mod fused_cpu;
 mod gemv;
 pub mod linear;
 
@@ -90,6 +92,10 @@ pub fn fast_cpu(device: &Device) -> bool {
 pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     if generic_ops() {
         cublas_layout_ok(a, b)?;
+    }
+    if crate::prof::enabled() {
+        // 2·m·k·n per matrix: every row of a (batch · m of them) dots k values into n outputs.
+        crate::prof::flops(2 * a.elem_count() as u64 * b.dim(D::Minus1)? as u64);
     }
     a.matmul(b)
 }
@@ -332,11 +338,16 @@ pub fn layer_norm_pre(gamma: &Tensor, beta: &Tensor, eps: f64) -> candle_core::R
     let gamma_bwd = g32.clone();
     Ok(Pre {
         fwd: Arc::new(move |x| {
+            let _p = crate::prof::scope(crate::prof::Cat::NormAct);
             let dt = x.dtype();
             let x32 = x.to_dtype(DType::F32)?.contiguous()?;
             candle_nn::ops::layer_norm(&x32, &g32, &b32, eps as f32)?.to_dtype(dt)
         }),
         bwd: Arc::new(move |x, g| {
+            let _p = crate::prof::scope(crate::prof::Cat::NormAct);
+            if fused_cpu::usable(&[x, g]) {
+                return fused_cpu::norm_backward(fused_cpu::Norm::Layer, x, g, &gamma_bwd, eps);
+            }
             let dt = x.dtype();
             let x = x.to_dtype(DType::F32)?;
             let g = g.to_dtype(DType::F32)?;
@@ -365,11 +376,16 @@ pub fn rms_norm_pre(gamma: &Tensor, eps: f64) -> candle_core::Result<Pre> {
     let gamma_bwd = g32.clone();
     Ok(Pre {
         fwd: Arc::new(move |x| {
+            let _p = crate::prof::scope(crate::prof::Cat::NormAct);
             let dt = x.dtype();
             let x32 = x.to_dtype(DType::F32)?.contiguous()?;
             candle_nn::ops::rms_norm(&x32, &g32, eps as f32)?.to_dtype(dt)
         }),
         bwd: Arc::new(move |x, g| {
+            let _p = crate::prof::scope(crate::prof::Cat::NormAct);
+            if fused_cpu::usable(&[x, g]) {
+                return fused_cpu::norm_backward(fused_cpu::Norm::Rms, x, g, &gamma_bwd, eps);
+            }
             let dt = x.dtype();
             let x = x.to_dtype(DType::F32)?;
             let gh = g.to_dtype(DType::F32)?.broadcast_mul(&gamma_bwd)?;
@@ -438,6 +454,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<T
         "cross_entropy",
         logits,
         move |z| {
+            let _p = crate::prof::scope(crate::prof::Cat::LossHead);
             let z = z.to_dtype(DType::F32)?;
             let max = z.max_keepdim(D::Minus1)?;
             let lse = (z.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
@@ -445,6 +462,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<T
             (lse - picked)?.squeeze(1)
         },
         move |z, _y, g| {
+            let _p = crate::prof::scope(crate::prof::Cat::LossHead);
             let dt = z.dtype();
             let p = candle_nn::ops::softmax_last_dim(&z.to_dtype(DType::F32)?)?;
             let onehot = p.zeros_like()?.scatter_add(&t_bwd, &t_bwd.ones_like()?.to_dtype(DType::F32)?, D::Minus1)?;
@@ -481,12 +499,24 @@ pub fn lm_head_cross_entropy_capped(h: &Tensor, w: &Tensor, targets: &Tensor, ch
         "lm_head_cross_entropy",
         h,
         move |h| {
+            let _p = crate::prof::scope(crate::prof::Cat::LossHead);
             let dt = h.dtype();
             let (mut nll, mut dh) = (Vec::new(), Vec::new());
             for s in (0..rows).step_by(chunk) {
                 let n = chunk.min(rows - s);
                 let hc = h.narrow(0, s, n)?;
                 let mut z = matmul(&hc, &w)?.to_dtype(DType::F32)?; // (n, V)
+                let t = targets.narrow(0, s, n)?; // (n,)
+                if cap.is_none() && fused_cpu::usable(&[&z]) {
+                    // One pass per row (ops/fused_cpu.rs), the same numbers as below.
+                    let (l, p) = fused_cpu::softmax_xent(&z, &t, scale, want_grad)?;
+                    drop(z);
+                    nll.push(l);
+                    if let Some(p) = p {
+                        dh.push(matmul(&p.to_dtype(dt)?, &w.t()?)?);
+                    }
+                    continue;
+                }
                 // Soft-capping: keep tanh for the gradient's (1 - tanh²).
                 let mut tanh = None;
                 if let Some(c) = cap {
@@ -497,7 +527,7 @@ pub fn lm_head_cross_entropy_capped(h: &Tensor, w: &Tensor, targets: &Tensor, ch
                 if scale != 1.0 {
                     z = (z * scale)?;
                 }
-                let t = targets.narrow(0, s, n)?.unsqueeze(1)?; // (n, 1)
+                let t = t.unsqueeze(1)?; // (n, 1)
                 let max = z.max_keepdim(D::Minus1)?;
                 let e = z.broadcast_sub(&max)?.exp()?;
                 let sum = e.sum_keepdim(D::Minus1)?;
@@ -522,6 +552,7 @@ pub fn lm_head_cross_entropy_capped(h: &Tensor, w: &Tensor, targets: &Tensor, ch
             Tensor::cat(&nll, 0)
         },
         move |h, _y, g| {
+            let _p = crate::prof::scope(crate::prof::Cat::LossHead);
             let dh = dh_saved.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("lm_head_cross_entropy: backward run twice".into()))?;
             dh.broadcast_mul(&g.to_dtype(h.dtype())?.unsqueeze(1)?)
         },

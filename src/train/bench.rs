@@ -40,6 +40,8 @@ pub struct StepBench {
     /// Empty until [`StepBench::check`] fills in the flag or PEFT's default for the architecture.
     pub targets: Vec<String>,
     pub grad_checkpointing: bool,
+    /// sft: after the timed steps, measure the GEMM peak and profile one more step ([`StepProfile`]).
+    pub profile: bool,
 }
 
 /// `MemAvailable` + `SwapFree` (Linux): what a process can still allocate without being killed.
@@ -180,6 +182,15 @@ pub struct SftBench {
     pub gemm_threads: usize,
     /// Threads of candle's element-wise barrier pool, the caller included.
     pub elementwise_threads: usize,
+    /// `--profile`: where one more step's time goes (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<StepProfile>,
+    /// The loss of every step run (warm-up, timed, profiled), for tests/bench_profile.rs.
+    #[serde(skip)]
+    pub losses: Vec<f64>,
+    /// The adapter's trainable values after the last step, in the optimizer's order.
+    #[serde(skip)]
+    pub adapter_after: Vec<Vec<f32>>,
 }
 
 /// SFT steps as `b` describes ([`StepBench::check`]ed first).
@@ -204,7 +215,15 @@ pub fn bench_sft(b: &StepBench) -> Result<SftBench> {
     let mb = make_batch(&ex.iter().collect::<Vec<_>>(), 0, &device)?;
     let denom = mb.targets.dim(0)? as f64;
     let f = |h: &Tensor| -> Result<Tensor> { Ok((label_nll_sum(&model, h, &mb, train.loss_chunk)? / denom)?) };
-    let (all, median) = timed_steps(&model, (&mb.ids, &mb.pos, &mb.mask), grad_checkpointing, &f, &mut opt, steps)?;
+    let (all, median, mut losses) = timed_steps(&model, (&mb.ids, &mb.pos, &mb.mask), grad_checkpointing, &f, &mut opt, steps)?;
+    let profile = if b.profile {
+        let (p, loss) = profile_step(&model, (&mb.ids, &mb.pos, &mb.mask), grad_checkpointing, &f, &mut opt, &b.device)?;
+        losses.push(loss);
+        Some(p)
+    } else {
+        None
+    };
+    let adapter_after = opt.vars.iter().map(|(_, v)| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?)).collect::<Result<Vec<_>>>()?;
     Ok(SftBench {
         tool: "lorafit",
         model: b.model.clone(),
@@ -226,6 +245,9 @@ pub fn bench_sft(b: &StepBench) -> Result<SftBench> {
         threads: rayon::current_num_threads(),
         gemm_threads: candle_core::utils::get_num_threads(),
         elementwise_threads: candle_core::utils::barrier_pool().n_workers() + 1,
+        profile,
+        losses,
+        adapter_after,
     })
 }
 
@@ -248,7 +270,7 @@ fn random_ids(rng: &mut SeededRng, n: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// `steps + 1` optimizer steps of `loss` on one batch (ids, pos, mask), each timed: returns the
-/// times after the warm-up (first) step and their median.
+/// times after the warm-up (first) step, their median, and every step's loss.
 fn timed_steps(
     model: &Model,
     (ids, pos, mask): (&Tensor, &Tensor, &Tensor),
@@ -256,19 +278,118 @@ fn timed_steps(
     loss: &dyn Fn(&Tensor) -> Result<Tensor>,
     opt: &mut AdamW,
     steps: usize,
-) -> Result<(Vec<f64>, f64)> {
+) -> Result<(Vec<f64>, f64, Vec<f64>)> {
     anyhow::ensure!(steps >= 1, "at least one timed step is needed (after the warm-up)");
-    let mut times = vec![];
+    let (mut times, mut losses) = (vec![], vec![]);
     for _ in 0..steps + 1 {
         let t0 = Instant::now();
         let mut acc = GradAccum::new(opt.vars.len());
-        forward_backward(model, ids, pos, mask.clone(), checkpointing, loss, &opt.vars, &mut acc)?;
+        losses.push(forward_backward(model, ids, pos, mask.clone(), checkpointing, loss, &opt.vars, &mut acc)?);
         let grads = acc.finish(&opt.vars)?;
         opt.step(&grads, 1e-4)?;
         model.device.synchronize()?;
         times.push(t0.elapsed().as_secs_f64());
     }
-    Ok(median_after_warmup(&times))
+    let (all, median) = median_after_warmup(&times);
+    Ok((all, median, losses))
+}
+
+/// `bench sft --profile`: one step, cut into phases and op kinds (`crate::prof`), beside the GEMM
+/// peak measured in the same run ([`PEAK_SHAPE`], both layouts, 10 calls each; the fastest is the peak).
+#[derive(Debug, Serialize)]
+pub struct StepProfile {
+    /// Wall time of the profiled step (its phases together).
+    pub step_ms: f64,
+    /// GFLOP/s: the fastest of `bench gemm`'s calls at [`PEAK_SHAPE`] (nn and nt, 10 each), just before the step.
+    pub gemm_peak_gflops: f64,
+    pub gemm: Vec<GemmBench>,
+    pub phases: Vec<crate::prof::PhaseReport>,
+}
+
+/// The GEMM peak's shape (M, K, N): a c_fc forward of KoGPT2 over 2,048 tokens, as `bench gemm`'s
+/// default and scripts/bench/torch_gemm.py's.
+pub const PEAK_SHAPE: (usize, usize, usize) = (2048, 768, 3072);
+
+/// Measures the GEMM peak, then runs one step as [`timed_steps`] does with the profiler on.
+/// Returns the profile and the step's loss.
+fn profile_step(
+    model: &Model,
+    (ids, pos, mask): (&Tensor, &Tensor, &Tensor),
+    checkpointing: bool,
+    loss: &dyn Fn(&Tensor) -> Result<Tensor>,
+    opt: &mut AdamW,
+    device: &str,
+) -> Result<(StepProfile, f64)> {
+    let (m, k, n) = PEAK_SHAPE;
+    let gemm = bench_gemm(device, m, k, n, 10)?;
+    // The fastest call of either layout: on a shared machine a median can land in a busy moment
+    // and fall below what the step's own GEMMs reach.
+    let gemm_peak_gflops = gemm.iter().map(|g| g.gflops_best).fold(0.0, f64::max);
+    use crate::prof::{phase, Phase};
+    crate::prof::start();
+    let step = (|| -> Result<f64> {
+        phase(Phase::Forward);
+        let mut acc = GradAccum::new(opt.vars.len());
+        // forward_backward switches to the backward phase itself, before `loss.backward()`.
+        let l = forward_backward(model, ids, pos, mask.clone(), checkpointing, loss, &opt.vars, &mut acc)?;
+        phase(Phase::Optimizer);
+        let grads = acc.finish(&opt.vars)?;
+        opt.step(&grads, 1e-4)?;
+        model.device.synchronize()?;
+        Ok(l)
+    })();
+    let report = crate::prof::stop(); // off again, whatever happened
+    let l = step?;
+    let step_ms = report.phases.iter().map(|p| p.wall_ms).sum();
+    Ok((StepProfile { step_ms, gemm_peak_gflops, gemm, phases: report.phases }, l))
+}
+
+/// Human names of the profile's kinds (`prof::Cat::key`), as in docs/BENCHMARKS.md.
+pub fn cat_label(key: &str) -> &'static str {
+    match key {
+        "frozen_gemm" => "frozen linear GEMMs",
+        "lora" => "LoRA path",
+        "attention" => "attention",
+        "norm_act" => "norms / activations",
+        "loss_head" => "loss head (LM head + cross-entropy)",
+        "optimizer" => "optimizer (AdamW)",
+        _ => "other (candle element-wise / autograd)",
+    }
+}
+
+/// The profile as two Markdown tables: the phases (wall, CPU, CPU/wall, minor faults), then
+/// every (phase, kind) with time, share of the step, GEMM GFLOP, GFLOP/s and % of the GEMM peak.
+pub fn profile_table(p: &StepProfile) -> String {
+    let mut s = format!("profiled step {:.1} ms; GEMM peak {:.1} GFLOP/s ({}x{}x{}, this run)
+
+", p.step_ms, p.gemm_peak_gflops, PEAK_SHAPE.0, PEAK_SHAPE.1, PEAK_SHAPE.2);
+    s += "| phase | wall ms | CPU ms | CPU/wall | minor faults |
+|---|---:|---:|---:|---:|
+";
+    for ph in &p.phases {
+        s += &format!("| {} | {:.1} | {:.1} | {:.2} | {} |
+", ph.phase, ph.wall_ms, ph.cpu_ms, ph.cpu_ms / ph.wall_ms.max(1e-9), ph.minor_faults);
+    }
+    s += "
+| phase | kind | ms | % of step | GFLOP | GFLOP/s | % of GEMM peak |
+|---|---|---:|---:|---:|---:|---:|
+";
+    for ph in &p.phases {
+        for c in &ph.cats {
+            if c.ms < 0.05 && c.flops == 0 {
+                continue;
+            }
+            let (gf, rate, share) = if c.flops > 0 {
+                let rate = c.flops as f64 / (c.ms.max(1e-9) * 1e6);
+                (format!("{:.2}", c.flops as f64 / 1e9), format!("{rate:.1}"), format!("{:.0}%", 100.0 * rate / p.gemm_peak_gflops))
+            } else {
+                ("-".into(), "-".into(), "-".into())
+            };
+            s += &format!("| {} | {} | {:.1} | {:.1}% | {gf} | {rate} | {share} |
+", ph.phase, cat_label(c.cat), c.ms, 100.0 * c.ms / p.step_ms.max(1e-9));
+        }
+    }
+    s
 }
 
 /// Drops the warm-up (first) time; returns the others and their median (upper middle).
@@ -337,7 +458,7 @@ pub fn bench_rm(b: &StepBench) -> Result<RmBench> {
         // -log σ(d) = softplus(-d), as `lorafit rm`.
         Ok(crate::ops::softplus(&diff.neg()?)?.mean_all()?)
     };
-    let (all, median) = timed_steps(&model, (&ids, &pos, &mask), grad_checkpointing, &f, &mut opt, steps)?;
+    let (all, median, _) = timed_steps(&model, (&ids, &pos, &mask), grad_checkpointing, &f, &mut opt, steps)?;
     Ok(RmBench {
         tool: "lorafit",
         model: b.model.clone(),

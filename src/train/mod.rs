@@ -133,6 +133,7 @@ pub fn forward_backward(
             x = model.block(i, &x, &ctx, None)?;
         }
         let loss = loss_fn(&model.final_norm(&x)?)?;
+        crate::prof::phase(crate::prof::Phase::Backward); // `bench sft --profile`; nothing when off
         acc.add(&loss.backward()?, vars)?;
         return Ok(loss.to_scalar::<f32>()? as f64);
     }
@@ -147,6 +148,7 @@ pub fn forward_backward(
     let rng_end: Vec<_> = adapters.iter().map(|a| a.dropout_rng()).collect();
     let last = Var::from_tensor(inputs.last().unwrap())?;
     let loss = loss_fn(&model.final_norm(last.as_tensor())?)?;
+    crate::prof::phase(crate::prof::Phase::Backward); // the recomputed blocks count as backward
     let store = loss.backward()?;
     acc.add(&store, vars)?;
     let mut g = store.get(last.as_tensor()).context("no gradient reached the last block's output")?.clone();

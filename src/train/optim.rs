@@ -32,6 +32,7 @@ impl AdamW {
 
     /// One update with `grads[i]` the gradient of `vars[i]`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        let _p = crate::prof::scope(crate::prof::Cat::Optimizer);
         self.t += 1;
         let (b1, b2) = (self.beta1, self.beta2);
         let c1 = 1.0 - b1.powi(self.t as i32);
