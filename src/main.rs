@@ -24,6 +24,7 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     lorafit::runtime::tune_allocator();
+    lorafit::runtime::tune_threads();
     lorafit::progress::init_logging();
     let cli = lorafit::cli::Cli::parse();
     if let Err(e) = lorafit::cli::run(cli) {

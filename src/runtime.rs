@@ -59,6 +59,56 @@ pub fn tune_allocator() {
     }
 }
 
+/// Sizes the thread pools from the cores this process may actually use, and keeps them from
+/// spinning against each other or against other programs. Call first in `main`, before any thread.
+///
+/// Why (docs/BENCHMARKS.md, "Steady under load"): besides rayon's pool (GEMM, lorafit's fused
+/// ops), candle 0.11 runs its large element-wise ops on a second pool, a barrier pool whose
+/// caller *spins* until every worker has checked in, and whose workers spin before parking.
+/// On an idle machine that rendezvous is cheap; with one other busy process on a 2-core box the
+/// worker waits for a time slice while the caller burns its own, once per op: 40% of a step's
+/// samples were these spins, and the step slowed 1.87x where PyTorch's slowed 1.70x (two busy
+/// cores: 3.5x against 2.1x). So, unless the user set them:
+/// - `CANDLE_NUM_THREADS=1`: candle's element-wise ops run on the calling thread (no barrier
+///   pool workers, nothing spins); the parallel work (GEMM, attention, the fused linear and
+///   activation ops) stays on rayon, whose idle workers yield briefly and then sleep, and whose
+///   caller blocks instead of spinning.
+/// - `RAYON_NUM_THREADS` = the cores this process may use: `available_parallelism` (CPU affinity
+///   mask, cgroup CPU quota), at most the physical cores (candle's own default, which ignores
+///   the affinity mask and the quota). candle sizes its GEMM partition from the same variable,
+///   so the partition and rayon's pool agree.
+/// Both only change how work is split, never the arithmetic: results are bit-identical.
+/// The variables are lorafit's own settings, so [`restore_env`] keeps them from the programs it starts.
+pub fn tune_threads() {
+    let mut set = Vec::new();
+    // Called at the top of `main`, before any other thread exists (set_var is not thread-safe).
+    for (var, value) in [("CANDLE_NUM_THREADS", 1), ("RAYON_NUM_THREADS", default_threads())] {
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, value.to_string());
+            set.push(var);
+        }
+    }
+    let _ = SET_BY_TUNE_THREADS.set(set);
+}
+
+static SET_BY_TUNE_THREADS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+
+/// Removes from `cmd`'s environment the variables [`tune_threads`] set, so that a program lorafit
+/// starts (a GRPO reward command) sees the user's environment, not lorafit's thread settings.
+pub fn restore_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    for var in SET_BY_TUNE_THREADS.get().map_or(&[][..], |v| &v[..]) {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// The threads lorafit uses by default: the cores available to this process (affinity mask and
+/// cgroup quota), at most the machine's physical cores (SMT siblings add little to a GEMM).
+pub fn default_threads() -> usize {
+    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    available.min(num_cpus::get_physical().max(1)).max(1)
+}
+
 /// Peak resident memory of this process so far, in bytes (Linux `VmHWM`; None elsewhere).
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

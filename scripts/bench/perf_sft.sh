@@ -9,7 +9,9 @@
 #
 # Needs perf (Debian: apt-get install linux-perf) with perf_event_paranoid <= 2.
 # Environment: STEPS (3), THREADS (2), LORAFIT_BIN, LORAFIT_CACHE, OUT_DIR (target/bench), and
-# CANDLE_BARRIER_POOL_SPIN_LIMIT / MALLOC_* to try candle's and glibc's knobs.
+# CANDLE_BARRIER_POOL_SPIN_LIMIT / CANDLE_NUM_THREADS / MALLOC_* to try candle's and glibc's knobs;
+# LOAD=N keeps N other cores busy (spinning `sh` processes at this script's nice level) while
+# lorafit runs (docs/BENCHMARKS.md, "Steady under load").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STEPS=${STEPS:-3}
@@ -23,7 +25,12 @@ DATA=$OUT_DIR/perf-sft-$STAMP.data
 ARGS=(bench sft --model builtin:kogpt2-shape --batch 4 --seq 128 --targets c_attn --steps "$STEPS" --json "$@")
 echo "command: perf record -F 499 -g -o $DATA $LORAFIT ${ARGS[*]}" >&2
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+SPINNERS=()
+for ((i = 0; i < ${LOAD:-0}; i++)); do sh -c 'while :; do :; done' & SPINNERS+=($!); done
+trap 'for p in "${SPINNERS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+(( ${LOAD:-0} > 0 )) && echo "with $LOAD busy core(s) of outside load" >&2
 perf record -F 499 -g -o "$DATA" "$LORAFIT" "${ARGS[@]}" 2>/dev/null | tail -n1
+for p in "${SPINNERS[@]}"; do kill "$p" 2>/dev/null || true; done
 perf report -i "$DATA" --no-children --sort symbol --stdio -g none 2>/dev/null | python3 -c '
 import re, sys
 groups = [

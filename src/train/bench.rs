@@ -176,6 +176,12 @@ pub struct SftBench {
     pub rss_after_load_bytes: Option<u64>,
     /// The process before any weight is read (runtime + libraries).
     pub peak_rss_before_load_bytes: Option<u64>,
+    /// rayon's threads (GEMM and lorafit's parallel ops; see `runtime::tune_threads`).
+    pub threads: usize,
+    /// The parts candle's GEMM is split into (`candle_core::utils::get_num_threads`).
+    pub gemm_threads: usize,
+    /// Threads of candle's element-wise barrier pool, the caller included.
+    pub elementwise_threads: usize,
     /// `--profile`: where one more step's time goes (absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<StepProfile>,
@@ -236,6 +242,9 @@ pub fn bench_sft(b: &StepBench) -> Result<SftBench> {
         peak_rss_bytes: peak_rss_bytes(),
         rss_after_load_bytes: rss_after_load,
         peak_rss_before_load_bytes: rss_start,
+        threads: rayon::current_num_threads(),
+        gemm_threads: candle_core::utils::get_num_threads(),
+        elementwise_threads: candle_core::utils::barrier_pool().n_workers() + 1,
         profile,
         losses,
         adapter_after,

@@ -198,7 +198,7 @@ impl CommandReward {
         };
         let Some((prog, args)) = argv.split_first() else { bail!("the reward command is empty") };
         let shown = argv.join(" ");
-        let mut child = Command::new(prog)
+        let mut child = crate::runtime::restore_env(&mut Command::new(prog))
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
