@@ -164,3 +164,14 @@ fn expf_underflows_to_plus_zero_below_minus_104() {
     assert_eq!(f32::NEG_INFINITY.exp().to_bits(), 0);
     assert!((-103.9f32).exp() > 0.0);
 }
+
+#[test]
+fn transpose2_is_the_transpose() {
+    use lorafit::ops::fused_cpu::transpose2;
+    for (r, c) in [(1, 1), (3, 70), (65, 33), (768, 96)] {
+        let w = randn(&[r, c], (r * c) as u64);
+        let t = transpose2(&w).unwrap();
+        assert_eq!(t.dims(), [c, r]);
+        assert_eq!(max_rel(&t, &w.t().unwrap().contiguous().unwrap()), 0.0, "{r}x{c}");
+    }
+}

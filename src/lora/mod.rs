@@ -419,6 +419,9 @@ impl Linear {
             if let Frozen::Dense(w) = &layer.weight {
                 layer.weight = Frozen::Nf4(Nf4::quantize(w).with_context(|| format!("quantizing {}.weight", layer.path))?);
             }
+        } else if !layer.path.ends_with("lm_head") && adapters.adapters.iter().any(|a| a.is_trainable()) {
+            // Training runs the backward's `g Wᵀ`; inference keeps the checkpoint's orientation.
+            layer.store_for_gemm(in_dim, out_dim).with_context(|| format!("transposing {}.weight", layer.path))?;
         }
         Ok(layer)
     }
@@ -448,6 +451,28 @@ impl Linear {
         }
         let weight = Frozen::Dense(weight);
         Ok(Self { path, weight, bias, layout, lora, enabled: adapters.enabled.clone(), grad: adapters.grad.clone() })
+    }
+
+    /// Keeps a dense f32 CPU weight in the orientation that makes its larger-k product (the
+    /// forward `x W` has k = in, the backward `g Wᵀ` k = out) a GEMM on a row-major right-hand
+    /// side: the gemm crate runs a transposed right-hand side up to 2x slower, worst at large k
+    /// (GPT-2's `c_fc` backward, 512 x 3072 x 768: 218 against 442 GFLOP/s; docs/BENCHMARKS.md).
+    /// (in, out) when in > out, (out, in) when out > in. A one-time copy at load; the products'
+    /// sums run in the same order either way, so every result keeps its bits. `layout` then
+    /// says how the tensor is *held*; adapters keep the checkpoint's (`from_weight`).
+    fn store_for_gemm(&mut self, in_dim: usize, out_dim: usize) -> Result<()> {
+        let want = match in_dim.cmp(&out_dim) {
+            std::cmp::Ordering::Greater => WeightLayout::Conv1D,
+            std::cmp::Ordering::Less => WeightLayout::Linear,
+            std::cmp::Ordering::Equal => return Ok(()),
+        };
+        let Frozen::Dense(w) = &self.weight else { return Ok(()) };
+        if want == self.layout || !ops::fast_cpu(w.device()) || w.dtype() != DType::F32 {
+            return Ok(());
+        }
+        self.weight = Frozen::Dense(ops::fused_cpu::transpose2(w)?);
+        self.layout = want;
+        Ok(())
     }
 
     /// True when some adapter is attached to this layer.
