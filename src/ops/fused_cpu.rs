@@ -216,6 +216,19 @@ fn exp_or_zero(x: f32) -> f32 {
     }
 }
 
+/// A softmax row's numerator in place, `x ← exp(x - max)`, with candle's max and sum of the
+/// row (the same bits as its `softmax_last_dim` / `max_keepdim`, `exp`, `sum_keepdim`):
+/// returns (max, Σ exp).
+fn exp_shifted(row: &mut [f32]) -> (f32, f32) {
+    let mut max = f32::NEG_INFINITY;
+    // SAFETY: reads row.len() values of row, writes one f32.
+    unsafe { <f32 as VecOps>::vec_reduce_max(row.as_ptr(), &mut max, row.len()) };
+    for x in row.iter_mut() {
+        *x = exp_or_zero(*x - max);
+    }
+    (max, vsum(row))
+}
+
 /// One row's dx, with the operations and roundings of the composed tensor formulas in
 /// `ops::layer_norm_pre` / `ops::rms_norm_pre` (candle's mean is `sum · (1/n) + 0`, a scalar add
 /// is `v · 1 + eps`), so both give the same bits. `t1`, `t2`: scratch rows.
@@ -298,11 +311,8 @@ impl CustomOp2 for SoftmaxXent {
             for (e, &z) in e.iter_mut().zip(z) {
                 *e = if scale != 1.0 { z * scale + 0.0 } else { z };
             }
-            let (zt, max) = (e[t], e.iter().copied().fold(f32::NEG_INFINITY, f32::max));
-            for e in e.iter_mut() {
-                *e = exp_or_zero(*e - max);
-            }
-            let sum = vsum(e);
+            let zt = e[t];
+            let (max, sum) = exp_shifted(e);
             let nll = (sum.ln() + max) - zt;
             if grad {
                 for e in e.iter_mut() {
@@ -370,13 +380,7 @@ impl InplaceOp2 for ScaledMaskedSoftmax {
             for (x, &mk) in row.iter_mut().zip(mrow) {
                 *x = (*x * scale + 0.0) + mk;
             }
-            let mut max = f32::NEG_INFINITY;
-            // SAFETY: reads tk values of row, writes one f32.
-            unsafe { <f32 as VecOps>::vec_reduce_max(row.as_ptr(), &mut max, tk) };
-            for x in row.iter_mut() {
-                *x = exp_or_zero(*x - max);
-            }
-            let sum = vsum(row);
+            let (_, sum) = exp_shifted(row);
             for x in row.iter_mut() {
                 *x /= sum;
             }
