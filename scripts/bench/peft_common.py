@@ -59,6 +59,29 @@ def peft_train(model, a, task_type: str):
     return model, targets, sum(p.numel() for p in params), torch.optim.AdamW(params, lr=1e-4)
 
 
+def peft_family_train(model, a):
+    """LoRA for any model_type (r, alpha 2r, --targets: "all-linear" or a comma list, dropout
+    0.05, CAUSAL_LM) on `model` in train mode; returns (model, targets, trainable count, AdamW lr 1e-4),
+    as peft_train."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    targets = a.targets if a.targets == "all-linear" else [t for t in a.targets.split(",") if t]
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=a.r, lora_alpha=2 * a.r, target_modules=targets, lora_dropout=0.05))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, targets, sum(p.numel() for p in params), torch.optim.AdamW(params, lr=1e-4)
+
+
+def lm_step(model, opt, ids):
+    """One training step on `ids` labelled by themselves: forward, backward, AdamW, zero_grad."""
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def timed_steps(steps: int, step) -> tuple:
     """1 warm-up + `steps` timed calls of step(); returns (the timed seconds, their median)."""
     times = []

@@ -17,7 +17,7 @@ Usage: peft_sft_family.py --model DIR --batch 1 --seq 512 [--steps 3] [--targets
 """
 import json
 
-from peft_common import maxrss_bytes, parser, setup_torch, timed_steps, versions
+from peft_common import lm_step, maxrss_bytes, parser, peft_family_train, setup_torch, timed_steps, versions
 
 
 def main() -> None:
@@ -31,31 +31,22 @@ def main() -> None:
     a = ap.parse_args()
 
     torch, rss_import = setup_torch(a)
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation=a.attn)
     if a.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    targets = a.targets if a.targets == "all-linear" else [t for t in a.targets.split(",") if t]
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=a.r, lora_alpha=2 * a.r, target_modules=targets, lora_dropout=0.05))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    model, targets, trainable, opt = peft_family_train(model, a)
     rss_load = maxrss_bytes()
     g = torch.Generator().manual_seed(a.seed)
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g)
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = lm_step(model, opt, ids)
 
     times, med = timed_steps(a.steps, step)
     print(json.dumps({
         "tool": "peft", "model": a.model, "batch": a.batch, "seq": a.seq, "targets": [a.targets], "r": a.r,
-        "grad_checkpointing": a.grad_checkpointing, "trainable_params": sum(p.numel() for p in params),
+        "grad_checkpointing": a.grad_checkpointing, "trainable_params": trainable,
         "step_s_median": med, "step_s_all": times, "tokens_per_s": a.batch * a.seq / med,
         "peak_rss_bytes": maxrss_bytes(), "rss_after_load_bytes": rss_load,
         "peak_rss_before_load_bytes": rss_import, "threads": a.threads, "attn": a.attn, **versions(),

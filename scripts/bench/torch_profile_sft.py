@@ -39,7 +39,7 @@ import resource
 import sys
 import time
 
-from peft_common import add_train_args, maxrss_bytes, parser, peft_train, setup_torch, timed_steps, versions
+from peft_common import add_train_args, lm_step, maxrss_bytes, parser, peft_family_train, peft_train, setup_torch, timed_steps, versions
 from torch_gemm import measure
 
 CATS = ["frozen_gemm", "lora", "attention", "norm_act", "loss_head", "optimizer", "other"]
@@ -178,21 +178,11 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation=a.attn)
         model, targets, trainable, opt = peft_train(model, a, "CAUSAL_LM")  # peft_sft.py's set-up
     else:
-        from peft import LoraConfig, get_peft_model  # peft_sft_family.py's set-up
-
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation=a.attn)
-        targets = a.targets if a.targets == "all-linear" else [t for t in a.targets.split(",") if t]
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=a.r, lora_alpha=2 * a.r, target_modules=targets, lora_dropout=0.05))
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        trainable, opt = sum(p.numel() for p in params), torch.optim.AdamW(params, lr=1e-4)
+        model, targets, trainable, opt = peft_family_train(model, a)  # peft_sft_family.py's set-up
     g = torch.Generator().manual_seed(a.seed)
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g)
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = lm_step(model, opt, ids)
 
     times, med = timed_steps(a.steps, step)
     gemm = measure(*PEAK_SHAPE, 10, a.threads)
